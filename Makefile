@@ -1,0 +1,26 @@
+# Two entry points: `make test` and `make demo`. Both create .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?= -m "not gpu"
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU machines: take the local CPU wheel first, or pip resolves a multi-GB CUDA build for torch.
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		$(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(PY) tools/demo.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
