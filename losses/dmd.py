@@ -1,0 +1,73 @@
+"""DMD2 losses and student rollouts (SPEC §1.4–§1.6, §8).
+
+Networks enter as callables `fn(x_t, t) -> velocity` with the conditioning already bound, so the same code serves
+any model, attention backend or parallel layout. The caller chooses grad / no-grad around each call.
+"""
+
+from collections.abc import Sequence
+
+import torch
+
+from losses.flow import ModelFn, add_noise, x0_from_velocity
+
+
+def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_cond_x0: torch.Tensor, real_uncond_x0: torch.Tensor,
+             guidance: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DMD2 student loss. `x0` is the student sample (with grad); the other three are the critic's and the teacher's
+    conditional / unconditional x0 predictions at the same noised point (no grad). Teacher CFG is the DMD2 form
+    `real = cond + w·(cond − uncond)` (w = 0: conditional, w = −1: unconditional; standard CFG scale = w + 1).
+    The loss value is ½·mean(g²) and its gradient w.r.t. x0 is g / x0.numel(), g = (fake − real) / mean|x0 − real|."""
+    x0_32 = x0.float()
+    with torch.no_grad():
+        real = real_cond_x0.float() + guidance * (real_cond_x0.float() - real_uncond_x0.float())
+        denom = torch.mean(torch.abs(x0_32 - real))  # one scalar over the whole batch (SPEC §1.5 note)
+        grad = torch.nan_to_num((fake_x0.float() - real) / denom)
+    loss = 0.5 * torch.mean((x0_32 - (x0_32 - grad).detach()) ** 2)
+    stats = {"dmd/denom": denom, "dmd/grad_abs_mean": grad.abs().mean()}
+    return loss, stats
+
+
+def critic_loss(critic_v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """Critic (fake score) flow-matching loss on student samples: MSE to the velocity `noise − x0`, in fp32."""
+    return torch.mean((critic_v.float() - (noise.float() - x0.float())) ** 2)
+
+
+def _step_t(step: float, batch: int, device: torch.device) -> torch.Tensor:
+    return torch.full((batch,), float(step), device=device)
+
+
+def student_rollout_data(student_fn: ModelFn, x_data: torch.Tensor, steps: Sequence[float],
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """Data mode (SPEC §1.4a): pick step j ~ U{0..|S|−1}, forward-noise the data to S_j and predict x0 in one
+    student call (with grad if grad is enabled). Returns (x0, S_j)."""
+    j = int(torch.randint(len(steps), (1,), generator=generator, device=_gen_device(generator)))
+    t = _step_t(steps[j], x_data.shape[0], x_data.device)
+    noise = torch.randn(x_data.shape, generator=generator, device=x_data.device, dtype=x_data.dtype)
+    x_t = add_noise(x_data, noise, t)
+    return x0_from_velocity(x_t, student_fn(x_t, t), t), float(steps[j])
+
+
+def student_rollout_simulate(student_fn: ModelFn, shape: Sequence[int], steps: Sequence[float],
+                             generator: torch.Generator | None = None,
+                             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """Data-free mode (SPEC §1.4b): from pure noise run the student's whole chain without grad (predict x0, re-noise
+    to the next step), keep the state at a random step j, then make the trained prediction at S_j (with grad if grad is
+    enabled). The chain always runs all |S| − 1 steps, so the RNG stream does not depend on j. Returns (x0, S_j)."""
+    device = _gen_device(generator)
+    j = int(torch.randint(len(steps), (1,), generator=generator, device=device))
+    x = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    states = [x]
+    with torch.no_grad():
+        for i in range(len(steps) - 1):
+            t = _step_t(steps[i], x.shape[0], device)
+            x0 = x0_from_velocity(x, student_fn(x, t), t)
+            fresh = torch.randn(x.shape, generator=generator, device=device, dtype=dtype)
+            x = add_noise(x0, fresh, _step_t(steps[i + 1], x.shape[0], device))
+            states.append(x)
+    x_in = states[j]
+    t = _step_t(steps[j], x_in.shape[0], device)
+    return x0_from_velocity(x_in, student_fn(x_in, t), t), float(steps[j])
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
