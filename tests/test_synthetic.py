@@ -1,0 +1,67 @@
+"""The toy dataset is deterministic, balanced and decodable; the evaluation separates data from degraded data."""
+
+import torch
+import torch.nn.functional as F
+
+from data.synthetic import (ToySpec, all_factors, clip_features, clips_to_rgb, decode_factors, encode_captions,
+                            evaluate_samples, frechet_distance, make_clips, make_split, negative_context)
+
+SPEC = ToySpec()
+
+
+def test_deterministic_and_balanced():
+    a, b = make_clips(48, SPEC, seed=3), make_clips(48, SPEC, seed=3)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.context, b.context)
+    assert a.latents.shape == (48, SPEC.channels, SPEC.frames, SPEC.height, SPEC.width)
+    assert a.context.shape == (48, SPEC.text_len, SPEC.text_dim)
+    # every caption exactly twice
+    counts = torch.zeros(24)
+    for f in a.factors:
+        counts[((all_factors() == f).all(dim=1)).nonzero()] += 1
+    assert torch.equal(counts, torch.full((24,), 2.0))
+    train, heldout = make_split(SPEC, 24, 24, seed=3)
+    assert not torch.allclose(train.latents.sort(0).values, heldout.latents.sort(0).values)
+
+
+def test_captions_are_text_like_and_negative_is_zero():
+    f = all_factors()
+    ctx = encode_captions(f, SPEC)
+    assert len({tuple(c.flatten().tolist()) for c in ctx}) == 24  # distinct per caption
+    same_colour = f[:, 0] == f[0, 0]
+    assert torch.equal(ctx[same_colour, 0], ctx[0, 0].expand(int(same_colour.sum()), -1))  # shared "word"
+    assert ctx[:, 3:].abs().sum() == 0
+    assert negative_context(SPEC, 2).abs().sum() == 0
+
+
+def test_analyser_reads_the_rendered_factors():
+    clips = make_clips(240, SPEC, seed=4)
+    assert torch.equal(decode_factors(clips.latents), clips.factors)
+    # the motion really is along the caption's direction: swapping frames flips right<->left, down<->up
+    flipped = decode_factors(clips.latents.flip(2))[:, 1]
+    assert torch.equal(flipped, clips.factors[:, 1] ^ 1)
+
+
+def test_frechet_separates_data_from_degraded_data():
+    train, heldout = make_split(SPEC, 256, 256, seed=5)
+    fresh = evaluate_samples(train.latents, train.factors, heldout)
+    blurred = F.avg_pool3d(train.latents, (1, 5, 5), 1, (0, 2, 2))
+    assert fresh["cond_acc"] == 1.0
+    assert evaluate_samples(blurred, train.factors, heldout)["frechet"] > 10 * fresh["frechet"]
+    assert evaluate_samples(0.7 * train.latents, train.factors, heldout)["frechet"] > 10 * fresh["frechet"]
+    # wrong captions are caught by the accuracy, not the distance
+    assert evaluate_samples(train.latents, train.factors.roll(1, 0), heldout)["cond_acc"] < 0.2
+
+
+def test_frechet_matches_closed_form_for_gaussians():
+    g = torch.Generator().manual_seed(6)
+    ref = torch.randn(200_000, 2, generator=g)
+    x = torch.randn(200_000, 2, generator=g) * 2 + torch.tensor([1.0, 0.0])
+    # standardised reference ≈ N(0, I); x ≈ N((1, 0), 4I): |Δμ|² + tr(4I + I − 2·2I) = 1 + 2
+    assert abs(frechet_distance(x, ref) - 3.0) < 0.05
+    assert clip_features(make_clips(4, SPEC, 0).latents).shape == (4, 5 * SPEC.frames + 5)
+
+
+def test_rgb_visualisation_shape():
+    frames = clips_to_rgb(make_clips(2, SPEC, 0).latents, scale=2)
+    assert frames.shape == (2, SPEC.frames, 2 * SPEC.height, 2 * SPEC.width, 3) and frames.dtype == torch.uint8
+    assert frames.max() > 200 and frames.min() == 0
