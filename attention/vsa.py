@@ -1,0 +1,263 @@
+"""VSA: video sparse attention (SPEC §2) — metadata, coarse stage, top-k, reference, autograd ops.
+
+Design (beyond the reference implementation): the model permutes its tokens into tile order once per forward
+(`meta.token_order`, DESIGN.md), so attention receives (B, L, H, D) tokens already grouped by 4×4×4 tile and
+*unpadded*. Tiles at the grid edges are ragged: tile i holds rows [tile_offsets[i], tile_offsets[i + 1]). The kernels
+index tiles by offset and mask rows past each tile's size, so nothing is padded, gathered or scattered per layer.
+
+    out = fine + gate * coarse          (no sigmoid; gate None -> fine only)
+
+- coarse: per-tile means q̄, k̄, v̄ (true tile sizes), scores A = q̄ k̄ᵀ/√d over tiles, softmax(A) v̄ broadcast back to
+  the tile's tokens. Differentiable by ordinary autograd (the tile-mean op has its own backward).
+- selection: the `topk` largest A per (batch, head, query tile); not differentiable.
+- fine: softmax attention of each query over the tokens of its selected kv tiles only.
+
+On CPU tensors `vsa_attention` runs `vsa_reference` (plain torch with masks); on CUDA the Triton kernels of
+`attention/vsa_triton.py`, wrapped as `torch.library` custom ops (namespace `sparse_distill`) with fake
+implementations so `torch.compile` traces attention without graph breaks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+KERNEL_HEAD_DIMS = (64, 128)
+
+
+@dataclass(frozen=True, eq=False)
+class VSAMeta:
+    grid: tuple[int, int, int]  # token grid (T', H', W') after patchify
+    tile: tuple[int, int, int]
+    sparsity: float
+    topk: int  # kv tiles kept per query tile
+    num_tiles: int
+    token_order: torch.Tensor  # (L,) int64: raster index of the i-th token in tile order
+    token_restore: torch.Tensor  # (L,) int64: inverse of token_order
+    tile_sizes: torch.Tensor  # (N,) int32 tokens per tile
+    tile_offsets: torch.Tensor  # (N + 1,) int32 start of each tile in the tile-ordered sequence
+    token_tile: torch.Tensor  # (L,) int64 tile of each tile-ordered token
+
+
+def vsa_meta(grid: tuple[int, int, int], sparsity: float, device: torch.device | str,
+             tile: tuple[int, int, int] = (4, 4, 4)) -> VSAMeta:
+    """Tiling metadata for a token grid; built once per batch shape and shared by all layers (cached)."""
+    grid = _check_triple("VSA grid", grid)
+    tile = _check_triple("VSA tile", tile)
+    ok = isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool) and 0.0 <= sparsity < 1.0
+    if not ok:
+        raise ValueError(f"VSA sparsity must be a number in [0, 1), got {sparsity!r}")
+    return _build_meta(grid, float(sparsity), torch.device(device), tile)
+
+
+def _check_triple(name: str, value) -> tuple[int, int, int]:
+    ok = isinstance(value, (tuple, list, torch.Size)) and len(value) == 3 and all(
+        isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0 for x in value)
+    if not ok:
+        raise ValueError(f"{name} must be three positive ints (T', H', W'), got {value!r}")
+    return tuple(int(x) for x in value)
+
+
+@lru_cache(maxsize=64)
+def _build_meta(grid: tuple[int, int, int], sparsity: float, device: torch.device,
+                tile: tuple[int, int, int]) -> VSAMeta:
+    T, H, W = grid
+    tt, th, tw = tile
+    nt, nh, nw = -(-T // tt), -(-H // th), -(-W // tw)
+    num_tiles = nt * nh * nw
+    t = torch.arange(T).view(T, 1, 1)
+    h = torch.arange(H).view(1, H, 1)
+    w = torch.arange(W).view(1, 1, W)
+    # Size of each token's tile along h and w (the last tile along an axis may be short).
+    size_h = torch.clamp(H - (h // th) * th, max=th)
+    size_w = torch.clamp(W - (w // tw) * tw, max=tw)
+    tile_id = (t // tt) * (nh * nw) + (h // th) * nw + (w // tw)  # (T, H, W)
+    inside = (t % tt) * (size_h * size_w) + (h % th) * size_w + (w % tw)  # raster position inside the tile
+    key = (tile_id * (tt * th * tw) + inside).flatten()  # (L,) unique, sorts tokens into tile order
+    token_order = torch.argsort(key)
+    token_restore = torch.argsort(token_order)
+    tile_sizes = torch.bincount(tile_id.flatten(), minlength=num_tiles)
+    tile_offsets = torch.cat([torch.zeros(1, dtype=torch.long), tile_sizes.cumsum(0)])
+    token_tile = torch.repeat_interleave(torch.arange(num_tiles), tile_sizes)
+    topk = min(max(math.ceil((1.0 - sparsity) * num_tiles), 1), num_tiles)
+    return VSAMeta(
+        grid=grid, tile=tile, sparsity=sparsity, topk=topk, num_tiles=num_tiles,
+        token_order=token_order.to(device), token_restore=token_restore.to(device),
+        tile_sizes=tile_sizes.to(torch.int32).to(device), tile_offsets=tile_offsets.to(torch.int32).to(device),
+        token_tile=token_tile.to(device),
+    )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+                  gate: torch.Tensor | None) -> None:
+    if not isinstance(meta, VSAMeta):
+        raise TypeError(f"vsa_attention needs meta from vsa_meta(...), got {type(meta).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"vsa_attention expects q of shape (B, L, H, D), got {tuple(q.shape)}")
+    L = math.prod(meta.grid)
+    if q.shape[1] != L:
+        raise ValueError(f"vsa_attention: sequence length {q.shape[1]} != prod(grid {meta.grid}) = {L}")
+    for name, x in (("k", k), ("v", v), ("gate", gate)):
+        if x is None:
+            continue
+        if x.shape != q.shape:
+            raise ValueError(f"vsa_attention: {name} shape {tuple(x.shape)} != q shape {tuple(q.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"vsa_attention: {name} dtype {x.dtype} != q dtype {q.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"vsa_attention: {name} on {x.device}, q on {q.device}")
+
+
+def vsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
+    """q, k, v, gate: (B, L, H, D) tile-ordered tokens -> (B, L, H, D). CPU: reference; CUDA: Triton kernels."""
+    _check_inputs(q, k, v, meta, gate)
+    if q.device.type == "cpu":
+        return vsa_reference(q, k, v, meta, gate)
+    return vsa_attention_kernels(q, k, v, meta, gate)
+
+
+def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+                          gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel path (custom ops). Runs on CPU tensors only under TRITON_INTERPRET=1 (tests)."""
+    _check_inputs(q, k, v, meta, gate)
+    D = q.shape[-1]
+    if D not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"VSA kernels support head dim 64 or 128, got {D}")
+    if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"VSA kernels on CUDA take bfloat16 or float16, got {q.dtype}")
+    qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets, meta.token_tile)
+    coarse, scores = coarse_attention(qm, km, vm, meta.token_tile, q.dtype)
+    q2k = select_tiles(scores, meta.topk)
+    fine, _ = torch.ops.sparse_distill.vsa_fine_fwd(q, k, v, q2k, meta.tile_offsets)
+    return fine if gate is None else fine + gate * coarse
+
+
+def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor, token_tile: torch.Tensor,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention between tile means, in fp32 (it is tiny: N ≤ ~1500 tiles).
+
+    qm, km, vm: (B, N, H, D) fp32. Returns the coarse output per token (B, L, H, D) in `dtype` and the pre-softmax
+    scores (B, H, N, N) fp32 that drive the selection.
+    """
+    with torch.autocast(qm.device.type, enabled=False):
+        scale = qm.shape[-1] ** -0.5
+        qh, kh, vh = (x.transpose(1, 2) for x in (qm, km, vm))  # (B, H, N, D)
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, N, N)
+        out = torch.matmul(scores.softmax(-1), vh)  # (B, H, N, D)
+        coarse = out.transpose(1, 2).to(dtype).index_select(1, token_tile)  # (B, L, H, D)
+    return coarse, scores
+
+
+def select_tiles(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices of the `topk` largest scores per row, ascending: (B, H, N, N) -> (B, H, N, topk) int32."""
+    idx = torch.topk(scores.detach(), topk, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values.to(torch.int32)
+
+
+def vsa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Same math as the kernels, written plainly with dense masks in fp32 (one (L, L) mask per batch·head)."""
+    _check_inputs(q, k, v, meta, gate)
+    B, L, H, D = q.shape
+    N = meta.num_tiles
+    scale = D ** -0.5
+    qf, kf, vf = q.float(), k.float(), v.float()
+    member = torch.nn.functional.one_hot(meta.token_tile, N).to(torch.float32)  # (L, N)
+    sizes = meta.tile_sizes.to(torch.float32).view(1, N, 1, 1)
+    qm, km, vm = (torch.einsum("ln,blhd->bnhd", member, x) / sizes for x in (qf, kf, vf))  # (B, N, H, D)
+    scores = torch.einsum("bnhd,bmhd->bhnm", qm, km) * scale  # (B, H, N, N)
+    coarse_tiles = torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), vm)  # (B, N, H, D)
+    coarse = coarse_tiles[:, meta.token_tile]  # (B, L, H, D)
+    chosen = torch.topk(scores.detach(), meta.topk, dim=-1).indices  # (B, H, N, topk)
+    keep_tiles = torch.zeros(B, H, N, N, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
+
+    fine = torch.empty_like(qf)
+    for b in range(B):
+        for h in range(H):
+            keep = keep_tiles[b, h][meta.token_tile][:, meta.token_tile]  # (L, L)
+            logits = (qf[b, :, h] @ kf[b, :, h].T) * scale  # (L, L)
+            probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+            fine[b, :, h] = probs @ vf[b, :, h]
+    out = fine if gate is None else fine + gate.float() * coarse
+    return out.to(q.dtype)
+
+
+# ---- custom ops ---------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparse_distill::vsa_tile_means", mutates_args=())
+def _tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
+                   token_tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attention import vsa_triton
+    return vsa_triton.tile_means(q, k, v, tile_offsets)
+
+
+@_tile_means_op.register_fake
+def _(q, k, v, tile_offsets, token_tile):
+    B, L, H, D = q.shape
+    N = tile_offsets.shape[0] - 1
+    return tuple(q.new_empty(B, N, H, D, dtype=torch.float32) for _ in range(3))
+
+
+def _tile_means_setup(ctx, inputs, output):
+    q, k, v, tile_offsets, token_tile = inputs
+    ctx.save_for_backward(tile_offsets, token_tile)
+    ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+
+
+def _tile_means_backward(ctx, gq, gk, gv):
+    tile_offsets, token_tile = ctx.saved_tensors
+    sizes = (tile_offsets[1:] - tile_offsets[:-1]).to(torch.float32).view(1, -1, 1, 1)
+    # d mean / d x = 1 / size for every token of the tile.
+    grads = tuple(None if g is None else (g / sizes).index_select(1, token_tile).to(dt)  # (B, L, H, D)
+                  for g, dt in zip((gq, gk, gv), ctx.dtypes))
+    return (*grads, None, None)
+
+
+torch.library.register_autograd("sparse_distill::vsa_tile_means", _tile_means_backward,
+                                setup_context=_tile_means_setup)
+
+
+@torch.library.custom_op("sparse_distill::vsa_fine_fwd", mutates_args=())
+def _fine_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor,
+                 tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from attention import vsa_triton
+    return vsa_triton.fine_forward(q, k, v, q2k, tile_offsets)
+
+
+@_fine_fwd_op.register_fake
+def _(q, k, v, q2k, tile_offsets):
+    B, L, H, D = q.shape
+    return torch.empty_like(q), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_distill::vsa_fine_bwd", mutates_args=())
+def _fine_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, q2k: torch.Tensor,
+                 tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attention import vsa_triton
+    return vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, tile_offsets)
+
+
+@_fine_bwd_op.register_fake
+def _(do, q, k, v, o, lse, q2k, tile_offsets):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fine_setup(ctx, inputs, output):
+    q, k, v, q2k, tile_offsets = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, q2k, tile_offsets)
+
+
+def _fine_backward(ctx, do, dlse):
+    q, k, v, o, lse, q2k, tile_offsets = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_distill.vsa_fine_bwd(do, q, k, v, o, lse, q2k, tile_offsets)
+    return dq, dk, dv, None, None
+
+
+torch.library.register_autograd("sparse_distill::vsa_fine_fwd", _fine_backward, setup_context=_fine_setup)
