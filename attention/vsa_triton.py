@@ -26,9 +26,9 @@ import triton.language as tl
 BLOCK = 64  # rows per tile slot: a 4×4×4 tile holds at most 64 tokens
 LOG2E = 1.4426950408889634
 
-# head dim -> (num_warps, num_stages)
+# head dim -> (num_warps, num_stages) of the forward; of the backward (dQ kernel, dK/dV kernel)
 FWD_CONFIG = {64: (4, 3), 128: (4, 3)}
-BWD_CONFIG = {64: (4, 2), 128: (8, 2)}
+BWD_CONFIG = {64: ((4, 2), (4, 2)), 128: ((8, 2), (8, 2))}
 
 
 @triton.jit
@@ -262,12 +262,13 @@ def invert_selection(q2k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
-                  config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  config: tuple[tuple[int, int], tuple[int, int]] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `fine_forward` wrt q, k, v given dO; same layouts as the forward."""
     q, k, v, o, do = _same_strides(q, k, v, o, do)
     B, L, H, D = q.shape
     N, topk = q2k.shape[2], q2k.shape[3]
-    num_warps, num_stages = config or BWD_CONFIG[D]
+    (dq_warps, dq_stages), (dkdv_warps, dkdv_stages) = config or BWD_CONFIG[D]
     k2q, k2q_offsets = invert_selection(q2k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
@@ -276,11 +277,11 @@ def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     _fine_bwd_dq_kernel[(N, B * H)](
         q, k, v, o, do, dq, lse, delta, q2k, tile_offsets, *strides,
         H, L, N, topk, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, num_warps=dq_warps, num_stages=dq_stages,
     )
     _fine_bwd_dkdv_kernel[(N, B * H)](
         q, k, v, do, dk, dv, lse, delta, k2q, k2q_offsets, tile_offsets, *strides,
         H, L, N, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
     return dq, dk, dv
