@@ -130,16 +130,18 @@ def load_index(root: Path, rank: int = 0, timeout_s: float = 600.0, poll_s: floa
             return None
         if [(f["path"], f["size"], f["mtime_ns"]) for f in cached["files"]] != key:
             return None
-        return cached["files"]
+        return [{**f, "columns": cached["schemas"][f["columns"]]} for f in cached["files"]]
 
     files = read_cached()
     if files is not None:
         return files
     if rank == 0:
         files = [{**f, **describe_parquet(root / f["path"])} for f in listing]
+        schemas: dict[tuple[str, ...], int] = {}  # column lists stored once: 75k files share one schema
+        stored = [{**f, "columns": schemas.setdefault(tuple(f["columns"]), len(schemas))} for f in files]
         tmp = cache.with_name(f"{INDEX_NAME}.tmp.{os.getpid()}")
         try:
-            tmp.write_text(json.dumps({"version": INDEX_VERSION, "files": files}))
+            tmp.write_text(json.dumps({"version": INDEX_VERSION, "schemas": list(schemas), "files": stored}))
             os.replace(tmp, cache)
         except OSError as e:
             raise OSError(f"cannot write the row index {cache} ({e}); the data folder must be writable by rank 0") from e
@@ -206,6 +208,10 @@ class LatentDataset(Dataset):
     on_error="raise": the first bad file or row raises `DataError` naming it. on_error="skip": unreadable files and files
     missing columns are dropped at construction (`bad_files`), and a bad row is replaced by the next good row in index
     order (deterministic, so SP peers stay identical), counted in `num_skipped` (this process) and in each item.
+
+    The row index is cached in `<folder>/.sparse_distill_index.json`; when it is missing or stale the process with
+    `rank == 0` rebuilds it and the others poll for it (up to `index_timeout_s`). Pass the global rank on shared
+    storage, the node-local rank on node-local copies.
     """
 
     def __init__(
