@@ -1,0 +1,47 @@
+"""Activation checkpointing per transformer block (SPEC §6): "full" recomputes the whole block in backward,
+"selective" saves the outputs of matmuls and attention and recomputes the cheap elementwise ops around them."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+AC_MODES = ("none", "full", "selective")
+
+_aten = torch.ops.aten
+# Outputs worth keeping: the FLOP-heavy ops. Everything else (norms, modulation, RoPE, GELU) is recomputed.
+_SAVE_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _save_matmul_and_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # The VSA kernels are custom ops (torch.ops.sparse_distill.*) and count as attention.
+    if op in _SAVE_OPS or getattr(op, "namespace", None) == "sparse_distill":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_ac(model: nn.Module, mode: str) -> None:
+    """Wrap every `model.blocks[i]` in place; mode is one of AC_MODES."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing mode {mode!r} is not one of {AC_MODES}")
+    if mode == "none":
+        return
+    for i, block in enumerate(model.blocks):
+        if mode == "full":
+            # RNG state is not preserved: the blocks draw no random numbers (no dropout).
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        else:
+            context_fn = functools.partial(create_selective_checkpoint_contexts, _save_matmul_and_attention)
+            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)

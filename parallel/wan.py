@@ -1,0 +1,123 @@
+"""Parallelize a plain WanModel (torchtitan's order) and load diffusers weights straight into its shards.
+
+    with torch.device("meta"):
+        model = WanModel(cfg, attn_fn=vsa_attention)
+    parallelize_wan(model, dims, ac_mode="full", compile=True)
+    load_sharded(model, "weights/Wan2.1-T2V-1.3B-Diffusers", device)   # to_empty + buffers + streamed weights
+
+Forward passes with bf16 compute run under `torch.autocast(device_type, torch.bfloat16)` (parallel/fsdp.py).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from models.wan_weights import GATE_KEY, IGNORED_KEYS, checkpoint_files, diffusers_key_map, resolve_transformer_dir
+from parallel.ac import apply_ac
+from parallel.compile import apply_compile
+from parallel.fsdp import apply_fsdp, apply_fsdp_frozen
+from parallel.mesh import ParallelDims
+from parallel.ulysses import apply_ulysses
+
+MAX_LISTED = 10
+
+
+def parallelize_wan(
+    model: nn.Module,
+    dims: ParallelDims,
+    *,
+    ac_mode: str = "none",
+    compile: bool = False,
+    fsdp: bool = True,
+    frozen: bool = False,
+    param_dtype: torch.dtype = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Sequence parallel → activation checkpointing → per-block compile → FSDP per block → root; in place.
+
+    frozen: the teacher (parameters in `param_dtype`, no gradients; `cpu_offload` keeps its shards in host memory).
+    Without FSDP and with sp > 1 the caller must average gradients over the SP group itself (parallel/ulysses.py).
+    """
+    if cpu_offload and not fsdp:
+        raise ValueError("cpu_offload needs fsdp=True (the offload is FSDP2's CPUOffloadPolicy)")
+    if dims.sp > 1:
+        apply_ulysses(model, dims.sp_group)
+    if not frozen:  # no backward through the teacher: nothing to checkpoint
+        apply_ac(model, ac_mode)
+    if compile:
+        apply_compile(model)
+    if fsdp and frozen:
+        apply_fsdp_frozen(model, dims.fsdp_mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
+    elif fsdp:
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype, cpu_offload=cpu_offload)
+    return model
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:MAX_LISTED]) + (f" ... (+{len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
+
+
+def _local_rows(param: torch.Tensor) -> tuple[int, int]:
+    """Rows [start, stop) of the full tensor held by this rank (FSDP2 shards dim 0 like torch.chunk)."""
+    start, stop = 0, param.shape[0]
+    if isinstance(param, DTensor):
+        for mesh_dim, placement in enumerate(param.placements):
+            if isinstance(placement, Shard):
+                if placement.dim != 0:
+                    raise ValueError(f"load_sharded expects FSDP's Shard(0) placements, got {param.placements}")
+                n, i = param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim)
+                size = -(-(stop - start) // n)
+                start, stop = min(start + i * size, stop), min(start + (i + 1) * size, stop)
+    return start, stop
+
+
+@torch.no_grad()
+def load_sharded(model: nn.Module, path: str | os.PathLike, device: torch.device | str) -> None:
+    """Materialise a meta-device (parallelized) WanModel and fill it from a diffusers checkpoint.
+
+    Every rank reads only the rows of each tensor its shard holds (safetensors slices), so no rank ever holds more
+    than its shard plus one tensor's rows. Strict except for the VSA gate (zeros when the checkpoint lacks it).
+    """
+    folder = resolve_transformer_dir(path)
+    files = {k: f for k, f in checkpoint_files(folder).items() if not IGNORED_KEYS.search(k)}
+    theirs_of = diffusers_key_map(model.cfg)  # ours -> diffusers
+    missing = [k for k, theirs in theirs_of.items() if theirs not in files and not GATE_KEY.match(k)]
+    unexpected = set(files) - set(theirs_of.values())
+    if not model.cfg.vsa_gate:
+        unexpected = {k for k in unexpected if not GATE_KEY.match(k)}  # a gate dropped on request
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {folder} does not match WanModel({model.cfg}): missing keys ({len(missing)}): "
+            f"{_listing(theirs_of[k] for k in missing)}; unexpected keys ({len(unexpected)}): {_listing(unexpected)}"
+        )
+
+    model.to_empty(device=device)
+    model.init_buffers(device)
+    params = model.state_dict()  # FSDP2: the sharded DTensor parameters themselves, under the plain names
+    by_file: dict[Path, list[str]] = {}
+    for ours, param in params.items():
+        if theirs_of[ours] in files:
+            by_file.setdefault(files[theirs_of[ours]], []).append(ours)
+        else:  # the VSA gate of a checkpoint without one
+            param.zero_()
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for ours in keys:
+                param, theirs = params[ours], theirs_of[ours]
+                shape = tuple(f.get_slice(theirs).get_shape())
+                if shape != tuple(param.shape):
+                    raise ValueError(f"checkpoint {file}: {theirs} has shape {shape}, the model expects {tuple(param.shape)}")
+                local = param.to_local() if isinstance(param, DTensor) else param
+                start, stop = _local_rows(param)
+                if local.shape[0] != stop - start:
+                    raise RuntimeError(f"{ours}: local shard has {local.shape[0]} rows, expected rows [{start}, {stop})")
+                if stop > start:
+                    local.copy_(f.get_slice(theirs)[start:stop])
