@@ -328,7 +328,7 @@ class LatentDataset(Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples into {"latents" (B,C,T,H,W), "context" (B,L,D), "context_mask" (B,L), "caption", "id", "num_skipped"}."""
+    """Stack samples: {"latents" (B,C,T,H,W), "context" (B,L,D), "context_mask" (B,L), "caption", "id", "num_skipped"}."""
     batch: dict[str, Any] = {}
     for key in ("latents", "context", "context_mask"):
         if key not in samples[0]:
@@ -343,7 +343,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def load_negative_context(path: str | Path, text_len: int = TEXT_LEN, row_id: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_negative_context(path: str | Path, text_len: int = TEXT_LEN,
+                          row_id: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One prompt embedding (e.g. the CFG negative prompt) -> (context (text_len, D), mask (text_len,)).
 
     `.safetensors`: the tensor `text_embedding` (L, D) (as written by tools/preprocess.py --negative-prompt).
@@ -453,7 +454,7 @@ class LatentParquetWriter:
     def write(self, id: str, caption: str, text_embedding: torch.Tensor | np.ndarray,
               latents: torch.Tensor | np.ndarray | None = None, *, height: int = 0, width: int = 0,
               fps: float = 0.0, duration_sec: float = 0.0, file_name: str | None = None) -> list[str]:
-        """Queue one clip: text_embedding (L, D) valid rows only; latents (C, T, H, W) un-normalised; height/width in pixels."""
+        """Queue one clip: text_embedding (L, D) valid rows; latents (C, T, H, W) un-normalised; height/width in pixels."""
         emb = np.ascontiguousarray(np.asarray(torch.as_tensor(text_embedding).detach().cpu().float()))
         if emb.ndim != 2:
             raise ValueError(f"{id}: text_embedding must be (L, D), got shape {emb.shape}")

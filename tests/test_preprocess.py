@@ -87,13 +87,13 @@ def video_args(ws: dict, out: Path, captions: Path) -> list[str]:
             "--rows-per-file", "2", "--device", "cpu"]
 
 
-def test_preprocess_end_to_end_and_resume(workspace):
+def test_preprocess_end_to_end_and_resume(workspace, capsys):
     ws, out = workspace, workspace["root"] / "latents"
-    # an interrupted run: only the first two clips
+    # an interrupted run (in-process, to save a start-up): only the first two clips
     first = ws["root"] / "first.json"
     first.write_text(json.dumps([{"path": "alpha.mp4", "cap": CLIPS["alpha"][0]},
                                  {"path": "bravo.mp4", "cap": [CLIPS["bravo"][0]]}]))
-    run_tool(*video_args(ws, out, first))
+    preprocess.main(video_args(ws, out, first))
     assert (out / "done_ids.txt").read_text().split() == ["alpha", "bravo"]
     # the full list: alpha and bravo are skipped, 'short' is skipped as too short
     proc = run_tool(*video_args(ws, out, ws["captions"]), "--negative-prompt", "blurry low quality")
@@ -104,8 +104,9 @@ def test_preprocess_end_to_end_and_resume(workspace):
     assert ids == ["alpha", "bravo", "charlie"]  # each clip exactly once
     # a third run writes nothing
     stamps = [f.stat().st_mtime_ns for f in files]
-    proc = run_tool(*video_args(ws, out, ws["captions"]))
-    assert "3 already written" in proc.stdout
+    capsys.readouterr()
+    preprocess.main(video_args(ws, out, ws["captions"]))
+    assert "3 already written" in capsys.readouterr().out
     assert sorted(out.rglob("*.parquet")) == files and [f.stat().st_mtime_ns for f in files] == stamps
 
     ds = LatentDataset(str(out), expect_latent_shape=(TINY_Z_DIM, 3, H // 8, W // 8))
@@ -164,7 +165,7 @@ def test_read_clip_subsamples_resizes_and_crops(workspace):
     assert preprocess.read_clip(workspace["videos"] / "short.mp4", 32, 48, 9, 12.0) is None
 
 
-def test_prompts_only(workspace):
+def test_prompts_only(workspace, capsys):
     ws, out = workspace, workspace["root"] / "prompts"
     prompts = ws["root"] / "prompts.txt"
     prompts.write_text("a cat\n\nthe dog runs in the rain\na green tree\n")
@@ -176,8 +177,9 @@ def test_prompts_only(workspace):
     tokenizer, encoder = load_text_encoder(ws["pipe"])
     context, _, _ = encode_prompts(tokenizer, encoder, ["the dog runs in the rain"])
     torch.testing.assert_close(ds[1]["context"], context[0], atol=1e-5, rtol=1e-5)
-    proc = run_tool("--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(out))
-    assert "3 already written" in proc.stdout and len(list(out.rglob("*.parquet"))) == 2
+    capsys.readouterr()
+    preprocess.main(["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(out)])
+    assert "3 already written" in capsys.readouterr().out and len(list(out.rglob("*.parquet"))) == 2
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.latents import LATENT_SCHEMA, LatentDataset, LatentParquetWriter, make_loader

@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=float, help="frames are subsampled from the source to this rate")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rows-per-file", type=int, default=8)
-    p.add_argument("--worker", type=int, default=0, help="writes worker_<w>/; give parallel processes distinct values")
+    p.add_argument("--worker", type=int, default=0,
+                   help="writes worker_<w>/; parallel processes need distinct values and disjoint caption files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
