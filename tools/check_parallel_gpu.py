@@ -1,0 +1,158 @@
+"""GPU checks of the parallel/ package on one host (issue 6, acceptance 2). Run with two GPUs:
+
+    torchrun --nproc_per_node 2 tools/check_parallel_gpu.py
+    torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --latent 20,56,104 --steps 5   # timing shape
+
+1. Ulysses SP=2 vs SP=1 (random weights, bf16 autocast, fp32 master weights): the tiny config and the real 1.3B
+   config, dense SDPA and (1.3B) VSA with a non-zero gate, on a short odd-length sequence (SP padding). Output and
+   SP-averaged gradients are compared by relative L2 error.
+2. FSDP2 train step (forward + backward + AdamW, full AC, bf16 params / fp32 reduce) of the 1.3B model at a given
+   latent shape, batch 1 per GPU: every rank alone (a one-rank mesh) vs both ranks (FSDP shard 2).
+   Weak-scaling efficiency = t(1 GPU) / t(2 GPUs).
+Prints a short table last; exits non-zero when an SP comparison exceeds its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attention.sdpa import sdpa_attention  # noqa: E402
+from attention.vsa import vsa_attention, vsa_meta  # noqa: E402
+from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
+from parallel.ac import apply_ac  # noqa: E402
+from parallel.fsdp import apply_fsdp  # noqa: E402
+from parallel.mesh import init_distributed  # noqa: E402
+from parallel.ulysses import apply_ulysses  # noqa: E402
+
+OUT_TOL = 2e-2  # relative L2 error, bf16 compute over 30 blocks
+GRAD_TOL = 5e-2
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def build(name: str, vsa: bool, device: torch.device) -> WanModel:
+    torch.manual_seed(0)  # identical weights on every rank
+    cfg = config_with(WAN_CONFIGS[name], vsa_gate=vsa)
+    with torch.device("meta"):
+        model = WanModel(cfg, attn_fn=vsa_attention if vsa else sdpa_attention)
+    model.to_empty(device=device)
+    model.init_weights()
+    if vsa:
+        with torch.no_grad():  # a non-zero gate: exercise the coarse branch through the all-to-all
+            for block in model.blocks:
+                block.attn1.to_gate_compress.weight.normal_(0, 0.02)
+    return model
+
+
+def forward_backward(model: WanModel, latents, t, context, target, meta) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(latents.device.type, torch.bfloat16):
+        out = model(latents, t, context, attn_meta=meta)
+    ((out.float() - target) ** 2).mean().backward()
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_sp(name: str, vsa: bool, latent: tuple[int, int, int], device: torch.device) -> tuple[float, float]:
+    """(output error, worst gradient error) of SP=2 against SP=1 on the same model and inputs."""
+    model = build(name, vsa, device)
+    cfg = model.cfg
+    g = torch.Generator(device=device).manual_seed(1)
+    latents = torch.randn(1, cfg.in_channels, *latent, device=device, generator=g)
+    context = torch.randn(1, 512, cfg.text_dim, device=device, generator=g)
+    t = torch.tensor([757.0], device=device)
+    target = torch.randn(1, cfg.out_channels, *latent, device=device, generator=g)
+    meta = vsa_meta(model.token_grid(latents.shape), 0.5, device) if vsa else None
+
+    ref_out, ref_grads = forward_backward(model, latents, t, context, target, meta)
+    apply_ulysses(model, dist.group.WORLD)
+    out, grads = forward_backward(model, latents, t, context, target, meta)
+    for grad in grads.values():  # the average FSDP takes over the SP ranks (parallel/ulysses.py)
+        dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+    grad_err = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads if ref_grads[n].norm() > 0)
+    return rel_err(out, ref_out), grad_err
+
+
+def time_train_step(mesh: DeviceMesh, latent: tuple[int, int, int], steps: int, device: torch.device) -> float:
+    """Median seconds of one FSDP train step of the 1.3B model (batch 1 per rank, full AC)."""
+    model = build("wan21_1.3b", False, device)
+    apply_ac(model, "full")
+    apply_fsdp(model, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    cfg = model.cfg
+    latents = torch.randn(1, cfg.in_channels, *latent, device=device)
+    context = torch.randn(1, 512, cfg.text_dim, device=device)
+    t = torch.tensor([500.0], device=device)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", torch.bfloat16):
+            out = model(latents, t, context)
+        (out.float() ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    del model, opt
+    torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sp-latent", default="3,14,18", help="latent T,H,W for the SP checks (3·7·9 = 189 tokens)")
+    parser.add_argument("--vsa-latent", default="4,16,16", help="latent T,H,W for the VSA SP check (2×2×2 tiles)")
+    parser.add_argument("--latent", default="20,56,104", help="latent T,H,W for the timing (77×448×832 video)")
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    rank, world, device = init_distributed()
+    if world != 2 or device.type != "cuda":
+        raise SystemExit("run under `torchrun --nproc_per_node 2` on a host with two GPUs")
+    parse = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+
+    rows, failed = [], False
+    for name, vsa, latent in [
+        ("tiny", False, parse(args.sp_latent)),
+        ("wan21_1.3b", False, parse(args.sp_latent)),
+        ("wan21_1.3b", True, parse(args.vsa_latent)),
+    ]:
+        out_err, grad_err = check_sp(name, vsa, latent, device)
+        ok = out_err < OUT_TOL and grad_err < GRAD_TOL
+        failed |= not ok
+        rows.append((f"SP2 vs SP1 {name} {'vsa' if vsa else 'sdpa'} {latent}",
+                     f"out {out_err:.2e}, grad {grad_err:.2e}", "ok" if ok else "FAIL"))
+        torch.cuda.empty_cache()
+
+    latent = parse(args.latent)
+    alone = DeviceMesh.from_group(dist.new_subgroups(group_size=1)[0], "cuda")  # every rank on its own
+    t1 = time_train_step(alone, latent, args.steps, device)
+    both = DeviceMesh.from_group(dist.group.WORLD, "cuda")
+    t2 = time_train_step(both, latent, args.steps, device)
+    t1_max = torch.tensor([t1], device=device)
+    dist.all_reduce(t1_max, op=dist.ReduceOp.MAX)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    rows.append((f"1.3B train step {latent}, 1 GPU (FSDP on 1 rank)", f"{t1_max.item():.3f} s", ""))
+    rows.append((f"1.3B train step {latent}, 2 GPUs (FSDP shard 2)", f"{t2:.3f} s", f"eff {t1_max.item() / t2:.1%}"))
+    rows.append(("max memory allocated (rank 0)", f"{peak:.1f} GiB", ""))
+    if rank == 0:
+        print(f"{'check':<58}{'result':<28}")
+        for check, result, verdict in rows:
+            print(f"{check:<58}{result:<28}{verdict}")
+    dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
