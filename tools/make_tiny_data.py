@@ -29,7 +29,7 @@ WORDS = "red blue green cat dog bird car tree walks runs flies slow fast day nig
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--shape", default="4,5,16,16", help="latent C,T,H,W (default fits WAN_CONFIGS['tiny'])")
+    p.add_argument("--shape", default="4,5,8,16", help="latent C,T,H,W (default fits WAN_CONFIGS['tiny'])")
     p.add_argument("--text-dim", type=int, default=32, help="caption embedding width (tiny: 32, Wan UMT5: 4096)")
     p.add_argument("--rows", type=int, default=8, help="rows in the latent and in the text-only parquet")
     p.add_argument("--seed", type=int, default=0)
