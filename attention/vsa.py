@@ -128,28 +128,30 @@ def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     D = q.shape[-1]
     if D not in KERNEL_HEAD_DIMS:
         raise ValueError(f"VSA kernels support head dim 64 or 128, got {D}")
+    if math.prod(meta.tile) > 64:
+        raise ValueError(f"VSA kernels support tiles of at most 64 tokens, got tile {meta.tile}")
     if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"VSA kernels on CUDA take bfloat16 or float16, got {q.dtype}")
     qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets, meta.token_tile)
-    coarse, scores = coarse_attention(qm, km, vm, meta.token_tile, q.dtype)
+    coarse, scores = coarse_attention(qm, km, vm)
     q2k = select_tiles(scores, meta.topk)
-    fine, _ = torch.ops.sparse_distill.vsa_fine_fwd(q, k, v, q2k, meta.tile_offsets)
-    return fine if gate is None else fine + gate * coarse
+    if gate is None:
+        return torch.ops.sparse_distill.vsa_fine(q, k, v, q2k, meta.tile_offsets)[0]
+    # The kernel adds gate * coarse in its epilogue: the coarse output is never broadcast to (B, L, H, D).
+    return torch.ops.sparse_distill.vsa_fine_gated(q, k, v, gate, coarse, q2k, meta.tile_offsets)[0]
 
 
-def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor, token_tile: torch.Tensor,
-                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention between tile means, in fp32 (it is tiny: N ≤ ~1500 tiles).
 
-    qm, km, vm: (B, N, H, D) fp32. Returns the coarse output per token (B, L, H, D) in `dtype` and the pre-softmax
-    scores (B, H, N, N) fp32 that drive the selection.
+    qm, km, vm: (B, N, H, D) fp32. Returns the coarse output per tile (B, H, N, D) and the pre-softmax scores
+    (B, H, N, N) that drive the selection, both fp32.
     """
     with torch.autocast(qm.device.type, enabled=False):
         scale = qm.shape[-1] ** -0.5
         qh, kh, vh = (x.transpose(1, 2) for x in (qm, km, vm))  # (B, H, N, D)
         scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale  # (B, H, N, N)
-        out = torch.matmul(scores.softmax(-1), vh)  # (B, H, N, D)
-        coarse = out.transpose(1, 2).to(dtype).index_select(1, token_tile)  # (B, L, H, D)
+        coarse = torch.matmul(scores.softmax(-1), vh)  # (B, H, N, D)
     return coarse, scores
 
 
@@ -222,14 +224,15 @@ torch.library.register_autograd("sparse_distill::vsa_tile_means", _tile_means_ba
                                 setup_context=_tile_means_setup)
 
 
-@torch.library.custom_op("sparse_distill::vsa_fine_fwd", mutates_args=())
-def _fine_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor,
-                 tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("sparse_distill::vsa_fine", mutates_args=())
+def _fine_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor,
+             tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from attention import vsa_triton
-    return vsa_triton.fine_forward(q, k, v, q2k, tile_offsets)
+    out, _, lse = vsa_triton.fine_forward(q, k, v, q2k, tile_offsets)
+    return out, lse
 
 
-@_fine_fwd_op.register_fake
+@_fine_op.register_fake
 def _(q, k, v, q2k, tile_offsets):
     B, L, H, D = q.shape
     return torch.empty_like(q), q.new_empty(B, H, L, dtype=torch.float32)
@@ -240,7 +243,7 @@ def _fine_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  lse: torch.Tensor, q2k: torch.Tensor,
                  tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from attention import vsa_triton
-    return vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, tile_offsets)
+    return vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, tile_offsets)[:3]
 
 
 @_fine_bwd_op.register_fake
@@ -260,4 +263,51 @@ def _fine_backward(ctx, do, dlse):
     return dq, dk, dv, None, None
 
 
-torch.library.register_autograd("sparse_distill::vsa_fine_fwd", _fine_backward, setup_context=_fine_setup)
+torch.library.register_autograd("sparse_distill::vsa_fine", _fine_backward, setup_context=_fine_setup)
+
+
+@torch.library.custom_op("sparse_distill::vsa_fine_gated", mutates_args=())
+def _fine_gated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor,
+                   q2k: torch.Tensor, tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fine + gate * coarse, fine, lse); coarse (B, H, N, D) fp32 per tile."""
+    from attention import vsa_triton
+    return vsa_triton.fine_forward(q, k, v, q2k, tile_offsets, gate=gate, coarse=coarse)
+
+
+@_fine_gated_op.register_fake
+def _(q, k, v, gate, coarse, q2k, tile_offsets):
+    B, L, H, D = q.shape
+    return torch.empty_like(q), torch.empty_like(q), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("sparse_distill::vsa_fine_gated_bwd", mutates_args=())
+def _fine_gated_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
+                       coarse: torch.Tensor, fine: torch.Tensor, lse: torch.Tensor, q2k: torch.Tensor,
+                       tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+    from attention import vsa_triton
+    return vsa_triton.fine_backward(do, q, k, v, fine, lse, q2k, tile_offsets, gate=gate, coarse=coarse)
+
+
+@_fine_gated_bwd_op.register_fake
+def _(do, q, k, v, gate, coarse, fine, lse, q2k, tile_offsets):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate),
+            torch.empty_like(coarse))
+
+
+def _fine_gated_setup(ctx, inputs, output):
+    q, k, v, gate, coarse, q2k, tile_offsets = inputs
+    _, fine, lse = output
+    ctx.save_for_backward(q, k, v, gate, coarse, fine, lse, q2k, tile_offsets)
+
+
+def _fine_gated_backward(ctx, do, dfine, dlse):
+    # `fine` and `lse` are by-products for the backward; only `out` feeds the model.
+    q, k, v, gate, coarse, fine, lse, q2k, tile_offsets = ctx.saved_tensors
+    dq, dk, dv, dgate, dcoarse = torch.ops.sparse_distill.vsa_fine_gated_bwd(
+        do, q, k, v, gate, coarse, fine, lse, q2k, tile_offsets)
+    return dq, dk, dv, dgate, dcoarse, None, None
+
+
+torch.library.register_autograd("sparse_distill::vsa_fine_gated", _fine_gated_backward,
+                                setup_context=_fine_gated_setup)

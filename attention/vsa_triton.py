@@ -1,8 +1,10 @@
 """Triton kernels of VSA (SPEC §2.3, §2.5, §2.7) on tile-ordered, unpadded tokens.
 
 Layout: q, k, v, o are (B, L, H, D) with a unit last stride, read through their strides (no transposes). Tile i
-holds rows [tile_offsets[i], tile_offsets[i + 1]) of the sequence, at most BLOCK of them; every kernel loads BLOCK
-rows from a tile's offset and masks the rows past its size, so partial edge tiles need no padding buffer.
+holds rows [tile_offsets[i], tile_offsets[i + 1]) of the sequence, at most BLOCK of them; every kernel reads BLOCK
+rows from a tile's offset (row indices clamped to L - 1, so loads are unmasked) and masks the rows past the tile's
+size in the scores and stores, so partial edge tiles need no padding buffer. Selected tiles reach the kernels as
+(start << 7 | size) words (`pack_tiles`).
 
 Kernels:
 - `_tile_means_kernel`: fp32 means of q, k, v per (batch, tile, head), one program per (tile, batch·head).
@@ -26,9 +28,11 @@ import triton.language as tl
 BLOCK = 64  # rows per tile slot: a 4×4×4 tile holds at most 64 tokens
 LOG2E = 1.4426950408889634
 
-# head dim -> (num_warps, num_stages) of the forward; of the backward (dQ kernel, dK/dV kernel)
-FWD_CONFIG = {64: (4, 3), 128: (4, 3)}
-BWD_CONFIG = {64: ((4, 2), (4, 2)), 128: ((8, 2), (8, 2))}
+# Launch configs, head dim -> (num_warps, num_stages, tiles per loop step): the forward's; the backward's as
+# (dQ kernel, dK/dV kernel). Two tiles per step = 64×128 score blocks (fewer, larger MMAs and softmax rescales).
+Config = tuple[int, int, int]
+FWD_CONFIG: dict[int, Config] = {64: (4, 3, 1), 128: (4, 3, 1)}
+BWD_CONFIG: dict[int, tuple[Config, Config]] = {64: ((4, 2, 1), (4, 2, 1)), 128: ((4, 2, 1), (4, 2, 1))}
 
 
 @triton.jit
@@ -60,11 +64,30 @@ def _tile_means_kernel(
 
 
 @triton.jit
+def _tile_rows(SEL, s, count, L, TILES: tl.constexpr, BLOCK: tl.constexpr):
+    """Token rows of `TILES` consecutive tiles of a selection list, packed as (start << 7 | size).
+
+    Returns (rows, ok): TILES·BLOCK row indices (clamped in-bounds, so loads need no mask) and which are real tokens.
+    Slots at or past `count` are empty. Scalar loads per slot keep the rows of one tile an affine range.
+    """
+    r = tl.arange(0, TILES * BLOCK)
+    local = r % BLOCK
+    rows = tl.zeros([TILES * BLOCK], tl.int32)
+    ok = r < 0
+    for j in tl.static_range(TILES):
+        packed = tl.load(SEL + s + j, mask=s + j < count, other=0)
+        in_slot = (r // BLOCK) == j
+        rows = tl.where(in_slot, (packed >> 7) + local, rows)
+        ok = ok | (in_slot & (local < (packed & 127)))
+    return tl.minimum(rows, L - 1), ok
+
+
+@triton.jit
 def _fine_fwd_kernel(
-    Q, K, V, O, LSE, Q2K, OFFS,
+    Q, K, V, O, LSE, Q2K, OFFS, GATE, COARSE, O_FINE,
     stride_b, stride_l, stride_h,
     H, L, N, TOPK, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -76,21 +99,19 @@ def _fine_fwd_kernel(
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     q_ok = rows < q_size
-    q = tl.load(Q + base + (q_start + rows)[:, None] * stride_l + dims[None, :], mask=q_ok[:, None], other=0.0)
+    q_rows = tl.minimum(q_start + rows, L - 1)
+    q = tl.load(Q + base + q_rows[:, None] * stride_l + dims[None, :])
 
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
-    for s in range(TOPK):
-        kv_tile = tl.load(sel + s)
-        kv_start = tl.load(OFFS + kv_tile)
-        kv_size = tl.load(OFFS + kv_tile + 1) - kv_start
-        kv_ok = rows < kv_size
-        kv_ptr = base + (kv_start + rows)[:, None] * stride_l + dims[None, :]
-        k = tl.load(K + kv_ptr, mask=kv_ok[:, None], other=0.0)
-        v = tl.load(V + kv_ptr, mask=kv_ok[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, BLOCK kv), base-2 logits
+    for s in range(0, TOPK, KV_TILES):
+        kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
+        kv_ptr = base + kv_rows[:, None] * stride_l + dims[None, :]
+        k = tl.load(K + kv_ptr)
+        v = tl.load(V + kv_ptr)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, KV_TILES·BLOCK kv), base-2 logits
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.math.exp2(qk - m_new[:, None])
@@ -99,18 +120,22 @@ def _fine_fwd_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
-    acc = acc / l_i[:, None]
-    tl.store(O + base + (q_start + rows)[:, None] * stride_l + dims[None, :], acc.to(O.dtype.element_ty),
-             mask=q_ok[:, None])
-    tl.store(LSE + bh * L + q_start + rows, m_i + tl.math.log2(l_i), mask=q_ok)
+    out = acc / l_i[:, None]
+    q_ptr = base + q_rows[:, None] * stride_l + dims[None, :]
+    if HAS_GATE:  # out = fine + gate * coarse, coarse (B, H, N, D) fp32 constant over the tile
+        tl.store(O_FINE + q_ptr, out.to(O_FINE.dtype.element_ty), mask=q_ok[:, None])
+        coarse = tl.load(COARSE + (bh * N + q_tile) * HEAD_DIM + dims)
+        out += tl.load(GATE + q_ptr).to(tl.float32) * coarse[None, :]
+    tl.store(O + q_ptr, out.to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + bh * L + q_rows, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
 @triton.jit
 def _fine_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, Q2K, OFFS,
+    Q, K, V, O, DO, DQ, LSE, DELTA, Q2K, OFFS, GATE, COARSE, DGATE, DCOARSE,
     stride_b, stride_l, stride_h,
     H, L, N, TOPK, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -122,24 +147,28 @@ def _fine_bwd_dq_kernel(
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     q_ok = rows < q_size
-    q_ptr = base + (q_start + rows)[:, None] * stride_l + dims[None, :]
-    q = tl.load(Q + q_ptr, mask=q_ok[:, None], other=0.0)
-    do = tl.load(DO + q_ptr, mask=q_ok[:, None], other=0.0)
-    o = tl.load(O + q_ptr, mask=q_ok[:, None], other=0.0)
+    q_rows = tl.minimum(q_start + rows, L - 1)
+    q_ptr = base + q_rows[:, None] * stride_l + dims[None, :]
+    q = tl.load(Q + q_ptr)
+    do = tl.load(DO + q_ptr)
+    o = tl.load(O + q_ptr)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * L + q_start + rows, delta, mask=q_ok)
-    lse = tl.load(LSE + bh * L + q_start + rows, mask=q_ok, other=0.0)
+    tl.store(DELTA + bh * L + q_rows, delta, mask=q_ok)
+    lse = tl.load(LSE + bh * L + q_rows)
+    if HAS_GATE:  # d gate = dO * coarse; d coarse = Σ_tile rows dO * gate
+        c_ptr = (bh * N + q_tile) * HEAD_DIM + dims
+        coarse = tl.load(COARSE + c_ptr)
+        tl.store(DGATE + q_ptr, (do.to(tl.float32) * coarse[None, :]).to(DGATE.dtype.element_ty), mask=q_ok[:, None])
+        gate = tl.load(GATE + q_ptr).to(tl.float32)
+        tl.store(DCOARSE + c_ptr, tl.sum(tl.where(q_ok[:, None], do.to(tl.float32) * gate, 0.0), 0))
 
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
-    for s in range(TOPK):
-        kv_tile = tl.load(sel + s)
-        kv_start = tl.load(OFFS + kv_tile)
-        kv_size = tl.load(OFFS + kv_tile + 1) - kv_start
-        kv_ok = rows < kv_size
-        kv_ptr = base + (kv_start + rows)[:, None] * stride_l + dims[None, :]
-        k = tl.load(K + kv_ptr, mask=kv_ok[:, None], other=0.0)
-        v = tl.load(V + kv_ptr, mask=kv_ok[:, None], other=0.0)
+    for s in range(0, TOPK, KV_TILES):
+        kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
+        kv_ptr = base + kv_rows[:, None] * stride_l + dims[None, :]
+        k = tl.load(K + kv_ptr)
+        v = tl.load(V + kv_ptr)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(kv_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -153,7 +182,7 @@ def _fine_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, K2Q, K2Q_OFFS, OFFS,
     stride_b, stride_l, stride_h,
     H, L, N, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, Q_TILES: tl.constexpr,
 ):
     kv_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -165,25 +194,23 @@ def _fine_bwd_dkdv_kernel(
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     kv_ok = rows < kv_size
-    kv_ptr = base + (kv_start + rows)[:, None] * stride_l + dims[None, :]
-    k = tl.load(K + kv_ptr, mask=kv_ok[:, None], other=0.0)
-    v = tl.load(V + kv_ptr, mask=kv_ok[:, None], other=0.0)
+    kv_rows = tl.minimum(kv_start + rows, L - 1)
+    kv_ptr = base + kv_rows[:, None] * stride_l + dims[None, :]
+    k = tl.load(K + kv_ptr)
+    v = tl.load(V + kv_ptr)
 
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     first = tl.load(K2Q_OFFS + bh * N + kv_tile)
     last = tl.load(K2Q_OFFS + bh * N + kv_tile + 1)
-    for s in range(first, last):
-        q_tile = tl.load(K2Q + s)
-        q_start = tl.load(OFFS + q_tile)
-        q_size = tl.load(OFFS + q_tile + 1) - q_start
-        q_ok = rows < q_size
-        q_ptr = base + (q_start + rows)[:, None] * stride_l + dims[None, :]
-        q = tl.load(Q + q_ptr, mask=q_ok[:, None], other=0.0)
-        do = tl.load(DO + q_ptr, mask=q_ok[:, None], other=0.0)
-        lse = tl.load(LSE + bh * L + q_start + rows, mask=q_ok, other=0.0)
-        delta = tl.load(DELTA + bh * L + q_start + rows, mask=q_ok, other=0.0)
-        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, BLOCK q)
+    for s in range(first, last, Q_TILES):
+        q_rows, q_ok = _tile_rows(K2Q, s, last, L, Q_TILES, BLOCK)
+        q_ptr = base + q_rows[:, None] * stride_l + dims[None, :]
+        q = tl.load(Q + q_ptr)
+        do = tl.load(DO + q_ptr)
+        lse = tl.load(LSE + bh * L + q_rows)
+        delta = tl.load(DELTA + bh * L + q_rows)
+        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, Q_TILES·BLOCK q)
         p_t = tl.math.exp2(qk_t - lse[None, :])
         p_t = tl.where(kv_ok[:, None] & q_ok[None, :], p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do)
@@ -192,6 +219,14 @@ def _fine_bwd_dkdv_kernel(
         dk += tl.dot(ds_t.to(q.dtype), q)
     tl.store(DK + kv_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None])
     tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
+
+
+def pack_tiles(tile_ids: torch.Tensor, tile_offsets: torch.Tensor) -> torch.Tensor:
+    """Tile ids -> (start << 7 | size) int32, so a kernel reads a tile's rows with one independent load."""
+    ids = tile_ids.long()
+    start = tile_offsets.long()[ids]
+    size = tile_offsets.long()[ids + 1] - start
+    return ((start << 7) | size).to(torch.int32)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -223,25 +258,30 @@ def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def fine_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
-                 config: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention over the selected kv tiles.
+                 config: Config | None = None, gate: torch.Tensor | None = None,
+                 coarse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block-sparse attention over the selected kv tiles, optionally plus `gate * coarse`.
 
-    q, k, v: (B, L, H, D); q2k: (B, H, N, topk) int32 selected kv tiles per q tile.
-    Returns o (B, L, H, D) and the base-2 log-sum-exp of the scaled logits (B, H, L) fp32.
+    q, k, v, gate: (B, L, H, D); q2k: (B, H, N, topk) int32 selected kv tiles per q tile; coarse: (B, H, N, D) fp32
+    coarse output per tile. Returns out (B, L, H, D), the fine part alone (`out` itself without a gate) and the
+    base-2 log-sum-exp of the scaled logits (B, H, L) fp32.
     """
-    q, k, v = _same_strides(q, k, v)
+    has_gate = gate is not None
+    q, k, v, gate = _same_strides(q, k, v, gate if has_gate else q)
     B, L, H, D = q.shape
     N, topk = q2k.shape[2], q2k.shape[3]
-    num_warps, num_stages = config or FWD_CONFIG[D]
-    o = torch.empty_like(q)
+    num_warps, num_stages, tiles = config or FWD_CONFIG[D]
+    out = torch.empty_like(q)
+    fine = torch.empty_like(q) if has_gate else out
+    coarse = coarse.contiguous() if has_gate else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     _fine_fwd_kernel[(N, B * H)](
-        q, k, v, o, lse, q2k, tile_offsets,
+        q, k, v, out, lse, pack_tiles(q2k, tile_offsets), tile_offsets, gate, coarse, fine,
         q.stride(0), q.stride(1), q.stride(2),
         H, L, N, topk, D ** -0.5 * LOG2E,
-        HEAD_DIM=D, BLOCK=BLOCK, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=tiles, HAS_GATE=has_gate, num_warps=num_warps, num_stages=num_stages,
     )
-    return o, lse
+    return out, fine, lse
 
 
 def invert_selection(q2k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,28 +300,36 @@ def invert_selection(q2k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return k2q, k2q_offsets
 
 
-def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fine: torch.Tensor,
                   lse: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
-                  config: tuple[tuple[int, int], tuple[int, int]] | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `fine_forward` wrt q, k, v given dO; same layouts as the forward."""
-    q, k, v, o, do = _same_strides(q, k, v, o, do)
+                  config: tuple[Config, Config] | None = None, gate: torch.Tensor | None = None,
+                  coarse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """Gradients of `fine_forward` given dO: (dq, dk, dv, dgate, dcoarse), the last two None without a gate.
+
+    `fine` is the fine part of the forward output (its second result).
+    """
+    has_gate = gate is not None
+    q, k, v, fine, do, gate = _same_strides(q, k, v, fine, do, gate if has_gate else q)
     B, L, H, D = q.shape
     N, topk = q2k.shape[2], q2k.shape[3]
-    (dq_warps, dq_stages), (dkdv_warps, dkdv_stages) = config or BWD_CONFIG[D]
+    (dq_warps, dq_stages, kv_tiles), (dkdv_warps, dkdv_stages, q_tiles) = config or BWD_CONFIG[D]
     k2q, k2q_offsets = invert_selection(q2k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    coarse = coarse.contiguous() if has_gate else dq
+    dgate = torch.empty_like(gate) if has_gate else None
+    dcoarse = torch.empty_like(coarse) if has_gate else None
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     sm_scale = D ** -0.5
     strides = (q.stride(0), q.stride(1), q.stride(2))
     _fine_bwd_dq_kernel[(N, B * H)](
-        q, k, v, o, do, dq, lse, delta, q2k, tile_offsets, *strides,
+        q, k, v, fine, do, dq, lse, delta, pack_tiles(q2k, tile_offsets), tile_offsets,
+        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse, *strides,
         H, L, N, topk, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, num_warps=dq_warps, num_stages=dq_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=kv_tiles, HAS_GATE=has_gate, num_warps=dq_warps, num_stages=dq_stages,
     )
     _fine_bwd_dkdv_kernel[(N, B * H)](
-        q, k, v, do, dk, dv, lse, delta, k2q, k2q_offsets, tile_offsets, *strides,
+        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets, *strides,
         H, L, N, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, num_warps=dkdv_warps, num_stages=dkdv_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, Q_TILES=q_tiles, num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
-    return dq, dk, dv
+    return dq, dk, dv, dgate, dcoarse

@@ -36,35 +36,38 @@ else:
         gen = torch.Generator().manual_seed(seed)
         return [torch.randn(B, L, H, D, generator=gen, requires_grad=True) for _ in range(n)]
 
-    @pytest.mark.parametrize("grid, B, H, D, sparsity", [
-        ((5, 6, 7), 2, 3, 64, 0.6),   # tiles of 64, 48, 32, 24, 16, 12, 8, 6 tokens
-        ((3, 5, 9), 2, 2, 128, 0.5),  # tiles of 48, 12, 3 tokens
-        ((8, 4, 8), 1, 2, 64, 0.5),   # full tiles only
+    @pytest.mark.parametrize("grid, B, H, D, sparsity, use_gate", [
+        ((5, 6, 7), 2, 2, 64, 0.6, True),   # tiles of 64, 48, 32, 24, 16, 12, 8, 6 tokens
+        ((3, 5, 9), 2, 2, 128, 0.5, True),  # tiles of 48, 12, 3 tokens
+        ((3, 5, 9), 2, 2, 64, 0.5, False),
+        ((8, 4, 8), 1, 2, 64, 0.5, True),   # full tiles only
     ])
-    def test_kernel_path_matches_reference(grid, B, H, D, sparsity):
+    def test_kernel_path_matches_reference(grid, B, H, D, sparsity, use_gate):
         meta = vsa_meta(grid, sparsity, "cpu")
         assert 1 < meta.topk < meta.num_tiles
         q, k, v, gate = random_inputs(B, math.prod(grid), H, D, 4, seed=sum(grid) + D)
+        inputs = (q, k, v, gate) if use_gate else (q, k, v)
         grad_out = torch.randn_like(q)
-        out = vsa_attention_kernels(q, k, v, meta, gate)
-        grads = torch.autograd.grad(out, (q, k, v, gate), grad_out)
-        ref = vsa_reference(q, k, v, meta, gate)
-        ref_grads = torch.autograd.grad(ref, (q, k, v, gate), grad_out)
+        out = vsa_attention_kernels(q, k, v, meta, gate if use_gate else None)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+        ref = vsa_reference(q, k, v, meta, gate if use_gate else None)
+        ref_grads = torch.autograd.grad(ref, inputs, grad_out)
         assert rel_err(out, ref) <= 1e-5
         for name, g, rg in zip("qkvg", grads, ref_grads):
             assert rel_err(g, rg) <= 1e-5, name
 
-    @pytest.mark.parametrize("D", [64, 128])
-    def test_kernel_path_dense_at_sparsity_zero(D):
-        grid, B, H = (5, 6, 7), 2, 2
+    @pytest.mark.parametrize("grid, D", [((5, 6, 7), 64), ((3, 5, 9), 128)])
+    def test_kernel_path_dense_at_sparsity_zero(grid, D):
+        B, H = 2, 2
         q, k, v = random_inputs(B, math.prod(grid), H, D, 3, seed=D)
         out = vsa_attention_kernels(q, k, v, vsa_meta(grid, 0.0, "cpu"), torch.zeros_like(q))
         dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
         assert rel_err(out, dense) <= 1e-5
 
-    def test_fine_kernels_with_arbitrary_selection():
+    @pytest.mark.parametrize("tiles_per_step", [1, 2])
+    def test_fine_kernels_with_arbitrary_selection(tiles_per_step):
         """Fine forward/backward with a random (unsorted, non-top-k) selection vs dense masked attention."""
-        grid, B, H, D, topk = (3, 5, 9), 2, 2, 64, 3
+        grid, B, H, D, topk = (3, 5, 9), 2, 2, 64, 3  # odd topk: the last two-tile step has an empty slot
         meta = vsa_meta(grid, 0.5, "cpu")
         N, L = meta.num_tiles, math.prod(grid)
         gen = torch.Generator().manual_seed(5)
@@ -72,9 +75,10 @@ else:
         q2k = q2k.view(B, H, N, topk).to(torch.int32)
         q, k, v = random_inputs(B, L, H, D, 3, seed=6)
         grad_out = torch.randn_like(q)
-        out, lse = vsa_triton.fine_forward(q.detach(), k.detach(), v.detach(), q2k, meta.tile_offsets)
-        dq, dk, dv = vsa_triton.fine_backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, q2k,
-                                              meta.tile_offsets)
+        config = (4, 2, tiles_per_step)
+        out, _, lse = vsa_triton.fine_forward(q.detach(), k.detach(), v.detach(), q2k, meta.tile_offsets, config)
+        dq, dk, dv, _, _ = vsa_triton.fine_backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, q2k,
+                                                    meta.tile_offsets, (config, config))
         keep = torch.zeros(B, H, N, N, dtype=torch.bool).scatter_(-1, q2k.long(), True)
         keep = keep[:, :, meta.token_tile][:, :, :, meta.token_tile]  # (B, H, L, L)
         logits = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(D)
@@ -92,7 +96,7 @@ else:
         meta = vsa_meta(grid, 0.7, "cpu")
         q, k, v = (x.detach() for x in random_inputs(B, math.prod(grid), H, D, 3, seed=7))
         qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets, meta.token_tile)
-        _, scores = coarse_attention(qm, km, vm, meta.token_tile, q.dtype)
+        _, scores = coarse_attention(qm, km, vm)
         chosen = select_tiles(scores, meta.topk)
 
         T, Hh, W = grid
@@ -121,8 +125,12 @@ else:
 
     def test_custom_ops_pass_opcheck():
         meta = vsa_meta((3, 5, 9), 0.5, "cpu")
-        q, k, v = (x.detach().requires_grad_() for x in random_inputs(1, 135, 2, 64, 3, seed=9))
-        q2k = select_tiles(torch.randn(1, 2, meta.num_tiles, meta.num_tiles), meta.topk)
-        torch.library.opcheck(torch.ops.sparse_distill.vsa_fine_fwd.default, (q, k, v, q2k, meta.tile_offsets))
+        q, k, v = (x.detach().requires_grad_() for x in random_inputs(1, 135, 1, 64, 3, seed=9))
+        q2k = select_tiles(torch.randn(1, 1, meta.num_tiles, meta.num_tiles), meta.topk)
+        torch.library.opcheck(torch.ops.sparse_distill.vsa_fine.default, (q, k, v, q2k, meta.tile_offsets))
+        gate = torch.randn_like(q, requires_grad=True)
+        coarse = torch.randn(1, 1, meta.num_tiles, 64, requires_grad=True)
+        torch.library.opcheck(torch.ops.sparse_distill.vsa_fine_gated.default,
+                              (q, k, v, gate, coarse, q2k, meta.tile_offsets))
         torch.library.opcheck(torch.ops.sparse_distill.vsa_tile_means.default,
                               (q, k, v, meta.tile_offsets, meta.token_tile))
