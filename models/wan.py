@@ -163,7 +163,8 @@ class ConditionEmbedder(nn.Module):
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B,) -> temb (B, D), tmod (B, 6, D); per-token t (B, L) -> (B, L, D), (B, L, 6, D)."""
-        temb = self.time_embedder(timestep_sinusoid(t, self.freq_dim))
+        # The sinusoid is fp32; match the embedder's dtype when the model runs in bf16 without autocast.
+        temb = self.time_embedder(timestep_sinusoid(t, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype))
         tmod = self.time_proj(F.silu(temb))
         return temb, tmod.unflatten(-1, (6, -1))
 

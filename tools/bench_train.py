@@ -41,6 +41,7 @@ def load_recipe():
     path = ROOT / "recipes" / "wan21_1_3b_sparse_distill.py"
     spec = importlib.util.spec_from_file_location("recipe_1_3b", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
