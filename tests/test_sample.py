@@ -273,3 +273,24 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in run.stderr
     assert run.stderr.strip() == f"sample.py: error: --model {str(tmp_path / 'nope')!r}: folder does not exist " \
                                  "(and it is not a hub id of the form owner/name)"
+
+
+# ---------------------------------------------------------------- tools/bench_inference.py at toy size
+
+def test_bench_inference_smoke_runs_every_case():
+    """Every case and variant of the GPU benchmark runs at toy size on the CPU, and its derived numbers follow from
+    its measured ones (speedup = 50 teacher CFG steps / student; frames/s = 81 / (denoise + fastest decode))."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_inference
+
+    rows = {what: value for _, what, value, _ in bench_inference.main(["--smoke", "--cases", "a,b,c", "--diffusers"])}
+    for res in ("14B 81x480x832", "14B 81x720x1280"):
+        student = rows[f"{res} student 3-step VSA 0.9"]
+        for teacher in ("ours dense", "diffusers"):
+            step = rows[f"{res} teacher CFG step (cond + uncond), {teacher}"]
+            assert rows[f"{res} teacher 50-step CFG, {teacher}"] == pytest.approx(50 * step)
+            assert rows[f"{res} denoising-loop speedup vs {teacher}"] == pytest.approx(50 * step / student)
+    decode = min(v for k, v in rows.items() if k.startswith("VAE decode"))
+    denoise = rows["1.3B 81x480x832 student 3-step VSA 0.8 denoise"]
+    assert rows["end to end frames/s (81 frames / end to end)"] == pytest.approx(81 / (denoise + decode))
+    assert {"5B 121x704x1280 student 3-step dense", "5B 121x704x1280 student 3-step VSA 0.8"} <= set(rows)

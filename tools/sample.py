@@ -1,13 +1,16 @@
-"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled student), or the many-step CFG teacher.
+r"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled student), or the many-step CFG teacher.
 
     # FastWan 1.3B, 3 steps, VSA at 80% sparsity, 81x480x832 -> outputs/samples/00_a_cat_....mp4
     python tools/sample.py --model FastVideo/FastWan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --compile
     # the same prompt through the dense 50-step CFG teacher, for a side-by-side comparison
-    python tools/sample.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --teacher
+    python tools/sample.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --teacher \
+        --guidance 3 --shift 3
     # Wan2.2 TI2V-5B: text-to-video, or image-to-video with --image (dense attention by default for the 5B)
-    python tools/sample.py --model FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers --prompts prompts.txt --image cat.png
+    python tools/sample.py --model FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers --prompts prompts.txt \
+        --image cat.png
     # tiny CPU run (tests/test_sample.py)
-    python tools/sample.py --model PIPE_DIR --prompt "a red car" --num-frames 9 --height 32 --width 32 --device cpu --dtype fp32
+    python tools/sample.py --model PIPE_DIR --prompt "a red car" --num-frames 9 --height 32 --width 32 \
+        --device cpu --dtype fp32
 
 --model is a diffusers pipeline folder (transformer/, vae/, text_encoder/, tokenizer/) or a hub id; hub ids download
 only those subfolders (configs first, so bad input fails before any weights move). Student sampling (SPEC §5.2): one
@@ -56,7 +59,9 @@ NEGATIVE_PROMPT = (
 )
 ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-HUB_CONFIGS = ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json"]
+# Fetched first to validate the request (configs and tokenizer, no weights), then the rest.
+HUB_CONFIGS = ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+               "tokenizer/*"]
 HUB_FILES = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*"]
 VAE_TEMPORAL_RATIO = 4
 
@@ -224,12 +229,11 @@ def read_configs(folder: Path, name: str) -> dict[str, dict[str, Any]]:
     index = folder / "model_index.json"
     if index.is_file():
         configs["model_index"] = json.loads(index.read_text())
-    missing = [sub for sub in ("transformer", "vae", "text_encoder") if not (folder / sub / "config.json").is_file()]
-    if not (folder / "tokenizer").is_dir() and (folder / "text_encoder").is_dir():
-        missing.append("tokenizer")
+    missing = [f"{sub}/config.json" for sub in ("transformer", "vae", "text_encoder")
+               if not (folder / sub / "config.json").is_file()]
+    missing += [] if (folder / "tokenizer").is_dir() else ["tokenizer/"]
     if missing:
-        raise InputError(f"--model {name!r} is not a diffusers Wan pipeline: missing "
-                         f"{', '.join(s + '/config.json' if s != 'tokenizer' else 'tokenizer/' for s in missing)}")
+        raise InputError(f"--model {name!r} is not a diffusers Wan pipeline: missing {', '.join(missing)}")
     for sub in ("transformer", "vae", "text_encoder"):
         configs[sub] = json.loads((folder / sub / "config.json").read_text())
     return configs
@@ -277,10 +281,11 @@ def print_timings(seconds: dict[str, float], num_frames: int, title: str) -> Non
 
 # ---------------------------------------------------------------- pipeline stages
 
-def encode(model_dir: Path, prompts: list[str], device: torch.device) -> torch.Tensor:
+def encode(model_dir: Path, prompts: list[str], device: torch.device, timer: StageTimer) -> torch.Tensor:
     """UMT5 (fp32, SPEC §3.3b) -> context (N, 512, D) float32 on `device`; the encoder is freed before returning."""
     tokenizer, encoder = load_text_encoder(model_dir, device, torch.float32)
-    context, _, _ = encode_prompts(tokenizer, encoder, prompts)
+    with timer.stage("text encode"):
+        context, _, _ = encode_prompts(tokenizer, encoder, prompts)
     del tokenizer, encoder
     gc.collect()
     if device.type == "cuda":
@@ -429,9 +434,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     try:
         plan = validate(args)
+        model_dir = plan.model_dir if plan.model_dir is not None else fetch(plan.hub_id, HUB_FILES)
     except InputError as e:
         sys.exit(f"sample.py: error: {e}")
-    model_dir = plan.model_dir if plan.model_dir is not None else fetch(plan.hub_id, HUB_FILES)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     out_dir = Path(args.out)
     load = {}
@@ -440,9 +445,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     t0 = time.perf_counter()
     timer_text = StageTimer(device)
     prompts = plan.prompts + ([args.negative_prompt] if args.teacher else [])
-    with timer_text.stage("text encode"):
-        context = encode(model_dir, prompts, device)
-    load["text encoder load + encode"] = time.perf_counter() - t0
+    context = encode(model_dir, prompts, device, timer_text)
+    load["text encoder load + encode + free"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     vae = load_vae(model_dir, device, torch.float32)  # fp32 for the image encode (SPEC §3.3b)

@@ -1,0 +1,292 @@
+"""Inference speed at real size with random bf16 weights (speed does not depend on weight values), one GPU, one run.
+
+    python tools/bench_inference.py                    # cases a, b, c (~5 min on an H100, no compile)
+    python tools/bench_inference.py --cases a --compile --profile
+    python tools/bench_inference.py --cases b --diffusers    # also time diffusers' dense teacher
+    python tools/bench_inference.py --smoke            # every code path at toy size, CPU is fine (tests use it)
+
+Cases (text embeddings are random and cached; denoising uses tools/sample.py's own loops):
+  a  Wan2.1-1.3B, 81x480x832: 3-step VSA (sparsity 0.8) denoise; VAE decode (plain / channels-last / compiled);
+     end to end = denoise + VAE decode -> frames/s.
+  b  Wan2.1-14B at 81x480x832 and 81x720x1280: the 50-step dense CFG teacher (2 steps of cond + uncond timed,
+     x50 / 2) vs the 3-step VSA (sparsity 0.9) student -> denoising-loop speedup. The teacher is our dense model
+     (cuDNN SDPA); --diffusers also times diffusers' WanTransformer3DModel as the teacher.
+  c  Wan2.2-TI2V-5B, 121x704x1280: 3-step student, dense and VSA (sparsity 0.8).
+--compile compiles each DiT (one compile per model and shape: with all cases this runs past 8 min; pick cases).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a package: reuse sample.py's loops
+
+from sample import ATTN, channels_last, denoise, in_v_dtype  # noqa: E402
+
+from attention.vsa import vsa_meta  # noqa: E402
+from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
+
+DMD_STEPS = [1000.0, 757.0, 522.0]
+TEACHER_STEPS = 50
+TEACHER_TIMED_STEPS = 2
+# Wan2.1 VAE (z_dim 16, 8x spatial, 4x temporal), as in the released config.
+WAN21_VAE = {"base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+             "temperal_downsample": [False, True, True]}
+SHAPES = {  # latent (T, H, W)
+    "480p": (21, 60, 104),  # 81 x 480 x 832 through the Wan2.1 VAE
+    "720p": (21, 90, 160),  # 81 x 720 x 1280
+    "5b_720p": (31, 44, 80),  # 121 x 704 x 1280 through the Wan2.2 VAE (16x spatial)
+}
+SMOKE_SHAPE = (2, 4, 8)
+SMOKE_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_blocks": 1,
+             "temperal_downsample": [False, True, True]}
+
+
+class Bench:
+    """Timing on one device plus the result table."""
+
+    def __init__(self, device: torch.device, smoke: bool, compile_dit: bool) -> None:
+        self.device, self.smoke, self.compile_dit = device, smoke, compile_dit
+        self.dtype = torch.bfloat16
+        self.rows: list[tuple[str, str, float, str]] = []  # (case, what, value, unit)
+
+    def time_s(self, fn: Callable[[], object], warmup: int = 1, reps: int = 3) -> float:
+        """Median seconds of fn(); CUDA events on GPU."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            if self.device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def row(self, case: str, what: str, value: float, unit: str) -> None:
+        self.rows.append((case, what, value, unit))
+        print(f"[{case}] {what}: {value:.3f} {unit}", flush=True)
+
+    def preset(self, name: str) -> str:
+        return "tiny" if self.smoke else name
+
+    def latent(self, shape: str, channels: int) -> tuple[int, int, int, int, int]:
+        return (1, channels, *(SMOKE_SHAPE if self.smoke else SHAPES[shape]))
+
+    def build(self, preset: str) -> WanModel:
+        """Meta -> bf16 -> to_empty -> random init: peak memory is one bf16 copy (14B: 28 GB). With the VSA gate, as
+        the distilled checkpoints have it; dense runs (attn_meta None) skip the gate."""
+        with torch.device("meta"):
+            model = WanModel(config_with(WAN_CONFIGS[self.preset(preset)], vsa_gate=True))
+        model = model.to(self.dtype).to_empty(device=self.device)
+        model.init_weights()
+        model.eval().requires_grad_(False)
+        if self.compile_dit:
+            model.compile()
+        return model
+
+    @staticmethod
+    def set_attention(model: WanModel, attn: str) -> None:
+        """Swap the attention of every block (one model serves as dense teacher and VSA student here)."""
+        for block in model.blocks:
+            block.attn1.attn_fn = in_v_dtype(ATTN[attn])
+
+    def context(self, model: WanModel) -> torch.Tensor:
+        g = torch.Generator(self.device).manual_seed(0)
+        return torch.randn(1, 512, model.cfg.text_dim, generator=g, device=self.device)
+
+    def student_s(self, model: WanModel, shape: tuple[int, ...], sparsity: float | None) -> float:
+        """Seconds of the 3-step DMD loop (3 forwards + re-noising), VSA metadata built once per shape."""
+        self.set_attention(model, "sdpa" if sparsity is None else "vsa")
+        context = self.context(model)
+        meta = None if sparsity is None else vsa_meta(model.token_grid(shape), sparsity, self.device)
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                g = torch.Generator(self.device).manual_seed(0)
+                return denoise(model, context, shape, DMD_STEPS, g, attn_meta=meta, dtype=self.dtype, progress=False)
+
+        return self.time_s(run, warmup=2 if self.compile_dit else 1)
+
+    def teacher_step_s(self, forward: Callable, shape: tuple[int, ...], text_dim: int) -> float:
+        """Seconds of one CFG step: a conditional and an unconditional dense forward, combined."""
+        g = torch.Generator(self.device).manual_seed(0)
+        x = torch.randn(shape, generator=g, device=self.device)
+        cond, uncond = (torch.randn(1, 512, text_dim, generator=g, device=self.device) for _ in range(2))
+        t = torch.full((1,), 757.0, device=self.device)
+
+        def step() -> torch.Tensor:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype):
+                v_cond, v_uncond = forward(x, t, cond).float(), forward(x, t, uncond).float()
+                return v_uncond + 5.0 * (v_cond - v_uncond)
+
+        return self.time_s(step, warmup=1, reps=TEACHER_TIMED_STEPS)
+
+    def free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def diffusers_forward(bench: Bench, preset: str) -> tuple[Callable, torch.nn.Module]:
+    """diffusers' WanTransformer3DModel with the same config, random bf16 weights."""
+    from diffusers import WanTransformer3DModel
+
+    cfg = WAN_CONFIGS[bench.preset(preset)]
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+    ref = ref.to(bench.dtype).to_empty(device=bench.device).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.02)
+    for name, module in ref.named_modules():  # as from_pretrained(torch_dtype=bf16) leaves them
+        if any(keep in name.split(".") for keep in ref._keep_in_fp32_modules or []):
+            module.float()
+    return (lambda x, t, c: ref(x, t, c, return_dict=False)[0]), ref
+
+
+def vae_decode_times(bench: Bench, compile_vae: bool) -> dict[str, float]:
+    """Seconds of `AutoencoderKLWan.decode` on 81x480x832-sized latents, per variant (bf16)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**(SMOKE_VAE if bench.smoke else WAN21_VAE)).to(bench.device, bench.dtype).eval()
+    z = torch.randn(bench.latent("480p", vae.config.z_dim), device=bench.device, dtype=bench.dtype)
+    times = {}
+    with torch.no_grad():
+        times["plain"] = bench.time_s(lambda: vae.decode(z).sample, warmup=1, reps=2)
+        channels_last(vae)
+        z_cl = z.contiguous(memory_format=torch.channels_last_3d)
+        times["channels-last"] = bench.time_s(lambda: vae.decode(z_cl).sample, warmup=1, reps=2)
+        if compile_vae:
+            vae.decoder.compile()
+            times["channels-last + compile"] = bench.time_s(lambda: vae.decode(z_cl).sample, warmup=2, reps=2)
+    del vae
+    bench.free()
+    return times
+
+
+def case_a(bench: Bench, args: argparse.Namespace) -> None:
+    frames = 81
+    model = bench.build("wan21_1.3b")
+    shape = bench.latent("480p", model.cfg.in_channels)
+    student = bench.student_s(model, shape, 0.8)
+    bench.row("a", "1.3B 81x480x832 student 3-step VSA 0.8 denoise", student, "s")
+    if args.profile:
+        profile(bench, model, shape)
+    del model
+    bench.free()
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("[a] VAE decode skipped: diffusers is not installed")
+        return
+    times = vae_decode_times(bench, compile_vae=args.compile)
+    for name, s in times.items():
+        bench.row("a", f"VAE decode 81x480x832 bf16, {name}", s, "s")
+    best = min(times, key=times.get)
+    total = student + times[best]
+    bench.row("a", f"end to end: denoise + decode ({best})", total, "s")
+    bench.row("a", "end to end frames/s (81 frames / end to end)", frames / total, "frames/s")
+
+
+def case_b(bench: Bench, args: argparse.Namespace) -> None:
+    labels = {"480p": "14B 81x480x832", "720p": "14B 81x720x1280"}
+    model = bench.build("wan21_14b")
+    cfg, shapes, teacher_step, student = model.cfg, {}, {}, {}
+    for res in labels:
+        shapes[res] = bench.latent(res, cfg.in_channels)
+        bench.set_attention(model, "sdpa")
+        teacher_step[res] = bench.teacher_step_s(model, shapes[res], cfg.text_dim)
+        student[res] = bench.student_s(model, shapes[res], 0.9)
+    del model
+    bench.free()
+    for res, label in labels.items():
+        teacher = teacher_step[res] * TEACHER_STEPS
+        bench.row("b", f"{label} teacher CFG step (cond + uncond), ours dense", teacher_step[res], "s")
+        bench.row("b", f"{label} teacher 50-step CFG, ours dense", teacher, "s")
+        bench.row("b", f"{label} student 3-step VSA 0.9", student[res], "s")
+        bench.row("b", f"{label} denoising-loop speedup vs ours dense", teacher / student[res], "x")
+    if args.diffusers:  # after ours is freed: two 14B models at once would not leave room for 720p activations
+        forward, ref = diffusers_forward(bench, "wan21_14b")
+        for res, label in labels.items():
+            step = bench.teacher_step_s(forward, shapes[res], cfg.text_dim)
+            teacher = step * TEACHER_STEPS
+            bench.row("b", f"{label} teacher CFG step (cond + uncond), diffusers", step, "s")
+            bench.row("b", f"{label} teacher 50-step CFG, diffusers", teacher, "s")
+            bench.row("b", f"{label} denoising-loop speedup vs diffusers", teacher / student[res], "x")
+        del forward, ref
+        bench.free()
+
+
+def case_c(bench: Bench, args: argparse.Namespace) -> None:
+    model = bench.build("wan22_ti2v_5b")
+    shape = bench.latent("5b_720p", model.cfg.in_channels)
+    for sparsity in (None, 0.8):
+        s = bench.student_s(model, shape, sparsity)
+        name = "dense" if sparsity is None else f"VSA {sparsity}"
+        bench.row("c", f"5B 121x704x1280 student 3-step {name}", s, "s")
+    del model
+    bench.free()
+
+
+def profile(bench: Bench, model: WanModel, shape: tuple[int, ...]) -> None:
+    """Top kernels of one 3-step student denoise (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        bench.student_s(model, shape, 0.8)
+    key = "cuda_time_total" if bench.device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
+
+
+CASES = {"a": case_a, "b": case_b, "c": case_c}
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="a,b,c", help="comma-separated subset of a, b, c")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiTs (and time a compiled VAE decoder)")
+    p.add_argument("--diffusers", action="store_true", help="case b: also time diffusers' dense teacher")
+    p.add_argument("--profile", action="store_true", help="case a: print the top kernels of the student denoise")
+    p.add_argument("--smoke", action="store_true", help="toy sizes (tiny DiT, tiny VAE) on any device")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown or not cases:
+        p.error(f"--cases {args.cases!r}: unknown case(s) {unknown}; choose from {sorted(CASES)}")
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("needs a CUDA GPU (or --smoke for toy sizes)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    bench = Bench(device, args.smoke, args.compile)
+    started = time.perf_counter()
+    for case in cases:
+        CASES[case](bench, args)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"\n{gpu} | torch {torch.__version__} | bf16 | random weights | text cached | "
+          f"compile={'on' if args.compile else 'off'}{' | SMOKE SIZES' if args.smoke else ''} | "
+          f"{time.perf_counter() - started:.0f} s total")
+    width = max(len(w) for _, w, _, _ in bench.rows)
+    for case, what, value, unit in bench.rows:
+        print(f"{case}  {what:{width}s}  {value:10.3f} {unit}")
+    return bench.rows
+
+
+if __name__ == "__main__":
+    main()
