@@ -161,7 +161,7 @@ def test_denoise_sdpa_and_vsa_agree_at_sparsity_zero_and_differ_above(pipe):
     def run(model, meta):
         with torch.no_grad():
             return sample.denoise(model, context, LATENT_SHAPE, [1000, 757, 522], torch.Generator().manual_seed(3),
-                                  attn_meta=meta, dtype=torch.float32, progress=False)
+                                  attn_meta=meta, progress=False)
 
     x_dense = run(dense, None)
     torch.testing.assert_close(run(sparse, vsa_meta(grid, 0.0, "cpu")), x_dense, atol=1e-4, rtol=1e-4)

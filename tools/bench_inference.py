@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a package: reuse sample.py's loops
 
-from sample import ATTN, channels_last, denoise, in_v_dtype  # noqa: E402
+from sample import ATTN, channels_last, denoise  # noqa: E402
 
 from attention.vsa import vsa_meta  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
@@ -103,7 +103,7 @@ class Bench:
     def set_attention(model: WanModel, attn: str) -> None:
         """Swap the attention of every block (one model serves as dense teacher and VSA student here)."""
         for block in model.blocks:
-            block.attn1.attn_fn = in_v_dtype(ATTN[attn])
+            block.attn1.attn_fn = ATTN[attn]
 
     def context(self, model: WanModel) -> torch.Tensor:
         g = torch.Generator(self.device).manual_seed(0)
@@ -118,7 +118,7 @@ class Bench:
         def run() -> torch.Tensor:
             with torch.no_grad():
                 g = torch.Generator(self.device).manual_seed(0)
-                return denoise(model, context, shape, DMD_STEPS, g, attn_meta=meta, dtype=self.dtype, progress=False)
+                return denoise(model, context, shape, DMD_STEPS, g, attn_meta=meta, progress=False)
 
         return self.time_s(run, warmup=2 if self.compile_dit else 1)
 
@@ -126,12 +126,14 @@ class Bench:
         """Seconds of one CFG step: a conditional and an unconditional dense forward, combined."""
         g = torch.Generator(self.device).manual_seed(0)
         x = torch.randn(shape, generator=g, device=self.device)
-        cond, uncond = (torch.randn(1, 512, text_dim, generator=g, device=self.device) for _ in range(2))
+        cond, uncond = (torch.randn(1, 512, text_dim, generator=g, device=self.device, dtype=self.dtype)
+                        for _ in range(2))
         t = torch.full((1,), 757.0, device=self.device)
 
         def step() -> torch.Tensor:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype):
-                v_cond, v_uncond = forward(x, t, cond).float(), forward(x, t, uncond).float()
+            with torch.no_grad():  # plain bf16 like the sampler: inputs cast to the weights' dtype
+                x_in = x.to(self.dtype)
+                v_cond, v_uncond = forward(x_in, t, cond).float(), forward(x_in, t, uncond).float()
                 return v_uncond + 5.0 * (v_cond - v_uncond)
 
         return self.time_s(step, warmup=1, reps=TEACHER_TIMED_STEPS)

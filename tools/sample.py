@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image", metavar="PATH", help="TI2V-5B image-to-video: the first frame")
     p.add_argument("--out", default="outputs/samples", help="output folder")
     p.add_argument("--save-latents", action="store_true", help="also write the final normalised latents (.pt)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT (autocast) and VAE-decode precision")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT and VAE-decode precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder")
@@ -316,6 +316,11 @@ def token_timesteps(t: torch.Tensor, grid: tuple[int, int, int], batch: int) -> 
     return (t * keep).expand(batch, -1)
 
 
+def model_dtype(model: WanModel) -> torch.dtype:
+    """The DiT runs in plain bf16 (or fp32) without autocast: its inputs are cast to its weights' dtype."""
+    return model.patch_embedding.weight.dtype
+
+
 def denoise(
     model: WanModel,
     context: torch.Tensor,  # (B, L_txt, D_txt)
@@ -325,16 +330,17 @@ def denoise(
     *,
     attn_meta: Any = None,
     image_latent: torch.Tensor | None = None,  # (B, C, 1, H, W) normalised; TI2V image conditioning
-    dtype: torch.dtype = torch.bfloat16,
     timer: StageTimer | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Few-step DMD sampling (SPEC §5.2) -> normalised x0 latents (B, C, T, H, W) float32.
 
     Draws from `generator`, in this order: the starting noise, then one fresh noise per re-noise step.
-    One conditional forward per step, no CFG; nothing in the loop waits for the GPU.
+    One conditional forward per step in the model's dtype, no CFG; the sampler's arithmetic stays in fp32/fp64.
+    Nothing in the loop waits for the GPU.
     """
-    device, batch = context.device, latent_shape[0]
+    device, batch, dtype = context.device, latent_shape[0], model_dtype(model)
+    context = context.to(dtype)
     timer = timer or StageTimer(device)
     ts = torch.tensor(steps, dtype=torch.float32, device=device)  # built once: no host->device copies per step
     grid = model.token_grid(latent_shape)
@@ -346,8 +352,7 @@ def denoise(
             if image_latent is not None:
                 x = torch.cat([image_latent, x[:, :, 1:]], dim=2)  # frame 0 := the image
                 t_model = token_timesteps(ts[i], grid, batch)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                v = model(x, t_model, context, attn_meta=attn_meta)
+            v = model(x.to(dtype), t_model, context, attn_meta=attn_meta)
             x0 = x0_from_velocity(x, v.float(), t)
             if image_latent is not None:
                 x0 = torch.cat([image_latent, x0[:, :, 1:]], dim=2)
@@ -368,14 +373,14 @@ def denoise_teacher(
     guidance: float,
     shift: float,
     image_latent: torch.Tensor | None = None,
-    dtype: torch.dtype = torch.bfloat16,
     timer: StageTimer | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
     """Many-step flow sampling with CFG `uncond + g (cond - uncond)` and diffusers' UniPC (Wan's teacher sampler)."""
     from diffusers import UniPCMultistepScheduler
 
-    device, batch = context.device, latent_shape[0]
+    device, batch, dtype = context.device, latent_shape[0], model_dtype(model)
+    context, negative = context.to(dtype), negative.to(dtype)
     timer = timer or StageTimer(device)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
                                         num_train_timesteps=1000)
@@ -388,25 +393,12 @@ def denoise_teacher(
             if image_latent is not None:
                 x = torch.cat([image_latent, x[:, :, 1:]], dim=2)
                 t = token_timesteps(step.float(), grid, batch)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                cond = model(x, t, context).float()
-                uncond = model(x, t, negative).float()
+            cond = model(x.to(dtype), t, context).float()
+            uncond = model(x.to(dtype), t, negative).float()
             x = scheduler.step(uncond + guidance * (cond - uncond), step, x).prev_sample
     if image_latent is not None:
         x = torch.cat([image_latent, x[:, :, 1:]], dim=2)
     return x
-
-
-def in_v_dtype(attn_fn: Any) -> Any:
-    """CUDA autocast runs RMSNorm in fp32, so q/k reach attention as fp32 while v is bf16; the attention contract
-    wants one dtype (VSA's kernels check it). No-op when the dtypes already agree."""
-
-    def attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any = None,
-             gate: torch.Tensor | None = None) -> torch.Tensor:
-        gate = gate if gate is None else gate.to(v.dtype)
-        return attn_fn(q.to(v.dtype), k.to(v.dtype), v, meta=meta, gate=gate)
-
-    return attn
 
 
 def channels_last(module: torch.nn.Module) -> torch.nn.Module:
@@ -461,7 +453,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.vae_compile:
         vae.decoder.compile()
     attn = "sdpa" if args.teacher else plan.attn
-    model = load_pretrained(model_dir, attn_fn=in_v_dtype(ATTN[attn]), dtype=dtype, device=device)
+    model = load_pretrained(model_dir, attn_fn=ATTN[attn], dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     load["DiT + VAE load"] = time.perf_counter() - t0
     attn_meta = None
@@ -483,10 +475,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
             if args.teacher:
                 latents = denoise_teacher(model, cond, context[-1:], plan.latent_shape, generator,
                                           num_steps=args.teacher_steps, guidance=args.guidance, shift=args.shift,
-                                          image_latent=image_latent, dtype=dtype, timer=timer)
+                                          image_latent=image_latent, timer=timer)
             else:
                 latents = denoise(model, cond, plan.latent_shape, plan.steps, generator, attn_meta=attn_meta,
-                                  image_latent=image_latent, dtype=dtype, timer=timer)
+                                  image_latent=image_latent, timer=timer)
             with timer.stage("VAE decode"):
                 frames = decode(vae, latents)
         path = out_dir / f"{i:02d}_{slug(prompt)}{'_teacher' if args.teacher else ''}.mp4"
