@@ -230,3 +230,27 @@ def test_golden_losses_match_an_independent_recomputation(tiny_data, tmp_path):
     assert rows[1]["loss/critic"] == pytest.approx(expected["loss/critic@1"], rel=1e-5)
     assert rows[2]["loss/dmd"] == pytest.approx(expected["loss/dmd"], rel=1e-4)
     assert rows[2]["loss/critic"] == pytest.approx(expected["loss/critic@2"], rel=1e-5)
+
+
+@pytest.mark.multiproc
+def test_sequence_parallel_two_ranks_equals_one(tiny_data, tmp_path):
+    """torchrun with 2 CPU ranks, Ulysses SP 2 (both ranks see the same sample, FSDP shards over both): the same
+    losses as the single-process run."""
+    import os
+    import subprocess
+
+    from parallel.mesh import free_port
+
+    module = load_recipe(RECIPES[0])
+    single = logged(run(module, tiny_argv(tiny_data, tmp_path, "sp1")))
+    argv = tiny_argv(tiny_data, tmp_path, "sp2", "parallel.sp=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "recipes" / f"{RECIPES[0]}.py"), *argv]
+    # Without the variables the in-process runs left behind (RANK=0, WORLD_SIZE=1, ...): torchrun sets its own.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                           "MASTER_PORT")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sp2 = logged(tmp_path / RECIPES[0] / "sp2")
+    for step in (1, 2):
+        assert losses(sp2[step]) == pytest.approx(losses(single[step]), rel=1e-4, abs=1e-9), step
