@@ -1,0 +1,282 @@
+"""Toy sparse-distill: DMD2 distillation of the toy teacher into a 3-step student with VSA attention (CPU, minutes).
+
+The same method as the Wan sparse-distill recipes (SPEC §1, §8), on `recipes/toy_teacher.py`'s tiny Wan DiT and the
+synthetic moving-blob latents of `data/synthetic.py`. Three networks, all initialised from the teacher export:
+student (trainable, VSA at `attn.sparsity` over 16 tiles of the (2, 16, 16) token grid, zero-initialised gate),
+teacher (frozen, dense, CFG against the zero "negative" caption in the DMD2 form cond + w·(cond − uncond)) and critic
+(trainable, dense). The critic is updated every step, the student every `dmd.student_every`-th step. Rollouts:
+`dmd.rollout = "data"` (noised data at a random step of the list) or `"simulate"` (data-free backward simulation).
+
+Launch (after the teacher):
+    python recipes/toy_sparse_distill.py                                     # data mode, run.name = "demo"
+    python recipes/toy_sparse_distill.py dmd.rollout=simulate run.name=demo_datafree
+    torchrun --nproc_per_node 2 recipes/toy_sparse_distill.py                # 2 ranks on CPU (gloo)
+
+Measured (2-core CPU): the quality table printed by `make demo` (tools/demo.py). Hyperparameters are ours, tuned for
+the toy; the structure (step list 1000/757/522, score window 20..980, update ratio 5, grad clip 1) follows FastVideo's
+recipes. Copy this file and its TOML to start an experiment.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_meta
+from components.config import dump_toml, load_config
+from components.metrics import MetricsLogger, write_video
+from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, negative_context
+from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
+from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from models.wan import WanModel
+from models.wan_weights import export_pretrained, load_pretrained
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclass
+class ModelConfig:
+    teacher: Path  # exported toy teacher (diffusers layout); student and critic start from it too
+
+
+@dataclass
+class AttnConfig:
+    student: Literal["vsa", "sdpa"]  # the teacher and the critic are always dense
+    sparsity: float  # VSA: fraction of kv tiles each query tile skips
+
+
+@dataclass
+class DataConfig:
+    frames: int  # latent frames T (same as the teacher's data)
+    height: int
+    width: int
+    num_train: int
+    num_heldout: int
+    seed: int  # the teacher's data seed: same clips, same held-out split
+
+
+@dataclass
+class DmdConfig:
+    rollout: Literal["data", "simulate"]  # student input: noised data, or its own no-grad chain from noise
+    steps: list[int]  # the student's timesteps, e.g. [1000, 757, 522]
+    shift: float  # flow shift of the score-timestep sampler (and the teacher's sampler in validation)
+    t_min: float  # score-timestep window
+    t_max: float
+    guidance: float  # teacher CFG, DMD2 form w (standard scale w + 1)
+    student_every: int  # one student update per this many critic updates
+
+
+@dataclass
+class OptimConfig:
+    student_lr: float
+    critic_lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    batch_size: int  # clips per rank per step
+    steps: int  # critic steps
+    grad_clip: float
+
+
+@dataclass
+class RunConfig:
+    name: str  # outputs/toy_sparse_distill/<name>/
+    seed: int
+    threads: int = 2
+    log_every: int = 25
+    eval_every: int = 0  # student-3-step evaluation every this many steps (0: only at the end)
+    num_eval: int = 96  # held-out clips sampled per evaluation
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig
+    attn: AttnConfig
+    data: DataConfig
+    dmd: DmdConfig
+    optim: OptimConfig
+    run: RunConfig
+
+
+# --------------------------------------------------------------------------------------------- recipe-local choices
+ATTN = {"vsa": vsa_attention, "sdpa": sdpa_attention}
+
+
+def build_wan(path: Path, attn: str) -> WanModel:
+    """A role initialised from the teacher export; the student's VSA gate is new and starts at zero."""
+    return load_pretrained(path, attn_fn=ATTN[attn], vsa_gate=attn == "vsa")
+
+
+# Copied from recipes/toy_teacher.py:init_distributed
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); a gloo process group when launched by torchrun with more than one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+# Copied from recipes/toy_teacher.py:all_reduce_grads
+def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
+    """Average gradients over ranks (DDP without the bucketing); a no-op on one rank."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for the whole model
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+def rollout(student: WanModel, meta, x_data: torch.Tensor, context: torch.Tensor, dmd: DmdConfig,
+            generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    """Student x0 at a random step of its list (SPEC §1.4); grad follows the caller's grad mode."""
+    student_fn = lambda x, t: student(x, t, context, attn_meta=meta)  # noqa: E731
+    if dmd.rollout == "data":
+        return student_rollout_data(student_fn, x_data, dmd.steps, generator)
+    return student_rollout_simulate(student_fn, x_data.shape, dmd.steps, generator)
+
+
+def student_step(student: WanModel, teacher: WanModel, critic: WanModel, opt: torch.optim.Optimizer, meta,
+                 x_data: torch.Tensor, context: torch.Tensor, dmd: DmdConfig, grad_clip: float, world: int,
+                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """DMD2 student update: move the student's x0 along (critic − teacher) x0 predictions at a noised point."""
+    x0, t_student = rollout(student, meta, x_data, context, dmd, generator)
+    # One score timestep per clip: our batch stands for FastVideo's per-rank batch of 1 (SPEC §1.2).
+    t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
+    with torch.no_grad():
+        x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator), t)
+        fake = x0_from_velocity(x_t, critic(x_t, t, context), t)
+        real_cond = x0_from_velocity(x_t, teacher(x_t, t, context), t)
+        real_uncond = x0_from_velocity(x_t, teacher(x_t, t, negative_context_like(context)), t)
+    loss, stats = dmd_loss(x0, fake, real_cond, real_uncond, dmd.guidance)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_grads(student, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    opt.step()
+    return {"loss/dmd": loss.detach(), "grad_norm/student": grad_norm.detach(), **stats,
+            "dmd/student_t": torch.tensor(t_student)}
+
+
+def critic_step(student: WanModel, critic: WanModel, opt: torch.optim.Optimizer, meta, x_data: torch.Tensor,
+                context: torch.Tensor, dmd: DmdConfig, grad_clip: float, world: int,
+                generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Critic update: flow matching on fresh (no-grad) student samples, so it tracks the student's distribution."""
+    with torch.no_grad():
+        x0, _ = rollout(student, meta, x_data, context, dmd, generator)
+    t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    loss = critic_loss(critic(add_noise(x0, noise, t), t, context), noise, x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_grads(critic, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), grad_clip)
+    opt.step()
+    return {"loss/critic": loss.detach(), "grad_norm/critic": grad_norm.detach()}
+
+
+def negative_context_like(context: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(context)  # the toy's negative caption (data/synthetic.negative_context)
+
+
+# -------------------------------------------------------------------------------------------------------- validate
+@torch.no_grad()
+def sample_student(student: WanModel, meta, context: torch.Tensor, shape, steps, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(tuple(shape), generator=g)
+    return few_step_sample(lambda x, t: student(x, t, context, attn_meta=meta), noise, steps, g)
+
+
+@torch.no_grad()
+def sample_teacher(teacher: WanModel, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float,
+                   seed: int) -> torch.Tensor:
+    noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+    negative = negative_context_like(context)
+    return teacher_sample(lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise,
+                          num_steps, shift, guidance + 1)  # DMD2 w -> standard CFG scale
+
+
+def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, step: int, grid: bool):
+    """Student 3-step distance to held-out data and conditioning accuracy; with `grid`, also the mp4
+    data | teacher-50-step | teacher-3-step | student-3-step for 8 held-out captions."""
+    n, seed = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7
+    ctx, shape = heldout.context[:n], heldout.latents[:n].shape
+    student_x0 = sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed)
+    scores = evaluate_samples(student_x0, heldout.factors[:n], heldout)
+    out = {"val/student_frechet": scores["frechet"], "val/student_cond_acc": scores["cond_acc"]}
+    if grid:
+        k = min(8, n)
+        shape_k = (k, *shape[1:])
+        teacher_50 = sample_teacher(teacher, ctx[:k], shape_k, 50, cfg.dmd.shift, cfg.dmd.guidance, seed)
+        teacher_3 = sample_teacher(teacher, ctx[:k], shape_k, 3, cfg.dmd.shift, cfg.dmd.guidance, seed)
+        rows = [heldout.latents[:k], teacher_50, teacher_3, student_x0[:k]]
+        frames = [torch.cat(list(clips_to_rgb(r)), dim=2) for r in rows]  # each (T, H', k·W', 3)
+        write_video(run_dir / "samples" / f"step-{step:06d}" / "grid.mp4", torch.cat(frames, dim=1), fps=2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def main(cfg: RecipeConfig) -> Path:
+    rank, world = init_distributed()
+    torch.set_num_threads(cfg.run.threads)
+    run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
+    metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
+    if rank == 0:
+        (run_dir / "config.toml").write_text(dump_toml(cfg))
+        shutil.copy(__file__, run_dir / Path(__file__).name)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        (run_dir / "env.txt").write_text(f"git {sha}\ntorch {torch.__version__}\nworld {world}\n{' '.join(sys.argv)}\n")
+
+    spec = ToySpec(frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width)
+    train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
+    student = build_wan(cfg.model.teacher, cfg.attn.student)
+    teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
+    critic = build_wan(cfg.model.teacher, "sdpa")
+    grid = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))
+    meta = vsa_meta(grid, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
+    optim = cfg.optim
+    student_opt = torch.optim.AdamW(student.parameters(), lr=optim.student_lr, betas=optim.betas,
+                                    weight_decay=optim.weight_decay)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=optim.critic_lr, betas=optim.betas,
+                                   weight_decay=optim.weight_decay)
+    g = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches, noise and timesteps
+
+    start, scalars = time.perf_counter(), {}
+    for step in range(1, optim.steps + 1):
+        idx = torch.randint(cfg.data.num_train, (optim.batch_size,), generator=g)
+        x_data, context = train.latents[idx], train.context[idx]
+        if step % cfg.dmd.student_every == 0:
+            scalars.update(student_step(student, teacher, critic, student_opt, meta, x_data, context, cfg.dmd,
+                                        optim.grad_clip, world, g))
+        scalars.update(critic_step(student, critic, critic_opt, meta, x_data, context, cfg.dmd, optim.grad_clip,
+                                   world, g))
+        if rank == 0 and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < optim.steps:
+            scalars.update(validate(student, teacher, meta, heldout, cfg, run_dir, step, grid=False))
+        if step % cfg.run.log_every == 0 or step == optim.steps:
+            scalars["time/elapsed_s"] = time.perf_counter() - start
+            scalars["attn/vsa_sparsity"] = 1 - meta.topk / meta.num_tiles if meta is not None else 0.0
+            metrics.log(step, scalars)
+            scalars = {}
+
+    out = run_dir / "student"
+    if rank == 0:
+        export_pretrained(student, out)
+        metrics.log(optim.steps, validate(student, teacher, meta, heldout, cfg, run_dir, optim.steps, grid=True))
+    metrics.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))

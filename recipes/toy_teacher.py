@@ -1,0 +1,211 @@
+"""Toy teacher: flow-matching pre-training of a tiny Wan DiT on synthetic moving-blob latent videos (CPU, minutes).
+
+The teacher for `recipes/toy_sparse_distill.py`. Data: `data/synthetic.py` (one Gaussian blob per clip whose colour,
+direction and size come from a text-like caption embedding). Dense attention, caption dropout so that classifier-free
+guidance works, an EMA of the weights is what gets exported (diffusers layout, `models/wan_weights.export_pretrained`).
+
+Launch:
+    python recipes/toy_teacher.py                                  # the demo teacher (run.name = "demo")
+    python recipes/toy_teacher.py optim.steps=200 run.name=quick   # an override
+    torchrun --nproc_per_node 2 recipes/toy_teacher.py             # 2 ranks on CPU (gloo), gradients all-reduced
+
+Measured (2-core CPU): see the closing table of `make demo` (tools/demo.py). Hyperparameters are ours, tuned for the
+toy; nothing here comes from FastVideo. Copy this file and its TOML to start an experiment.
+"""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from components.config import dump_toml, load_config
+from components.metrics import MetricsLogger, write_video
+from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, negative_context
+from losses.flow import add_noise, flow_matching_loss, shift_timestep, teacher_sample
+from models.wan import WAN_CONFIGS, WanModel, config_with
+from models.wan_weights import export_pretrained
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclass
+class ModelConfig:
+    dim: int  # hidden size (tiny preset: 64)
+    ffn_dim: int  # FFN inner size
+    num_heads: int  # attention heads (head_dim = dim / num_heads)
+    num_layers: int  # transformer blocks
+
+
+@dataclass
+class DataConfig:
+    frames: int  # latent frames T
+    height: int  # latent H (tokens: H / 2)
+    width: int  # latent W
+    num_train: int  # training clips (balanced over the 24 captions)
+    num_heldout: int  # held-out clips for evaluation
+    seed: int  # data seed (the distillation recipe must use the same one)
+
+
+@dataclass
+class FlowConfig:
+    shift: float  # flow shift of the training-timestep distribution and of the sampler grid
+    caption_dropout: float  # probability of training on the negative (zero) caption, enables CFG
+    guidance: float  # standard CFG scale of validation samples (1 = conditional only)
+    sample_steps: int  # Euler steps of validation samples
+
+
+@dataclass
+class OptimConfig:
+    lr: float
+    weight_decay: float
+    batch_size: int  # clips per rank per step
+    steps: int
+    grad_clip: float  # max global grad norm
+    ema_decay: float  # EMA of the weights; the EMA is what is exported
+
+
+@dataclass
+class RunConfig:
+    name: str  # outputs/toy_teacher/<name>/
+    seed: int
+    threads: int = 2  # torch CPU threads per rank
+    log_every: int = 50
+    num_eval: int = 96  # held-out clips sampled for the final evaluation
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig
+    data: DataConfig
+    flow: FlowConfig
+    optim: OptimConfig
+    run: RunConfig
+
+
+# --------------------------------------------------------------------------------------------- recipe-local choices
+def toy_spec(data: DataConfig) -> ToySpec:
+    return ToySpec(frames=data.frames, height=data.height, width=data.width)
+
+
+def build_wan(model: ModelConfig) -> WanModel:
+    cfg = config_with(WAN_CONFIGS["tiny"], dim=model.dim, ffn_dim=model.ffn_dim, num_heads=model.num_heads,
+                      num_layers=model.num_layers)
+    return WanModel(cfg)
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); a gloo process group when launched by torchrun with more than one rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
+    """Average gradients over ranks (DDP without the bucketing); a no-op on one rank."""
+    if world == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for the whole model
+    dist.all_reduce(flat)
+    flat /= world
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
+# ---------------------------------------------------------------------------------------------------------- method
+def train_step(model: WanModel, opt: torch.optim.Optimizer, x0: torch.Tensor, context: torch.Tensor,
+               flow: FlowConfig, grad_clip: float, world: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One flow-matching step: noise the clips at shifted-uniform timesteps, regress the velocity noise − x0."""
+    batch = x0.shape[0]
+    t = shift_timestep(torch.rand(batch, generator=generator) * 1000, flow.shift)  # (B,) in [0, 1000)
+    noise = torch.randn(x0.shape, generator=generator)
+    drop = torch.rand(batch, generator=generator) < flow.caption_dropout
+    context = torch.where(drop[:, None, None], torch.zeros_like(context), context)  # negative caption = zeros
+    loss = flow_matching_loss(model(add_noise(x0, noise, t), t, context), noise, x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_grads(model, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return {"loss/flow": loss.detach(), "grad_norm/teacher": grad_norm.detach()}
+
+
+@torch.no_grad()
+def update_ema(ema: WanModel, model: WanModel, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+@torch.no_grad()
+def sample(model: WanModel, context: torch.Tensor, shape: tuple[int, ...], flow: FlowConfig, num_steps: int,
+           generator: torch.Generator) -> torch.Tensor:
+    """Many-step Euler samples with standard CFG against the negative (zero) caption."""
+    negative = torch.zeros_like(context)
+    noise = torch.randn(shape, generator=generator)
+    return teacher_sample(lambda x, t: model(x, t, context), lambda x, t: model(x, t, negative), noise, num_steps,
+                          flow.shift, flow.guidance)
+
+
+def validate(model: WanModel, heldout, cfg: RecipeConfig, run_dir: Path, metrics: MetricsLogger, step: int) -> None:
+    """Sample held-out captions, log distance to data / conditioning accuracy, write a data | teacher mp4 grid."""
+    n = min(cfg.run.num_eval, heldout.latents.shape[0])
+    g = torch.Generator().manual_seed(cfg.run.seed + 7)
+    samples = sample(model, heldout.context[:n], tuple(heldout.latents[:n].shape), cfg.flow, cfg.flow.sample_steps, g)
+    scores = evaluate_samples(samples, heldout.factors[:n], heldout)
+    metrics.log(step, {"val/frechet": scores["frechet"], "val/cond_acc": scores["cond_acc"]})
+    k = min(8, n)
+    rows = [clips_to_rgb(heldout.latents[:k]), clips_to_rgb(samples[:k])]  # each (k, T, H', W', 3)
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (T, 2·H', k·W', 3)
+    write_video(run_dir / "samples" / f"step-{step:06d}" / "data_teacher.mp4", grid, fps=2)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+def main(cfg: RecipeConfig) -> Path:
+    rank, world = init_distributed()
+    torch.set_num_threads(cfg.run.threads)
+    run_dir = Path("outputs") / "toy_teacher" / cfg.run.name
+    metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
+    if rank == 0:
+        (run_dir / "config.toml").write_text(dump_toml(cfg))
+        shutil.copy(__file__, run_dir / Path(__file__).name)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+        (run_dir / "env.txt").write_text(f"git {sha}\ntorch {torch.__version__}\nworld {world}\n{' '.join(sys.argv)}\n")
+
+    spec = toy_spec(cfg.data)
+    train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
+    torch.manual_seed(cfg.run.seed)  # same init on every rank
+    model = build_wan(cfg.model)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    g = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches and noise
+
+    start = time.perf_counter()
+    for step in range(1, cfg.optim.steps + 1):
+        idx = torch.randint(cfg.data.num_train, (cfg.optim.batch_size,), generator=g)
+        scalars = train_step(model, opt, train.latents[idx], train.context[idx], cfg.flow, cfg.optim.grad_clip,
+                             world, g)
+        update_ema(ema, model, cfg.optim.ema_decay)
+        if step % cfg.run.log_every == 0 or step == cfg.optim.steps:
+            scalars["time/elapsed_s"] = time.perf_counter() - start
+            metrics.log(step, scalars)
+
+    out = run_dir / "teacher"
+    if rank == 0:
+        export_pretrained(ema, out)
+        validate(ema, heldout, cfg, run_dir, metrics, cfg.optim.steps)
+    metrics.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+if __name__ == "__main__":
+    main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))

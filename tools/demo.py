@@ -1,0 +1,105 @@
+"""`make demo`: the toy sparse-distill end to end on a CPU, then the quality table and its gates.
+
+    python tools/demo.py                  # teacher -> DMD2+VSA student (data mode) -> data-free student -> table
+    python tools/demo.py --nproc 2        # every recipe under torchrun --nproc_per_node 2 (gloo)
+    python tools/demo.py --quick          # the shortened CI pipeline (tests/test_toy_recipes.py)
+
+Runs `recipes/toy_teacher.py`, `recipes/toy_sparse_distill.py` (dmd.rollout = data, then simulate) as subprocesses,
+then `tools/eval_toy.py`. Gates (issue 4): the data-mode student at 3 steps has distance ≤ 1.1× the 50-step teacher's
+and ≤ 0.5× the 3-step teacher's, conditioning accuracy ≥ 90 %, VSA sparsity ≥ 0.5; the data-free student beats the
+3-step teacher. Exit status 1 if a gate fails. Outputs under ./outputs/ (relative to the working directory).
+"""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The CI-length pipeline: same recipes, fewer steps and fewer evaluation clips.
+QUICK_TEACHER = ["optim.steps=150", "data.num_train=960"]
+QUICK_DISTILL = ["optim.steps=40", "data.num_train=960", "run.num_eval=24"]
+
+
+def run(cmd: list[str], nproc: int) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
+        sys.executable]
+    print("$", " ".join(launcher[1:] + cmd), flush=True)
+    subprocess.run(launcher + cmd, check=True)
+
+
+def vsa_sparsity(run_dir: Path) -> float:
+    """Realised fraction of kv tiles skipped per query tile, from the run's resolved config."""
+    cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    if cfg["attn"]["student"] != "vsa":
+        return 0.0
+    data = cfg["data"]
+    num_tiles = math.ceil(data["frames"] / 4) * math.ceil(data["height"] / 8) * math.ceil(data["width"] / 8)
+    topk = min(max(math.ceil((1 - cfg["attn"]["sparsity"]) * num_tiles), 1), num_tiles)
+    return 1 - topk / num_tiles
+
+
+def check_gates(table: dict, sparsity: float, quick: bool) -> list[tuple[str, bool]]:
+    student, free = table["student-3 (data)"], table["student-3 (simulate)"]
+    t50, t3 = table["teacher-50"]["frechet"], min(table["teacher-3"]["frechet"], table["teacher-3-dmd"]["frechet"])
+    if quick:  # CI: only "distillation helps"
+        return [("student-3 (data) distance < best teacher-3", student["frechet"] < t3)]
+    return [
+        ("student-3 (data) distance <= 1.1 x teacher-50", student["frechet"] <= 1.1 * t50),
+        ("student-3 (data) distance <= 0.5 x best teacher-3", student["frechet"] <= 0.5 * t3),
+        ("student-3 (data) conditioning accuracy >= 90 %", student["cond_acc"] >= 0.9),
+        ("student VSA sparsity >= 0.5", sparsity >= 0.5),
+        ("student-3 (data-free) distance < best teacher-3", free["frechet"] < t3),
+    ]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per recipe (torchrun, gloo)")
+    parser.add_argument("--quick", action="store_true", help="the shortened CI pipeline")
+    parser.add_argument("--name", default=None, help="run name (default: demo, or quick with --quick)")
+    args = parser.parse_args(argv)
+    name = args.name or ("quick" if args.quick else "demo")
+    teacher_extra = QUICK_TEACHER if args.quick else []
+    distill_extra = QUICK_DISTILL if args.quick else []
+    teacher_dir = Path("outputs/toy_teacher") / name / "teacher"
+    runs = {"data": Path("outputs/toy_sparse_distill") / name,
+            "simulate": Path("outputs/toy_sparse_distill") / f"{name}_datafree"}
+
+    start = time.perf_counter()
+    run([str(ROOT / "recipes/toy_teacher.py"), f"run.name={name}", *teacher_extra], args.nproc)
+    times = {"teacher": time.perf_counter() - start}
+    for rollout, run_dir in runs.items():
+        t0 = time.perf_counter()
+        run([str(ROOT / "recipes/toy_sparse_distill.py"), f"model.teacher={teacher_dir}", f"dmd.rollout={rollout}",
+             f"run.name={run_dir.name}", *distill_extra], args.nproc)
+        times[f"distill ({rollout})"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_json = runs["data"] / "quality.json"
+    eval_args = [str(runs["data"]), str(runs["simulate"]), "--json", str(out_json)]
+    if args.quick:
+        eval_args += ["--num", "48"]
+    run([str(ROOT / "tools/eval_toy.py"), *eval_args], 1)
+    times["evaluation"] = time.perf_counter() - t0
+    total = time.perf_counter() - start
+
+    table = json.loads(out_json.read_text())
+    sparsity = vsa_sparsity(runs["data"])
+    gates = check_gates(table, sparsity, args.quick)
+    print(f"\nwall time: total {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
+    print(f"student VSA sparsity: {sparsity:.2f}")
+    print(f"sample grid (data | teacher-50 | teacher-3 | student-3): "
+          f"{runs['data'] / 'samples' / 'step-*' / 'grid.mp4'}")
+    for text, ok in gates:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+    json.dump({"table": table, "sparsity": sparsity, "times_s": times, "gates": dict(gates)},
+              open(runs["data"] / "demo.json", "w"), indent=2)
+    return 0 if all(ok for _, ok in gates) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,110 @@
+"""Quality table of the toy sparse-distill: teacher at 50 and 3 steps vs distilled 3-step students, on held-out data.
+
+    python tools/eval_toy.py outputs/toy_sparse_distill/demo outputs/toy_sparse_distill/demo_datafree [--num 192]
+        [--json quality.json]
+
+Each argument is a run directory of `recipes/toy_sparse_distill.py` (its `config.toml` names the teacher, the data,
+the student's step list and VSA sparsity; `student/` is the export). The teacher comes from the first run. Every row
+samples the same held-out captions from the same noise seed. Columns: Fréchet distance of clip features to the
+held-out data (lower is better; `data/synthetic.py`), conditioning accuracy (all three caption factors decoded from
+the sample), and the distance relative to the 50-step teacher.
+Rows: teacher-50 (Euler + CFG, 100 network calls), teacher-3 (Euler + CFG on 3 steps, 6 calls), teacher-3-dmd
+(the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls).
+"""
+
+import argparse
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_meta
+from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split
+from losses.flow import few_step_sample, teacher_sample
+from models.wan_weights import load_pretrained
+
+CHUNK = 48  # clips per network call
+
+
+def read_run(run_dir: Path) -> dict:
+    path = Path(run_dir) / "config.toml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a run directory of recipes/toy_sparse_distill.py")
+    return tomllib.loads(path.read_text())
+
+
+@torch.no_grad()
+def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Sample every row for the first `num` held-out clips and score them."""
+    data, dmd = cfg["data"], cfg["dmd"]
+    spec = ToySpec(frames=data["frames"], height=data["height"], width=data["width"])
+    _, heldout = make_split(spec, data["num_train"], data["num_heldout"], data["seed"])
+    num = min(num, heldout.latents.shape[0])
+    context, factors = heldout.context[:num], heldout.factors[:num]
+    noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
+    teacher = load_pretrained(cfg["model"]["teacher"], attn_fn=sdpa_attention).eval()
+    w = dmd["guidance"]  # DMD2 form; standard CFG scale w + 1
+
+    def teacher_euler(num_steps):
+        def run(x, ctx):
+            cond = lambda x, t: teacher(x, t, ctx)  # noqa: E731
+            uncond = lambda x, t: teacher(x, t, torch.zeros_like(ctx))  # noqa: E731
+            return teacher_sample(cond, uncond, x, num_steps, dmd["shift"], w + 1)
+        return run
+
+    def teacher_dmd(x, ctx, g):
+        def cfg_fn(x, t):
+            cond, uncond = teacher(x, t, ctx), teacher(x, t, torch.zeros_like(ctx))
+            return cond + w * (cond - uncond)
+        return few_step_sample(cfg_fn, x, dmd["steps"], g)
+
+    rows = {"teacher-50": lambda x, ctx, g: teacher_euler(50)(x, ctx),
+            "teacher-3": lambda x, ctx, g: teacher_euler(3)(x, ctx),
+            "teacher-3-dmd": teacher_dmd}
+    for name, path in students.items():
+        run = read_run(path)
+        attn = run["attn"]
+        student = load_pretrained(Path(path) / "student", attn_fn=vsa_attention if attn["student"] == "vsa"
+                                  else sdpa_attention).eval()
+        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if attn["student"] == "vsa" else None
+        rows[name] = (lambda s, m: lambda x, ctx, g: few_step_sample(
+            lambda x, t: s(x, t, ctx, attn_meta=m), x, dmd["steps"], g))(student, meta)
+
+    table = {}
+    for name, fn in rows.items():
+        g = torch.Generator().manual_seed(seed + 1)
+        chunks = [fn(noise[i:i + CHUNK], context[i:i + CHUNK], g) for i in range(0, num, CHUNK)]
+        table[name] = evaluate_samples(torch.cat(chunks), factors, heldout)
+    fresh = make_clips(num, spec, data["seed"] + 17)  # the floor: a new draw of real clips
+    table["data (fresh clips)"] = evaluate_samples(fresh.latents, fresh.factors, heldout)
+    return table
+
+
+def print_table(table: dict[str, dict[str, float]]) -> None:
+    ref = table["teacher-50"]["frechet"]
+    print(f"{'row':<22}{'frechet':>10}{'÷ teacher-50':>14}{'cond acc':>10}")
+    for name, r in table.items():
+        print(f"{name:<22}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{100 * r['cond_acc']:>9.1f}%")
+
+
+def main(argv: list[str]) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="toy_sparse_distill run directories")
+    parser.add_argument("--num", type=int, default=192, help="held-out clips per row")
+    parser.add_argument("--json", type=Path, help="also write the table here")
+    args = parser.parse_args(argv)
+    cfg = read_run(args.runs[0])
+    students = {f"student-3 ({read_run(r)['dmd']['rollout']})": r for r in args.runs}
+    table = sample_rows(cfg, students, args.num)
+    print_table(table)
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=2))
+    return table
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main(sys.argv[1:])
