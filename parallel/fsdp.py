@@ -30,7 +30,9 @@ def apply_fsdp(
         fully_shard(
             block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_after_forward
         )
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_after_forward)
+    fully_shard(
+        model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_after_forward
+    )
 
 
 def apply_fsdp_frozen(

@@ -93,13 +93,19 @@ class ParallelDims:
         return self.world_mesh.get_group("sp")
 
 
-def build_mesh(world_size: int, dp_replicate: int, sp: int, device_type: str, num_heads: int | None = None) -> ParallelDims:
+def build_mesh(
+    world_size: int, dp_replicate: int, sp: int, device_type: str, num_heads: int | None = None
+) -> ParallelDims:
     """The `(dp_replicate, dp_shard, sp)` mesh over an initialised process group; errors name the bad size."""
     dp_shard = check_parallel_sizes(world_size, dp_replicate, sp, num_heads)
     if dist.get_world_size() != world_size:
         raise ValueError(f"build_mesh: world_size={world_size} but the process group has {dist.get_world_size()} ranks")
-    world_mesh = init_device_mesh(device_type, (dp_replicate, dp_shard, sp), mesh_dim_names=("dp_replicate", "dp_shard", "sp"))
+    world_mesh = init_device_mesh(
+        device_type, (dp_replicate, dp_shard, sp), mesh_dim_names=("dp_replicate", "dp_shard", "sp")
+    )
     # A second mesh over the same row-major rank layout rather than slicing a flattened dim out of the first
     # (PyTorch deprecates that slice); dp_shard_sp index = dp_shard index · sp + sp index.
-    fsdp_mesh = init_device_mesh(device_type, (dp_replicate, dp_shard * sp), mesh_dim_names=("dp_replicate", "dp_shard_sp"))
+    fsdp_mesh = init_device_mesh(
+        device_type, (dp_replicate, dp_shard * sp), mesh_dim_names=("dp_replicate", "dp_shard_sp")
+    )
     return ParallelDims(world_size, dp_replicate, dp_shard, sp, world_mesh, fsdp_mesh)

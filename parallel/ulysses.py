@@ -66,7 +66,8 @@ def seq_to_heads(x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
     """(N, L/sp, H, Dh) sequence chunk, all heads → (N, L_pad, H/sp, Dh) full sequence, this rank's heads."""
     sp = layout.size
     n, chunk, heads, dh = x.shape
-    x = x.reshape(n, chunk, sp, heads // sp, dh).permute(2, 0, 1, 3, 4)  # (sp, N, L/sp, H/sp, Dh): head group j → rank j
+    # (N, L/sp, H, Dh) -> (sp, N, L/sp, H/sp, Dh): head group j goes to rank j
+    x = x.reshape(n, chunk, sp, heads // sp, dh).permute(2, 0, 1, 3, 4)
     x = _all_to_all(x, layout.group)  # (sp, N, L/sp, H/sp, Dh): sequence chunk j from rank j
     return x.permute(1, 0, 2, 3, 4).reshape(n, sp * chunk, heads // sp, dh)
 
@@ -75,7 +76,8 @@ def heads_to_seq(x: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
     """(N, L_pad, H/sp, Dh) → (N, L_pad/sp, H, Dh); the inverse of `seq_to_heads`."""
     sp = layout.size
     n, length, heads_local, dh = x.shape
-    x = x.reshape(n, sp, length // sp, heads_local, dh).permute(1, 0, 2, 3, 4)  # (sp, N, L/sp, H/sp, Dh): chunk j → rank j
+    # (N, L_pad, H/sp, Dh) -> (sp, N, L/sp, H/sp, Dh): sequence chunk j goes to rank j
+    x = x.reshape(n, sp, length // sp, heads_local, dh).permute(1, 0, 2, 3, 4)
     x = _all_to_all(x, layout.group)  # (sp, N, L/sp, H/sp, Dh): head group j from rank j
     return x.permute(1, 2, 0, 3, 4).reshape(n, length // sp, sp * heads_local, dh)
 

@@ -80,8 +80,13 @@ def _local_rows(param: torch.Tensor) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def load_sharded(model: nn.Module, path: str | os.PathLike, device: torch.device | str) -> None:
+def load_sharded(
+    model: nn.Module, path: str | os.PathLike, device: torch.device | str, cpu_offload: bool = False
+) -> None:
     """Materialise a meta-device (parallelized) WanModel and fill it from a diffusers checkpoint.
+
+    cpu_offload: the model was parallelized with `cpu_offload=True`; its shards live in host memory (FSDP2 pins
+    them), only the RoPE buffers go to `device`.
 
     Every rank reads only the rows of each tensor its shard holds (safetensors slices), so no rank ever holds more
     than its shard plus one tensor's rows. Strict except for the VSA gate (zeros when the checkpoint lacks it).
@@ -99,7 +104,7 @@ def load_sharded(model: nn.Module, path: str | os.PathLike, device: torch.device
             f"{_listing(theirs_of[k] for k in missing)}; unexpected keys ({len(unexpected)}): {_listing(unexpected)}"
         )
 
-    model.to_empty(device=device)
+    model.to_empty(device="cpu" if cpu_offload else device)
     model.init_buffers(device)
     params = model.state_dict()  # FSDP2: the sharded DTensor parameters themselves, under the plain names
     by_file: dict[Path, list[str]] = {}
@@ -114,10 +119,12 @@ def load_sharded(model: nn.Module, path: str | os.PathLike, device: torch.device
                 param, theirs = params[ours], theirs_of[ours]
                 shape = tuple(f.get_slice(theirs).get_shape())
                 if shape != tuple(param.shape):
-                    raise ValueError(f"checkpoint {file}: {theirs} has shape {shape}, the model expects {tuple(param.shape)}")
+                    raise ValueError(
+                        f"checkpoint {file}: {theirs} has shape {shape}, the model expects {tuple(param.shape)}"
+                    )
                 local = param.to_local() if isinstance(param, DTensor) else param
                 start, stop = _local_rows(param)
                 if local.shape[0] != stop - start:
-                    raise RuntimeError(f"{ours}: local shard has {local.shape[0]} rows, expected rows [{start}, {stop})")
+                    raise RuntimeError(f"{ours}: local shard has {local.shape[0]} rows, expected [{start}, {stop})")
                 if stop > start:
                     local.copy_(f.get_slice(theirs)[start:stop])

@@ -54,7 +54,7 @@ def run_multiproc(fn: Callable[..., Any], world_size: int, *args: Any, timeout: 
                 rank, ok, value = results.get(timeout=timeout)
             except queue.Empty:
                 missing = sorted(set(range(world_size)) - set(outputs))
-                raise TimeoutError(f"rank(s) {missing} of {fn.__name__} did not finish within {timeout:.0f} s") from None
+                raise TimeoutError(f"rank(s) {missing} of {fn.__name__} did not finish in {timeout:.0f} s") from None
             if ok:
                 outputs[rank] = pickle.loads(value)
             else:

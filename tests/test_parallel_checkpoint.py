@@ -60,7 +60,8 @@ def _step(nets: dict, step: int, rows: slice) -> float:
 
 
 def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state.items()}
 
 
 def _rows(rank: int, world: int) -> slice:
@@ -80,8 +81,9 @@ def _uninterrupted_rank(rank: int, world: int, root: str) -> dict:
     export_student(nets["student"][0], Path(root).parent / "student_export")
     student_at_2 = _full(nets["student"][0])
     loss = _step(nets, 3, _rows(rank, world))
-    return {"no_checkpoint_yet": no_checkpoint_yet, "loss": loss, "student_at_2": student_at_2, **{n: _full(nets[n][0]) for n in ("student", "critic")},
-            "lr": nets["critic"][2].get_last_lr()}
+    final = {n: _full(nets[n][0]) for n in ("student", "critic")}
+    lr = nets["critic"][2].get_last_lr()
+    return {"no_checkpoint_yet": no_checkpoint_yet, "loss": loss, "student_at_2": student_at_2, "lr": lr, **final}
 
 
 def _resumed_rank(rank: int, world: int, root: str) -> dict:
@@ -118,7 +120,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     torch.testing.assert_close(single["loss"] / 2, sum(b["loss"] for b in before) / 4, rtol=1e-5, atol=0)
     for name in ("student", "critic"):
         for key, value in before[0][name].items():
-            torch.testing.assert_close(single[name][key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {key}: {m}")
+            msg = lambda m: f"{name} {key}: {m}"  # noqa: E731
+            torch.testing.assert_close(single[name][key], value, rtol=1e-5, atol=1e-6, msg=msg)
 
     # The export is a diffusers checkpoint of the student at step 2.
     exported = load_pretrained(tmp_path / "student_export")

@@ -63,7 +63,8 @@ def test_ulysses_attention_equals_local():
         for key, value in expected.items():
             got = torch.cat([r[i][key] for r in ranks], dim=1)  # rank chunks in sequence order, (B, L_pad, H, Dh)
             assert torch.all(got[:, length:] == 0), f"{key}: SP padding rows must stay zero"
-            torch.testing.assert_close(got[:, :length], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {grid} {key}: {m}")
+            msg = lambda m: f"{name} {grid} {key}: {m}"  # noqa: E731
+            torch.testing.assert_close(got[:, :length], value, rtol=1e-5, atol=1e-6, msg=msg)
 
 
 # ---- a whole tiny WanModel ----
@@ -122,10 +123,12 @@ def test_wan_sp2_equals_sp1():
         for rank in ranks:
             got, case = rank[i], f"vsa={vsa} per_token={per_token}"
             torch.testing.assert_close(got["out"], expected["out"], rtol=1e-5, atol=1e-5, msg=lambda m: f"{case}: {m}")
-            torch.testing.assert_close(got["latents_grad"], expected["latents_grad"], rtol=1e-4, atol=1e-7, msg=lambda m: f"{case}: {m}")
+            msg = lambda m: f"{case}: {m}"  # noqa: E731
+            torch.testing.assert_close(got["latents_grad"], expected["latents_grad"], rtol=1e-4, atol=1e-7, msg=msg)
             assert got["grads"].keys() == expected["grads"].keys()
             for name, grad in expected["grads"].items():
-                torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{case} {name}: {m}")
+                msg = lambda m: f"{case} {name}: {m}"  # noqa: E731
+                torch.testing.assert_close(got["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=msg)
 
 
 def test_sp_seed_shared_within_group_distinct_across():

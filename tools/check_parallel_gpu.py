@@ -9,6 +9,8 @@
 2. FSDP2 train step (forward + backward + AdamW, full AC, bf16 params / fp32 reduce) of the 1.3B model at a given
    latent shape, batch 1 per GPU: every rank alone (a one-rank mesh) vs both ranks (FSDP shard 2).
    Weak-scaling efficiency = t(1 GPU) / t(2 GPUs).
+3. Full AC + per-block inductor compile vs eager gradients (tiny model).
+4. The frozen 1.3B teacher: FSDP over 2 GPUs with CPU offload, filled by `load_sharded`, vs an unsharded copy.
 Prints a short table last; exits non-zero when an SP comparison exceeds its tolerance.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,13 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention.sdpa import sdpa_attention  # noqa: E402
 from attention.vsa import vsa_attention, vsa_meta  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
+from models.wan_weights import export_pretrained  # noqa: E402
 from parallel.ac import apply_ac  # noqa: E402
+from parallel.compile import apply_compile  # noqa: E402
 from parallel.fsdp import apply_fsdp  # noqa: E402
-from parallel.mesh import init_distributed  # noqa: E402
+from parallel.mesh import build_mesh, init_distributed  # noqa: E402
+from parallel.wan import load_sharded, parallelize_wan  # noqa: E402
 from parallel.ulysses import apply_ulysses  # noqa: E402
 
 OUT_TOL = 2e-2  # relative L2 error, bf16 compute over 30 blocks
 GRAD_TOL = 5e-2
+COMPILE_TOL = 1e-3  # fp32
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,9 +61,9 @@ def build(name: str, vsa: bool, device: torch.device) -> WanModel:
     return model
 
 
-def forward_backward(model: WanModel, latents, t, context, target, meta) -> tuple[torch.Tensor, dict]:
+def forward_backward(model: WanModel, latents, t, context, target, meta, bf16: bool = True) -> tuple:
     model.zero_grad(set_to_none=True)
-    with torch.autocast(latents.device.type, torch.bfloat16):
+    with torch.autocast(latents.device.type, torch.bfloat16, enabled=bf16):
         out = model(latents, t, context, attn_meta=meta)
     ((out.float() - target) ** 2).mean().backward()
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -80,6 +87,49 @@ def check_sp(name: str, vsa: bool, latent: tuple[int, int, int], device: torch.d
         dist.all_reduce(grad, op=dist.ReduceOp.AVG)
     grad_err = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads if ref_grads[n].norm() > 0)
     return rel_err(out, ref_out), grad_err
+
+
+def check_compile(device: torch.device) -> float:
+    """Worst relative gradient error of the tiny model with full AC + per-block inductor compile vs eager, in fp32
+    (a real error shows as percents; bf16 rounding differences between fused and eager kernels would hide it)."""
+    eager, compiled = build("tiny", False, device), build("tiny", False, device)
+    apply_ac(compiled, "full")
+    apply_compile(compiled)
+    g = torch.Generator(device=device).manual_seed(2)
+    cfg = eager.cfg
+    latents = torch.randn(1, cfg.in_channels, 3, 8, 8, device=device, generator=g)
+    context = torch.randn(1, 16, cfg.text_dim, device=device, generator=g)
+    target = torch.randn(latents.shape, device=device, generator=g)
+    t = torch.tensor([300.0], device=device)
+    _, want = forward_backward(eager, latents, t, context, target, None, bf16=False)
+    _, got = forward_backward(compiled, latents, t, context, target, None, bf16=False)
+    got = {n.replace("_checkpoint_wrapped_module.", ""): v for n, v in got.items()}
+    return max(rel_err(got[n], want[n]) for n in want if want[n].norm() > 0)
+
+
+def check_teacher_offload(device: torch.device, folder: Path) -> float:
+    """Relative output error of a frozen bf16 teacher sharded over 2 GPUs with CPU offload, loaded with
+    load_sharded, against the same weights in one unsharded bf16 model."""
+    source = build("wan21_1.3b", False, device)
+    if dist.get_rank() == 0:
+        export_pretrained(source, folder)
+    dist.barrier()
+    dims = build_mesh(2, 1, 1, "cuda")
+    with torch.device("meta"):
+        teacher = WanModel(source.cfg)
+    parallelize_wan(teacher, dims, frozen=True, cpu_offload=True)
+    load_sharded(teacher, folder, device, cpu_offload=True)
+    g = torch.Generator(device=device).manual_seed(3)
+    latents = torch.randn(1, source.cfg.in_channels, 3, 14, 18, device=device, generator=g)
+    context = torch.randn(1, 512, source.cfg.text_dim, device=device, generator=g)
+    t = torch.tensor([500.0], device=device)
+    with torch.no_grad():
+        for param in source.parameters():  # the teacher's bf16 weights; RoPE buffers stay fp32 in both
+            param.data = param.data.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        got = teacher(latents, t, context)
+        want = source(latents, t, context)
+    return rel_err(got, want)
 
 
 def time_train_step(mesh: DeviceMesh, latent: tuple[int, int, int], steps: int, device: torch.device) -> float:
@@ -133,6 +183,21 @@ def main() -> None:
         rows.append((f"SP2 vs SP1 {name} {'vsa' if vsa else 'sdpa'} {latent}",
                      f"out {out_err:.2e}, grad {grad_err:.2e}", "ok" if ok else "FAIL"))
         torch.cuda.empty_cache()
+
+    compile_err = check_compile(device)
+    failed |= compile_err >= COMPILE_TOL
+    rows.append(("tiny fp32: full AC + compile vs eager (grads)", f"grad {compile_err:.2e}",
+                 "ok" if compile_err < COMPILE_TOL else "FAIL"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = [tmp]
+        dist.broadcast_object_list(shared, src=0)  # one folder for both ranks (same host)
+        offload_err = check_teacher_offload(device, Path(shared[0]) / "teacher")
+        dist.barrier()
+    torch.cuda.empty_cache()
+    failed |= offload_err >= OUT_TOL
+    rows.append(("1.3B frozen teacher: FSDP 2 + CPU offload + load_sharded", f"out {offload_err:.2e}",
+                 "ok" if offload_err < OUT_TOL else "FAIL"))
 
     latent = parse(args.latent)
     alone = DeviceMesh.from_group(dist.new_subgroups(group_size=1)[0], "cuda")  # every rank on its own

@@ -191,8 +191,9 @@ def print_plan(p: dict) -> None:
     print(f"{r.model}: {r.gpus} GPUs, dp_replicate {r.dp_replicate} × dp_shard {p['dp_shard']} × sp {r.sp} "
           f"(FSDP shard group {p['shard']}); {r.frames}×{r.height}×{r.width} → {p['tokens']} tokens, "
           f"{p['local_tokens']} per rank; student attention {r.student_attn}")
-    print(f"params: student {p['params']['student'] / 1e9:.3f} B, teacher/critic {p['params']['teacher/critic'] / 1e9:.3f} B, "
-          f"one block {p['params']['block'] / 1e6:.1f} M")
+    n = p["params"]
+    print(f"params: student {n['student'] / 1e9:.3f} B, teacher/critic {n['teacher/critic'] / 1e9:.3f} B, "
+          f"one block {n['block'] / 1e6:.1f} M")
     print(f"{'term':<66}{'GiB':>9}")
     for name, value in p["static"].items():
         print(f"{name:<66}{value / GIB:9.2f}")
@@ -224,8 +225,10 @@ def print_summary(rms_norm: str) -> None:
         recipe = Recipe(recipe.model, recipe.vae_stride, recipe.frames, recipe.height, recipe.width, gpus, sp,
                         dp_replicate, recipe.student_attn)
         p = plan(recipe, rms_norm=rms_norm)
-        print(f"| {name} {recipe.frames}×{recipe.height}×{recipe.width} | {gpus} | {dp_replicate} × {p['dp_shard']} × {sp} "
-              f"| {p['local_tokens']} | {p['peaks']['student step'] / GIB:.1f} | {p['peaks']['critic step'] / GIB:.1f} |")
+        shape = f"{recipe.frames}×{recipe.height}×{recipe.width}"
+        peaks = p["peaks"]
+        print(f"| {name} {shape} | {gpus} | {dp_replicate} × {p['dp_shard']} × {sp} | {p['local_tokens']} "
+              f"| {peaks['student step'] / GIB:.1f} | {peaks['critic step'] / GIB:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,11 +251,13 @@ def main(argv: list[str] | None = None) -> None:
         print_summary(args.rms_norm)
         return
     r = RECIPES[args.recipe]
+    gpus, sp = args.gpus or r.gpus, args.sp or r.sp
+    dp_replicate = args.dp_replicate
+    if dp_replicate is None:  # the recipe's mesh, or pure replication for another GPU count
+        dp_replicate = r.dp_replicate if args.gpus is None else gpus // sp
     recipe = Recipe(
         r.model, r.vae_stride, args.frames or r.frames, args.height or r.height, args.width or r.width,
-        args.gpus or r.gpus, args.sp or r.sp,
-        args.dp_replicate if args.dp_replicate is not None else (r.dp_replicate if args.gpus is None else args.gpus // (args.sp or r.sp)),
-        args.student_attn or r.student_attn,
+        gpus, sp, dp_replicate, args.student_attn or r.student_attn,
     )
     print_plan(plan(recipe, batch=args.batch, rms_norm=args.rms_norm, teacher_offload=args.teacher_offload))
 
