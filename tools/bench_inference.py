@@ -168,11 +168,17 @@ def vae_decode_times(bench: Bench, compile_vae: bool) -> dict[str, float]:
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**(SMOKE_VAE if bench.smoke else WAN21_VAE)).to(bench.device, bench.dtype).eval()
     z = torch.randn(bench.latent("480p", vae.config.z_dim), device=bench.device, dtype=bench.dtype)
+    z_cl = z.contiguous(memory_format=torch.channels_last_3d)
     times = {}
     with torch.no_grad():
         times["plain"] = bench.time_s(lambda: vae.decode(z).sample, warmup=1, reps=2)
+        if bench.device.type == "cuda":
+            # cuDNN autotuning: a one-shot CLI pays the search in its only decode, so report the first call too.
+            torch.backends.cudnn.benchmark = True
+            times["cudnn.benchmark, first call"] = bench.time_s(lambda: vae.decode(z).sample, warmup=0, reps=1)
+            times["cudnn.benchmark"] = bench.time_s(lambda: vae.decode(z).sample, warmup=0, reps=2)
+            torch.backends.cudnn.benchmark = False
         channels_last(vae)
-        z_cl = z.contiguous(memory_format=torch.channels_last_3d)
         times["channels-last"] = bench.time_s(lambda: vae.decode(z_cl).sample, warmup=1, reps=2)
         if compile_vae:
             vae.decoder.compile()
@@ -200,7 +206,7 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
     times = vae_decode_times(bench, compile_vae=args.compile)
     for name, s in times.items():
         bench.row("a", f"VAE decode 81x480x832 bf16, {name}", s, "s")
-    best = min(times, key=times.get)
+    best = min((k for k in times if "first call" not in k), key=times.get)
     total = student + times[best]
     bench.row("a", f"end to end: denoise + decode ({best})", total, "s")
     bench.row("a", "end to end frames/s (81 frames / end to end)", frames / total, "frames/s")

@@ -219,8 +219,8 @@ def fetch(hub_id: str, patterns: list[str]) -> Path:
         raise InputError(f"--model {hub_id!r}: no such hub repository (nor local folder); check the id, or log in "
                          "(`hf auth login`) if it is private or gated") from None
     except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        raise InputError(f"--model {hub_id!r}: could not fetch it from the hub and it is not cached: "
-                         f"{str(e).splitlines()[0]}") from None
+        raise InputError(f"--model {hub_id!r}: no local folder of that name, and the hub repo could not be fetched "
+                         f"(nor found in the cache): {str(e).splitlines()[0]}") from None
 
 
 def read_configs(folder: Path, name: str) -> dict[str, dict[str, Any]]:
@@ -269,9 +269,13 @@ class StageTimer:
 
 
 def print_timings(seconds: dict[str, float], num_frames: int, title: str) -> None:
-    denoise = sum(s for name, s in seconds.items() if name.startswith("denoise"))
-    decode = seconds.get("VAE decode", 0.0)
-    rows = list(seconds.items()) + [("denoise total", denoise), ("denoise + decode", denoise + decode)]
+    steps = [s for name, s in seconds.items() if name.startswith("denoise")]
+    denoise, decode = sum(steps), seconds.get("VAE decode", 0.0)
+    rows = list(seconds.items())
+    if len(steps) > 8:  # the teacher's 50 steps: one summary row
+        rows = [r for r in rows if not r[0].startswith("denoise")]
+        rows.insert(1 if "text encode" in seconds else 0, (f"denoise steps ({len(steps)}), mean", denoise / len(steps)))
+    rows += [("denoise total", denoise), ("denoise + decode", denoise + decode)]
     print(f"\n{title}")
     print(f"{'stage':34s} {'seconds':>9s}")
     for name, s in rows:
