@@ -8,6 +8,7 @@ What is counted (parallel/ as built: FSDP2 shards over S = dp_shard · sp ranks,
 - student and critic: fp32 master weights (4 B/param) and AdamW moments (8 B/param), sharded over S;
   gradients (fp32, 4 B/param, sharded) exist only for the network being stepped (zero_grad frees them);
 - teacher: bf16 weights (2 B/param) sharded over S, no gradients, no optimizer (0 with --teacher-offload);
+- with --ema: the recipes' fp32 EMA of the student's shards (kept on the GPU);
 - FSDP buffers: bf16 unsharded weights of two blocks (current + prefetched) and of the root (embeddings and head,
   unsharded for the whole forward/backward), one block's unsharded bf16 gradient plus its fp32 reduce-scatter copy;
 - activations with full AC: every block's bf16 input is saved; in backward one block is recomputed, so one block's
@@ -117,7 +118,9 @@ def tokens(recipe: Recipe, cfg: WanConfig) -> int:
     return (latent_t // pt) * (latent_h // ph) * (latent_w // pw)
 
 
-def plan(recipe: Recipe, batch: int = 1, rms_norm: str = "fused", teacher_offload: bool = False) -> dict:
+def plan(
+    recipe: Recipe, batch: int = 1, rms_norm: str = "fused", teacher_offload: bool = False, ema: bool = False
+) -> dict:
     """Every term in bytes per GPU, and the peaks of the student and the critic step."""
     base = WAN_CONFIGS[recipe.model]
     dp_shard = check_parallel_sizes(recipe.gpus, recipe.dp_replicate, recipe.sp, base.num_heads)
@@ -136,6 +139,7 @@ def plan(recipe: Recipe, batch: int = 1, rms_norm: str = "fused", teacher_offloa
         "critic fp32 weights": 4 * n_dense / shard,
         "critic AdamW moments (2 × fp32)": 8 * n_dense / shard,
         "teacher bf16 weights": 0 if teacher_offload else 2 * n_dense / shard,
+        "student EMA (fp32, on the GPU; --ema)": 4 * n_student / shard if ema else 0,
     }
 
     def step(n: int, blk: int, vsa_net: bool) -> dict:
@@ -245,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rms-norm", choices=sorted(RMS_NORM_SAVED), default="fused",
                         help="fused: CUDA (bf16 weights); composite: CPU autocast")
     parser.add_argument("--teacher-offload", action="store_true", help="teacher shards in host memory")
+    parser.add_argument("--ema", action="store_true", help="run.ema_decay > 0: an fp32 EMA of the student")
     parser.add_argument("--summary", action="store_true", help="one line per standard configuration (README)")
     args = parser.parse_args(argv)
     if args.summary:
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         r.model, r.vae_stride, args.frames or r.frames, args.height or r.height, args.width or r.width,
         gpus, sp, dp_replicate, args.student_attn or r.student_attn,
     )
-    print_plan(plan(recipe, batch=args.batch, rms_norm=args.rms_norm, teacher_offload=args.teacher_offload))
+    print_plan(plan(recipe, args.batch, args.rms_norm, teacher_offload=args.teacher_offload, ema=args.ema))
 
 
 if __name__ == "__main__":
