@@ -207,6 +207,25 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
 
 
 # ---- the method ----
+def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
+    """Wan-Syn-style latent parquet; its first row is read now, so a shape mismatch fails before any model is built."""
+    dataset = LatentDataset(path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape,
+                            rank=int(os.environ.get("RANK", 0)))
+    try:
+        width = dataset[0]["context"].shape[-1]
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e} (the expected shape follows [video] and the model's channels)") from None
+    if width != text_dim:
+        raise ConfigError(f"data.path: caption embeddings have width {width}, the model expects {text_dim}")
+    return dataset
+
+
+def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor, std: torch.Tensor,
+                  device: torch.device) -> dict:
+    """Latents normalised per channel with the VAE's statistics (SPEC §0) and caption embeddings, on the device."""
+    return {"latents": (batch["latents"].to(device) - mean) / std, "context": batch["context"].to(device)}
+
+
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
     """Student sample x0: one student step from data noised to a random step of its schedule (SPEC §1.4a)."""
     return student_rollout_data(lambda x, t: student(x, t, batch["context"], meta), batch["latents"], steps, gen)[0]
@@ -297,15 +316,8 @@ def write_run_files(run_dir: Path, cfg: RecipeConfig, recipe: Path) -> None:
 def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
     wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    dataset = LatentDataset(cfg.data.path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape,
-                            rank=int(os.environ.get("RANK", 0)))
+    dataset = load_data(cfg.data.path, latent_shape, wan.text_dim)
     val_prompts = LatentDataset(str(cfg.data.val_prompts), text_only=True)
-    try:
-        text_dim = dataset[0]["context"].shape[-1]  # also checks the first row's latent shape
-    except ValueError as e:
-        raise ConfigError(f"data.path: {e} (the expected shape follows [video] and the model's channels)") from None
-    if text_dim != wan.text_dim:
-        raise ConfigError(f"data.path: caption embeddings have width {text_dim}, the model expects {wan.text_dim}")
     rank, world, device = init_distributed()
     dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
     run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name
@@ -313,7 +325,7 @@ def main(cfg: RecipeConfig) -> Path:
         write_run_files(run_dir, cfg, Path(__file__))
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
 
-    # ---- data: latents normalised with the VAE's statistics (SPEC §0), negative prompt, validation prompts ----
+    # ---- data: the VAE's latent statistics, negative prompt, validation prompts ----
     vae_json = json.loads((cfg.model.base / "vae" / "config.json").read_text())
     mean, std = (torch.tensor(vae_json[k], device=device).view(-1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
     negative = load_negative_context(cfg.data.negative_prompt)[0][None].to(device)  # (1, 512, D)
@@ -352,9 +364,7 @@ def main(cfg: RecipeConfig) -> Path:
     nonfinite, in_row = 0, 0
     for step in range(start + 1, cfg.run.max_steps + 1):
         t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(o.grad_accum)]
-        batches = [{"latents": (b["latents"].to(device) - mean) / std, "context": b["context"].to(device)}
-                   for b in batches]
+        batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
         data_s = time.perf_counter() - t0
         gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))  # same in an SP group; resuming needs only step
         rho = sparsity_at(step, cfg.attn)

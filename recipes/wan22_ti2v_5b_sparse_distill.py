@@ -24,6 +24,7 @@ To start an experiment, copy this file and its TOML under a new name.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -222,9 +223,28 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
 
 
 # ---- the method ----
+def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
+    """Captions only (text-only parquet, or any latent parquet): the student simulates its own inputs."""
+    dataset = LatentDataset(path, text_only=True, rank=int(os.environ.get("RANK", 0)))
+    try:
+        width = dataset[0]["context"].shape[-1]
+    except ValueError as e:
+        raise ConfigError(f"data.path: {e}") from None
+    if width != text_dim:
+        raise ConfigError(f"data.path: caption embeddings have width {width}, the model expects {text_dim}")
+    return dataset
+
+
+def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor, std: torch.Tensor,
+                  device: torch.device) -> dict:
+    """Caption embeddings on the device, and zero latents (B, C, T, H, W): the rollout uses only their shape."""
+    context = batch["context"].to(device)
+    return {"latents": torch.zeros(len(context), *latent_shape, device=device), "context": context}
+
+
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
     """Student sample x0 by backward simulation (SPEC §1.4b): its own no-grad chain from noise, then one step at a
-    random point of the chain (with grad if enabled). The batch's latents are zeros: only their shape is used."""
+    random point of the chain (with grad if enabled)."""
     student_fn = lambda x, t: student(x, t, batch["context"], meta)  # noqa: E731
     return student_rollout_simulate(student_fn, batch["latents"].shape, steps, gen)[0]
 
@@ -317,17 +337,12 @@ def write_run_files(run_dir: Path, cfg: RecipeConfig, recipe: Path) -> None:
     (run_dir / "env.txt").write_text("".join(f"{k}: {v}\n" for k, v in env.items()))
 
 
+# Copied from recipes/wan21_1_3b_sparse_distill.py:main
 def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
     wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    dataset = LatentDataset(cfg.data.path, text_only=True, rank=int(os.environ.get("RANK", 0)))  # captions only
+    dataset = load_data(cfg.data.path, latent_shape, wan.text_dim)
     val_prompts = LatentDataset(str(cfg.data.val_prompts), text_only=True)
-    try:
-        text_dim = dataset[0]["context"].shape[-1]
-    except ValueError as e:
-        raise ConfigError(f"data.path: {e}") from None
-    if text_dim != wan.text_dim:
-        raise ConfigError(f"data.path: caption embeddings have width {text_dim}, the model expects {wan.text_dim}")
     rank, world, device = init_distributed()
     dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
     run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name
@@ -335,7 +350,9 @@ def main(cfg: RecipeConfig) -> Path:
         write_run_files(run_dir, cfg, Path(__file__))
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
 
-    # ---- data: caption embeddings (no videos), negative prompt, validation prompts ----
+    # ---- data: the VAE's latent statistics, negative prompt, validation prompts ----
+    vae_json = json.loads((cfg.model.base / "vae" / "config.json").read_text())
+    mean, std = (torch.tensor(vae_json[k], device=device).view(-1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
     negative = load_negative_context(cfg.data.negative_prompt)[0][None].to(device)  # (1, 512, D)
     val_contexts = torch.stack([val_prompts[i]["context"] for i in range(min(cfg.run.val_count, len(val_prompts)))])
     val_contexts = val_contexts.to(device)
@@ -372,9 +389,7 @@ def main(cfg: RecipeConfig) -> Path:
     nonfinite, in_row = 0, 0
     for step in range(start + 1, cfg.run.max_steps + 1):
         t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(o.grad_accum)]
-        batches = [{"latents": torch.zeros(len(b["context"]), *latent_shape, device=device),  # shape only
-                    "context": b["context"].to(device)} for b in batches]
+        batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
         data_s = time.perf_counter() - t0
         gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))  # same in an SP group; resuming needs only step
         rho = sparsity_at(step, cfg.attn)
