@@ -73,7 +73,7 @@ class ParallelDims:
     dp_shard: int
     sp: int
     world_mesh: DeviceMesh  # (dp_replicate, dp_shard, sp)
-    fsdp_mesh: DeviceMesh  # (dp_replicate, dp_shard·sp): HSDP replicate × FSDP shard
+    fsdp_mesh: DeviceMesh  # (dp_replicate, dp_shard·sp) for HSDP; 1-D (dp_shard·sp,) when dp_replicate == 1
 
     @property
     def dp_size(self) -> int:
@@ -108,4 +108,6 @@ def build_mesh(
     fsdp_mesh = init_device_mesh(
         device_type, (dp_replicate, dp_shard * sp), mesh_dim_names=("dp_replicate", "dp_shard_sp")
     )
+    if dp_replicate == 1:  # plain FSDP, no all-reduce over a one-rank replicate group
+        fsdp_mesh = fsdp_mesh["dp_shard_sp"]
     return ParallelDims(world_size, dp_replicate, dp_shard, sp, world_mesh, fsdp_mesh)

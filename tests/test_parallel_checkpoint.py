@@ -102,7 +102,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     before = run_multiproc(_uninterrupted_rank, 2, str(root))
     assert [b["no_checkpoint_yet"] for b in before] == [None, None]
     assert sorted(p.name for p in root.iterdir()) == ["step-000002"]  # keep_last=1 pruned step 1
-    (root / "step-000003.tmp").mkdir()  # a save that crashed midway must not count as a checkpoint
+    # A save that crashed before its rename (even after DCP wrote .metadata) must not count as a checkpoint.
+    (root / "step-000003.tmp").mkdir()
+    (root / "step-000003.tmp" / ".metadata").write_bytes(b"")
     assert Checkpointer(root).latest() == (2, root / "step-000002")
 
     # New processes, same world size: bitwise the same next step.
