@@ -171,62 +171,71 @@ def test_sp_must_divide_heads_and_missing_key(tiny_data, tmp_path, monkeypatch):
         load_config(module.RecipeConfig, [], default_toml=cut)
 
 
-def test_golden_losses_match_an_independent_recomputation(tiny_data, tmp_path):
-    """Steps 1-2 of the 1.3B recipe recomputed here on plain (unsharded) modules from the same seeds and data, with
-    losses/ and the optimizer written out by hand: critic loss at step 1, then the critic's AdamW step, then the
-    student's DMD loss (teacher CFG against the negative prompt) and the critic loss at step 2."""
+@pytest.mark.parametrize("name", [RECIPES[0], RECIPES[2]])
+def test_golden_losses_match_an_independent_recomputation(name, tiny_data, tmp_path):
+    """Steps 1-2 of a recipe recomputed here on plain (unsharded) modules from the same seeds and data, with losses/
+    and the optimizers written out by hand: the critic loss at step 1, the critic's AdamW step, then the student's DMD
+    loss (teacher CFG against the negative prompt), its update, and the critic loss at step 2. The 1.3B recipe noises
+    data (SPEC §1.4a); the 5B recipe simulates the student's chain from noise (§1.4b) under a warmup LR schedule."""
     from attention.vsa import vsa_attention, vsa_meta
     from data.encode import latent_stats, load_vae
     from data.latents import LatentDataset, load_negative_context, make_loader
-    from losses.dmd import critic_loss, dmd_loss, student_rollout_data
+    from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
     from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
     from models.wan_weights import load_pretrained
 
-    module = load_recipe(RECIPES[0])
+    module = load_recipe(name)
     cfg = config(module, tiny_argv(tiny_data, tmp_path, "golden"))
     rows = logged(module.main(cfg))
-    init = tmp_path / RECIPES[0] / "golden" / "random_init"
+    init = tmp_path / name / "golden" / "random_init"
     student = load_pretrained(init, attn_fn=vsa_attention, vsa_gate=True)
     teacher, critic = load_pretrained(init).requires_grad_(False), load_pretrained(init)
     mean, std = (s.view(-1, 1, 1, 1) for s in latent_stats(load_vae(tiny_data / "pipeline")))
     data = LatentDataset(str(tiny_data / "latents"), num_latent_t=5)
     batches = iter(make_loader(data, 1, dp_rank=0, dp_size=1, seed=cfg.run.seed, num_workers=0))
     negative = load_negative_context(tiny_data / "negative_prompt.safetensors")[0][None]
-    d = cfg.dmd
+    d, o = cfg.dmd, cfg.optim
     meta = vsa_meta(student.token_grid((1, 4, 5, 8, 16)), cfg.attn.sparsity, "cpu")
-    opt = torch.optim.AdamW(critic.parameters(), lr=cfg.optim.critic_lr, betas=(0.9, 0.999), weight_decay=0.01)
+    opts = {net: torch.optim.AdamW(net.parameters(), lr=0.0, betas=(0.9, 0.999), weight_decay=0.01)
+            for net in (student, critic)}
 
-    def critic_loss_at(x, ctx, gen):
-        with torch.no_grad():
-            x0 = student_rollout_data(lambda z, t: student(z, t, ctx, meta), x, d.steps, gen)[0]
-        t = sample_score_timesteps(1, d.flow_shift, d.t_min, d.t_max, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        return critic_loss(critic(add_noise(x0, noise, t), t, ctx), noise, x0)
+    def sample(x, ctx, gen):
+        student_fn = lambda z, t: student(z, t, ctx, meta)  # noqa: E731
+        if "ti2v" in name:
+            return student_rollout_simulate(student_fn, (1, 4, 5, 8, 16), d.steps, gen)[0]
+        return student_rollout_data(student_fn, x, d.steps, gen)[0]
+
+    def update(net, loss, step, base_lr):
+        # Both schedules step once per training step; steps 1-2 are inside the 5B recipe's 100-step warmup.
+        opts[net].param_groups[0]["lr"] = base_lr * (1.0 if o.scheduler == "constant" else (step - 1) / o.warmup_steps)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opts[net].step()
+        opts[net].zero_grad()
 
     expected = {}
     for step in (1, 2):
         batch = next(batches)
         x, ctx = (batch["latents"] - mean) / std, batch["context"]
         gen = torch.Generator().manual_seed(hash((cfg.run.seed, 0, step)))  # the recipe's documented seeding
-        if step == 2:  # student step: its loss only (the student's update does not change step 2's critic loss)
-            x0 = student_rollout_data(lambda z, t: student(z, t, ctx, meta), x, d.steps, gen)[0]
+        if step == 2:  # a student step
+            x0 = sample(x, ctx, gen)
             with torch.no_grad():
                 t = sample_score_timesteps(1, d.flow_shift, d.t_min, d.t_max, gen)
                 x_t = add_noise(x0, torch.randn(x0.shape, generator=gen), t)
                 fake = x0_from_velocity(x_t, critic(x_t, t, ctx), t)
                 cond = x0_from_velocity(x_t, teacher(x_t, t, ctx), t)
                 uncond = x0_from_velocity(x_t, teacher(x_t, t, negative), t)
-            expected["loss/dmd"] = float(dmd_loss(x0, fake, cond, uncond, d.guidance)[0])
-            student_opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=0.01)
-            dmd_loss(x0, fake, cond, uncond, d.guidance)[0].backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-            student_opt.step()  # the critic's step-2 rollout uses the updated student
-        loss = critic_loss_at(x, ctx, gen)
+            loss = dmd_loss(x0, fake, cond, uncond, d.guidance)[0]
+            expected["loss/dmd"] = float(loss)
+            update(student, loss, step, o.lr)  # the critic's rollout below uses the updated student
+        with torch.no_grad():
+            x0 = sample(x, ctx, gen)
+        t = sample_score_timesteps(1, d.flow_shift, d.t_min, d.t_max, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        loss = critic_loss(critic(add_noise(x0, noise, t), t, ctx), noise, x0)
         expected[f"loss/critic@{step}"] = float(loss)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(critic.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        update(critic, loss, step, o.critic_lr)
     assert rows[1]["loss/critic"] == pytest.approx(expected["loss/critic@1"], rel=1e-5)
     assert rows[2]["loss/dmd"] == pytest.approx(expected["loss/dmd"], rel=1e-4)
     assert rows[2]["loss/critic"] == pytest.approx(expected["loss/critic@2"], rel=1e-5)
