@@ -211,6 +211,37 @@ def test_ti2v_image_conditioning(ti2v_pipe, tmp_path):
     torch.testing.assert_close(latents, expected, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("image", [False, True])
+def test_denoise_loop_has_no_host_syncs_on_gpu(image):
+    """The bf16 VSA student loop (forwards, x0, re-noise, TI2V clamp) never waits for the GPU: CUDA's sync debug mode
+    turns any host sync inside `denoise` into an error."""
+    from attention.vsa import vsa_attention, vsa_meta
+    from models.wan import WAN_CONFIGS, WanModel, config_with
+
+    torch.manual_seed(0)
+    cfg = config_with(WAN_CONFIGS["tiny"], dim=128, num_heads=2, ffn_dim=256, vsa_gate=True)  # head_dim 64: kernels
+    model = WanModel(cfg, attn_fn=vsa_attention).to("cuda", torch.bfloat16).eval()
+    shape = (1, cfg.in_channels, 3, 16, 16)  # token grid (3, 8, 8): four VSA tiles
+    meta = vsa_meta(model.token_grid(shape), 0.5, "cuda")
+    context = torch.randn(1, 512, cfg.text_dim, device="cuda")
+    image_latent = torch.randn(1, cfg.in_channels, 1, 16, 16, device="cuda") if image else None
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return sample.denoise(model, context, shape, [1000, 757, 522], torch.Generator("cuda").manual_seed(0),
+                                  attn_meta=meta, image_latent=image_latent, progress=False)
+
+    run()  # warm-up: Triton compiles its kernels here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        latents = run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert latents.shape == shape and torch.isfinite(latents).all()
+
+
 # ---------------------------------------------------------------- bad input: one clear error, before any weights
 
 @pytest.fixture

@@ -313,7 +313,8 @@ def load_image(path: str, height: int, width: int) -> torch.Tensor:
 
 
 def token_timesteps(t: torch.Tensor, grid: tuple[int, int, int], batch: int) -> torch.Tensor:
-    """Per-token timesteps (B, L) for image conditioning: t everywhere except the tokens of latent frame 0 (t = 0)."""
+    """Per-token timesteps (B, L) for image conditioning from t (1,) or (): t everywhere except the tokens of latent
+    frame 0 (t = 0)."""
     nt, nh, nw = grid
     keep = torch.ones(nt * nh * nw, device=t.device)
     keep[: nh * nw] = 0  # raster order (t, h, w): frame 0 comes first
@@ -346,23 +347,22 @@ def denoise(
     device, batch, dtype = context.device, latent_shape[0], model_dtype(model)
     context = context.to(dtype)
     timer = timer or StageTimer(device)
-    ts = torch.tensor(steps, dtype=torch.float32, device=device)  # built once: no host->device copies per step
     grid = model.token_grid(latent_shape)
     x = torch.randn(latent_shape, generator=generator, device=device)
     for i in tqdm(range(len(steps)), desc="denoise", disable=not progress):
         with timer.stage(f"denoise step {i + 1} (t={steps[i]:g})"):
-            t = ts[i].expand(batch)
+            t = torch.full((batch,), steps[i], device=device)  # a fill kernel: no host->device copy, no sync
             t_model = t
             if image_latent is not None:
                 x = torch.cat([image_latent, x[:, :, 1:]], dim=2)  # frame 0 := the image
-                t_model = token_timesteps(ts[i], grid, batch)
+                t_model = token_timesteps(t[:1], grid, batch)
             v = model(x.to(dtype), t_model, context, attn_meta=attn_meta)
             x0 = x0_from_velocity(x, v.float(), t)
             if image_latent is not None:
                 x0 = torch.cat([image_latent, x0[:, :, 1:]], dim=2)
             if i + 1 < len(steps):
                 fresh = torch.randn(latent_shape, generator=generator, device=device)
-                x = add_noise(x0, fresh, ts[i + 1].expand(batch))
+                x = add_noise(x0, fresh, torch.full((batch,), steps[i + 1], device=device))
     return x0
 
 
