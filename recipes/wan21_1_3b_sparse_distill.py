@@ -8,9 +8,9 @@ trainable), the frozen *teacher* (dense; its classifier-free-guided prediction i
 Wan-Syn 77×448×832 parquet latents (20 latent frames).
 
 Launch (hardware: 8 nodes × 8 H100/H200 as in the reference, HSDP pure replication; one H100 runs it too):
-    torchrun --nproc_per_node 8 recipes/wan21_1_3b_sparse_distill.py                  # the sibling TOML
-    torchrun --nproc_per_node 8 recipes/wan21_1_3b_sparse_distill.py optim.lr=1e-5 run.name=lr1e-5
-    sbatch recipes/slurm/wan21_1_3b_sparse_distill.sbatch                             # 8 nodes
+    sbatch recipes/slurm/wan21_1_3b_sparse_distill.sbatch                             # the sibling TOML, 8 nodes
+    torchrun --nproc_per_node 8 recipes/wan21_1_3b_sparse_distill.py parallel.dp_replicate=8          # one node
+    torchrun --nproc_per_node 8 recipes/wan21_1_3b_sparse_distill.py parallel.dp_replicate=8 optim.lr=1e-5 run.name=lr
     python tools/make_tiny_data.py --out outputs/tiny_data                            # CPU, tiny random models:
     python recipes/wan21_1_3b_sparse_distill.py --toml tests/assets/tiny.toml
 Relaunching the same `run.name` resumes from its latest checkpoint. Outputs: outputs/<recipe>/<run.name>/ (config.toml,
@@ -126,7 +126,7 @@ class RunConfig:
     ckpt_every: int = 500  # and after the last step; 0 = no training-state checkpoints
     keep_ckpts: int = 3
     val_every: int = 200
-    val_count: int = 4  # validation prompts (and seeds seed..seed+n-1)
+    val_count: int = 4  # validation prompts (their noise is drawn from run.seed)
     max_nonfinite_in_row: int = 3  # abort after this many consecutive steps with a skipped (non-finite) update
     out_dir: Path = Path("outputs")
 
@@ -366,7 +366,8 @@ def main(cfg: RecipeConfig) -> Path:
         t0 = time.perf_counter()
         batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
         data_s = time.perf_counter() - t0
-        gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))  # same in an SP group; resuming needs only step
+        # Noise and timesteps: the same in an SP group, and a resumed run needs only the step (int hashes are fixed).
+        gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))
         rho = sparsity_at(step, cfg.attn)
         meta = vsa_meta(grid, rho, device) if cfg.attn.student == "vsa" else None
         logs = {f"lr/{m}": s.get_last_lr()[0] for m, s in scheds.items()}

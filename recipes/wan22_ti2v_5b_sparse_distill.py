@@ -12,6 +12,7 @@ FastWan2.2-TI2V-5B-FullAttn; "vsa" (the default here) the VSA variant.
 
 Launch (hardware: 8 nodes × 8 H100/H200, HSDP pure replication):
     sbatch recipes/slurm/wan22_ti2v_5b_sparse_distill.sbatch                          # 8 nodes
+    torchrun --nproc_per_node 8 recipes/wan22_ti2v_5b_sparse_distill.py parallel.dp_replicate=8          # one node
     torchrun --nproc_per_node 8 recipes/wan22_ti2v_5b_sparse_distill.py parallel.dp_replicate=8 attn.student=sdpa
     python tools/make_tiny_data.py --out outputs/tiny_data                            # CPU, tiny random models:
     python recipes/wan22_ti2v_5b_sparse_distill.py --toml tests/assets/tiny.toml
@@ -136,7 +137,7 @@ class RunConfig:
     ckpt_every: int = 500  # and after the last step; 0 = no training-state checkpoints
     keep_ckpts: int = 3
     val_every: int = 200
-    val_count: int = 4  # validation prompts (and seeds seed..seed+n-1)
+    val_count: int = 4  # validation prompts (their noise is drawn from run.seed)
     max_nonfinite_in_row: int = 3  # abort after this many consecutive steps with a skipped (non-finite) update
     out_dir: Path = Path("outputs")
 
@@ -391,7 +392,8 @@ def main(cfg: RecipeConfig) -> Path:
         t0 = time.perf_counter()
         batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
         data_s = time.perf_counter() - t0
-        gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))  # same in an SP group; resuming needs only step
+        # Noise and timesteps: the same in an SP group, and a resumed run needs only the step (int hashes are fixed).
+        gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))
         rho = sparsity_at(step, cfg.attn)
         meta = vsa_meta(grid, rho, device) if cfg.attn.student == "vsa" else None
         logs = {f"lr/{m}": s.get_last_lr()[0] for m, s in scheds.items()}
