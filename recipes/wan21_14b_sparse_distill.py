@@ -221,7 +221,7 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
     return lambda k: k / warmup if k < warmup else cosine((k - warmup) / max(1, total - warmup))
 
 
-# ---- the method ----
+# ---- data ----
 # Copied from recipes/wan21_1_3b_sparse_distill.py:load_data
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Wan-Syn-style latent parquet; its first row is read now, so a shape mismatch fails before any model is built."""
@@ -243,6 +243,7 @@ def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor
     return {"latents": (batch["latents"].to(device) - mean) / std, "context": batch["context"].to(device)}
 
 
+# ---- the method ----
 # Copied from recipes/wan21_1_3b_sparse_distill.py:rollout
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
     """Student sample x0: one student step from data noised to a random step of its schedule (SPEC §1.4a)."""

@@ -206,7 +206,7 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
     return lambda k: k / warmup if k < warmup else cosine((k - warmup) / max(1, total - warmup))
 
 
-# ---- the method ----
+# ---- data ----
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Wan-Syn-style latent parquet; its first row is read now, so a shape mismatch fails before any model is built."""
     dataset = LatentDataset(path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape,
@@ -226,6 +226,7 @@ def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor
     return {"latents": (batch["latents"].to(device) - mean) / std, "context": batch["context"].to(device)}
 
 
+# ---- the method ----
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
     """Student sample x0: one student step from data noised to a random step of its schedule (SPEC §1.4a)."""
     return student_rollout_data(lambda x, t: student(x, t, batch["context"], meta), batch["latents"], steps, gen)[0]

@@ -223,7 +223,7 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
     return lambda k: k / warmup if k < warmup else cosine((k - warmup) / max(1, total - warmup))
 
 
-# ---- the method ----
+# ---- data ----
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Captions only (text-only parquet, or any latent parquet): the student simulates its own inputs."""
     dataset = LatentDataset(path, text_only=True, rank=int(os.environ.get("RANK", 0)))
@@ -243,6 +243,7 @@ def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor
     return {"latents": torch.zeros(len(context), *latent_shape, device=device), "context": context}
 
 
+# ---- the method ----
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
     """Student sample x0 by backward simulation (SPEC §1.4b): its own no-grad chain from noise, then one step at a
     random point of the chain (with grad if enabled)."""
