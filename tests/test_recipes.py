@@ -86,7 +86,8 @@ def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monk
     # Run directory (STYLE "Run directory").
     assert (full / "config.toml").is_file() and (full / f"{name}.py").read_text() == Path(module.__file__).read_text()
     assert "torch" in (full / "env.txt").read_text()
-    assert config(module, ["--toml", str(full / "config.toml")]) == config(module, tiny_argv(tiny_data, tmp_path, "full", *steps4))
+    resolved = config(module, tiny_argv(tiny_data, tmp_path, "full", *steps4))
+    assert config(module, ["--toml", str(full / "config.toml")]) == resolved  # config.toml reproduces the run
     rows = logged(full)
     assert sorted(rows) == [1, 2, 3, 4]
     assert "loss/dmd" not in rows[1] and "loss/dmd" in rows[2] and "loss/dmd" in rows[4]  # student every 2nd step
