@@ -31,11 +31,14 @@ def _networks(world: int, init_seed: int) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
         out[name] = (model, opt, sched)
+    # An EMA of the student as the recipes keep it: a dict of DTensor clones of the sharded parameters.
+    out["ema"] = {k: p.detach().clone() for k, p in out["student"][0].named_parameters()}
     return out
 
 
 def _state(nets: dict) -> dict:
-    return {name: ModelState(*nets[name]) for name in ("student", "critic")} | {"data": {"epoch": 0, "cursor": 0}}
+    models = {name: ModelState(*nets[name]) for name in ("student", "critic")}
+    return models | {"ema": nets["ema"], "data": {"epoch": 0, "cursor": 0}, "unused": {}}
 
 
 def _step(nets: dict, step: int, rows: slice) -> float:
@@ -48,7 +51,8 @@ def _step(nets: dict, step: int, rows: slice) -> float:
     t = torch.rand(GLOBAL_BATCH, generator=g) * 1000
     noise = torch.randn(latents.shape)  # global RNG
     total = 0.0
-    for model, opt, sched in nets.values():
+    for name in ("student", "critic"):
+        model, opt, sched = nets[name]
         out = model(latents[rows], t[rows], context[rows])
         loss = ((out - noise[rows]) ** 2).mean()
         loss.backward()
@@ -56,11 +60,17 @@ def _step(nets: dict, step: int, rows: slice) -> float:
         sched.step()
         opt.zero_grad()
         total += loss.item()
+    with torch.no_grad():
+        for k, p in nets["student"][0].named_parameters():
+            nets["ema"][k].lerp_(p, 0.5)
     return total
 
 
 def _full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+    return _full_dict(model.state_dict())
+
+
+def _full_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state.items()}
 
 
@@ -81,7 +91,7 @@ def _uninterrupted_rank(rank: int, world: int, root: str) -> dict:
     export_student(nets["student"][0], Path(root).parent / "student_export")
     student_at_2 = _full(nets["student"][0])
     loss = _step(nets, 3, _rows(rank, world))
-    final = {n: _full(nets[n][0]) for n in ("student", "critic")}
+    final = {n: _full(nets[n][0]) for n in ("student", "critic")} | {"ema": _full_dict(nets["ema"])}
     lr = nets["critic"][2].get_last_lr()
     return {"no_checkpoint_yet": no_checkpoint_yet, "loss": loss, "student_at_2": student_at_2, "lr": lr, **final}
 
@@ -93,6 +103,7 @@ def _resumed_rank(rank: int, world: int, root: str) -> dict:
     step = Checkpointer(root).load(state)
     loss = _step(nets, step + 1, _rows(rank, world))
     return {"step": step, "loss": loss, **{n: _full(nets[n][0]) for n in ("student", "critic")},
+            "ema": _full_dict(nets["ema"]),
             "lr": nets["critic"][2].get_last_lr(), "data": state["data"]}
 
 
@@ -112,7 +123,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     for b, a in zip(before, after):
         assert a["step"] == 2 and a["data"] == {"epoch": 0, "cursor": 0}
         assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
-        for name in ("student", "critic"):
+        for name in ("student", "critic", "ema"):
             for key, value in b[name].items():
                 torch.testing.assert_close(a[name][key], value, rtol=0, atol=0, msg=lambda m: f"{name} {key}: {m}")
 
@@ -120,7 +131,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     (single,) = run_multiproc(_resumed_rank, 1, str(root))
     assert single["step"] == 2 and single["lr"] == before[0]["lr"]
     torch.testing.assert_close(single["loss"] / 2, sum(b["loss"] for b in before) / 4, rtol=1e-5, atol=0)
-    for name in ("student", "critic"):
+    for name in ("student", "critic", "ema"):
         for key, value in before[0][name].items():
             msg = lambda m: f"{name} {key}: {m}"  # noqa: E731
             torch.testing.assert_close(single[name][key], value, rtol=1e-5, atol=1e-6, msg=msg)
