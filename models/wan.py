@@ -188,7 +188,8 @@ class SelfAttention(nn.Module):
         q = self.norm_q(self.to_q(u)).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
         k = self.norm_k(self.to_k(u)).unflatten(-1, (self.num_heads, -1))
         v = self.to_v(u).unflatten(-1, (self.num_heads, -1))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # Under autocast RMSNorm returns fp32 while v is bf16; attention kernels take one dtype.
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         gate = None
         if self.to_gate_compress is not None and attn_meta is not None:
             gate = self.to_gate_compress(u).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)

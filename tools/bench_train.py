@@ -95,6 +95,7 @@ def main() -> None:
     p.add_argument("--dp-replicate", type=int, default=1)
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--layers", type=int, default=0, help="override num_layers (reduced-depth runs)")
+    p.add_argument("--profile", default="", help="write a torch.profiler table of one extra cycle to this file")
     args = p.parse_args()
 
     recipe = load_recipe()
@@ -167,6 +168,19 @@ def main() -> None:
         torch.cuda.synchronize()
         step_times.append(time.perf_counter() - t0)
     timer.collect()
+
+    if args.profile and rank == 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for k in range(1, 6):
+                step(k)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40)
+        table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        Path(args.profile).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.profile).write_text(table + "\n\n" + table_cpu)
+        print("\n".join(table.splitlines()[:18]))
 
     n_steps = len(step_times)
     avg = sum(step_times) / n_steps
