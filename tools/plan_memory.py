@@ -68,7 +68,7 @@ VSA_SAVED_D = 4  # VSA student: gate (bf16) and the per-token coarse output (bf1
 # D-wide gradients of the residual stream (fp32 and bf16 copies).
 BACKWARD_WORKSET = (12, 4)
 HEAD_SAVED_D = 10  # head on the full sequence: LayerNorm fp32 input (4) and output (4), proj_out bf16 input (2)
-FORWARD_WORKSET = (24, 4)  # no-grad teacher/critic forward: live tensors of one block (fp32 norms, FFN hidden)
+FORWARD_WORKSET = (24, 4)  # no-grad forward: live tensors of one block per token (fp32 norms, FFN hidden)
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def plan(
         "student EMA (fp32, on the GPU; --ema)": 4 * n_student / shard if ema else 0,
     }
 
-    def step(n: int, blk: int, vsa_net: bool) -> dict:
+    def step(n: int, blk: int, vsa_net: bool, critic_step: bool) -> dict:
         layers = base.num_layers
         d = {
             "gradients (fp32, sharded)": 4 * n / shard,
@@ -158,7 +158,10 @@ def plan(
                 2 * (4 if vsa_net else 3) * local * dim * 2 if recipe.sp > 1 else 0
             ),
             "AdamW foreach temporary (fp32 copy)": 4 * n / shard,
-            "no-grad teacher/critic forward working set": local * (FORWARD_WORKSET[0] * dim + FORWARD_WORKSET[1] * ffn),
+            # student step: the teacher runs the conditional and negative prompts as one batch of 2B (CFG);
+            # critic step: the student's no-grad rollout (batch B), before the critic's forward
+            "no-grad forward working set": (1 if critic_step else 2) * local * (FORWARD_WORKSET[0] * dim
+                                                                              + FORWARD_WORKSET[1] * ffn),
         }
         saved = d["AC: saved bf16 input of every block"] + d["AC: shared block inputs (text K/V source, modulation)"]
         saved += d["head on the full sequence"]
@@ -171,13 +174,13 @@ def plan(
             "backward start (all saved inputs, no grads yet)": saved + block,
             "backward end (all grads, last block)": grads + block,
             "optimizer step": grads + d["AdamW foreach temporary (fp32 copy)"],
-            "teacher/critic no-grad forward": saved + d["no-grad teacher/critic forward working set"]
-            + 2 * (2 * blk + (n - layers * blk)),
+            "no-grad forward (student: teacher CFG; critic: rollout)": (0 if critic_step else saved)
+            + d["no-grad forward working set"] + 2 * (2 * blk + (n - layers * blk)),
         }
         return {"terms": d, "moments": moments}
 
-    student = step(n_student, blk_student, vsa)
-    critic = step(n_dense, blk_dense, False)
+    student = step(n_student, blk_student, vsa, critic_step=False)
+    critic = step(n_dense, blk_dense, False, critic_step=True)
     static_total = sum(static.values())
     peaks = {
         "student step": static_total + max(student["moments"].values()),
