@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> Path:
     latents = LatentParquetWriter(out / "latents", rows_per_file=4)
     for i in range(args.rows):
         text, emb = caption(i)
-        z = torch.randn(shape, generator=gen) * torch.tensor(std).view(-1, 1, 1, 1) + torch.tensor(mean).view(-1, 1, 1, 1)
+        scale, shift = torch.tensor(std).view(-1, 1, 1, 1), torch.tensor(mean).view(-1, 1, 1, 1)  # (C, 1, 1, 1)
+        z = torch.randn(shape, generator=gen) * scale + shift
         latents.write(f"clip{i:04d}", text, emb, z, height=shape[2] * 8, width=shape[3] * 8, fps=16.0)
     latents.close()
     prompts = LatentParquetWriter(out / "prompts", rows_per_file=4, text_only=True)
