@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 TEXT_LEN = 512  # UMT5 context rows after zero-padding (SPEC §3.3b)
 INDEX_NAME = ".sparse_distill_index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: column lists stored once under "schemas"; a version-1 cache is rebuilt
 FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}  # accepted in *_dtype (bytes are read as float32 anyway)
 
 LATENT_SCHEMA = pa.schema(

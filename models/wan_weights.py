@@ -168,6 +168,17 @@ def export_pretrained(
     return export_state_dict(model.state_dict(), model.cfg, out_dir, max_shard_bytes=max_shard_bytes, dtype=dtype)
 
 
+def export_random_init(cfg: WanConfig, out_dir: str | os.PathLike, seed: int) -> Path:
+    """Seeded random weights of `cfg` in diffusers' layout, written once: an existing `out_dir` is kept as it is (a
+    resumed run reuses its initial weights). The global RNG is left untouched."""
+    out = Path(out_dir)
+    if not out.exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            export_pretrained(WanModel(cfg), out)
+    return out
+
+
 def export_state_dict(
     state_dict: dict[str, torch.Tensor],
     cfg: WanConfig,

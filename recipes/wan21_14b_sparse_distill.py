@@ -1,7 +1,7 @@
 """Wan2.1-T2V-14B Sparse-distill: DMD2 distillation into a 3-step student with video sparse attention (VSA, ρ = 0.9).
 
-The method and the code are those of recipes/wan21_1_3b_sparse_distill.py (read that one first; every function here
-is a marked copy): a VSA *student* with a zero-initialised gate, a frozen dense *teacher* (classifier-free-guided
+The method and the code are those of recipes/wan21_1_3b_sparse_distill.py (read that one first; all code below the
+imports is a checked copy of it): a VSA *student* with a zero-initialised gate, a frozen dense *teacher* (classifier-free-guided
 "real score") and a dense trainable *critic* ("fake score"); the critic learns every step, the student every
 `dmd.student_every`-th step along (critic − teacher) / mean|x0 − teacher| (SPEC §1.3–§1.7, §8), from Wan-Syn
 77×448×832 latents noised to a random step of its [1000, 757, 522] schedule. What differs is the TOML: ρ = 0.9, flow
@@ -26,13 +26,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -40,27 +38,29 @@ import torch.distributed as dist
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from components.config import ConfigError, dump_toml, load_config
-from components.metrics import MetricsLogger, write_video
-from data.encode import load_vae, vae_decode
+from components.metrics import MetricsLogger
+from components.optim import NonfiniteGuard, apply_update, init_ema, load_ema, update_ema
+from components.run_dir import save_samples, write_run_files
+from components.schedule import build_lr_scheduler, sparsity_at
+from data.encode import load_vae
 from data.latents import LatentDataset, load_negative_context, make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, x0_from_velocity
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
-from models.wan_weights import export_pretrained, read_config
+from models.wan_weights import export_random_init, read_config
 from parallel.checkpoint import Checkpointer, ModelState, export_student
 from parallel.mesh import ParallelDims, build_mesh, check_parallel_sizes, init_distributed
 from parallel.wan import load_sharded, parallelize_wan
 
 
 # ---- config: one dataclass per TOML table; the TOML documents the values and their provenance ----
-# Copied from recipes/wan21_1_3b_sparse_distill.py:ModelConfig
+# Copied from recipes/wan21_1_3b_sparse_distill.py:ModelConfig..main
 @dataclass
 class ModelConfig:
     base: Path  # diffusers pipeline root: transformer/ (all three networks start from it) and vae/
     preset: str | None = None  # a WAN_CONFIGS name: random weights of that size instead of base/transformer
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:AttnConfig
 @dataclass
 class AttnConfig:
     student: Literal["vsa", "sdpa"]  # student self-attention; teacher and critic are always dense
@@ -68,7 +68,6 @@ class AttnConfig:
     sparsity_ramp: list[float]  # [] = constant ρ; [start, step, interval]: ρ_k = min(start + step·⌊k/interval⌋, ρ)
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:VideoConfig
 @dataclass
 class VideoConfig:
     num_frames: int  # pixel frames of a clip (training latents and validation samples)
@@ -78,7 +77,6 @@ class VideoConfig:
     fps: int  # of the validation mp4s
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:DMDConfig
 @dataclass
 class DMDConfig:
     steps: list[int]  # the student's few-step schedule (timesteps on 0..1000)
@@ -89,7 +87,6 @@ class DMDConfig:
     t_max: float
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:OptimConfig
 @dataclass
 class OptimConfig:
     lr: float  # student AdamW
@@ -104,7 +101,6 @@ class OptimConfig:
     grad_accum: int  # micro-batches per update
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:DataConfig
 @dataclass
 class DataConfig:
     path: str  # latent parquet folder(s): "dirA:2,dirB" repeats dirA twice
@@ -114,7 +110,6 @@ class DataConfig:
     num_workers: int = 4
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:ParallelConfig
 @dataclass
 class ParallelConfig:
     dp_replicate: int  # HSDP replicas; each shards over world / (dp_replicate · sp) ranks (= 1: pure replication)
@@ -124,7 +119,6 @@ class ParallelConfig:
     compile: bool = False
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:RunConfig
 @dataclass
 class RunConfig:
     name: str
@@ -140,7 +134,6 @@ class RunConfig:
     out_dir: Path = Path("outputs")
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:RecipeConfig
 @dataclass
 class RecipeConfig:
     model: ModelConfig
@@ -156,7 +149,6 @@ class RecipeConfig:
 ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention}
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:check_config
 def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[int, ...]]:
     """Everything checkable without building a model; returns (model config, latent shape (C, T, H, W))."""
     for key, path in (("model.base", cfg.model.base / "vae"), ("data.negative_prompt", cfg.data.negative_prompt),
@@ -178,20 +170,6 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
     return wan, (wan.in_channels, (v.num_frames - 1) // st + 1, v.height // sh, v.width // sw)
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:weights_dir
-def weights_dir(cfg: RecipeConfig, wan: WanConfig, run_dir: Path, rank: int) -> Path:
-    """model.base, or for model.preset seeded random weights written once into the run directory."""
-    if cfg.model.preset is None:
-        return cfg.model.base
-    path = run_dir / "random_init"
-    if rank == 0 and not path.exists():
-        torch.manual_seed(cfg.run.seed)
-        export_pretrained(WanModel(wan), path)
-    dist.barrier()
-    return path
-
-
-# Copied from recipes/wan21_1_3b_sparse_distill.py:build_wan
 def build_wan(wan: WanConfig, attn: str, weights: Path, dims: ParallelDims, device: torch.device,
               par: ParallelConfig, frozen: bool) -> WanModel:
     """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
@@ -203,26 +181,7 @@ def build_wan(wan: WanConfig, attn: str, weights: Path, dims: ParallelDims, devi
     return model
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:sparsity_at
-def sparsity_at(step: int, attn: AttnConfig) -> float:
-    """VSA ρ at a step: constant, or ramped by `step` every `interval` steps from `start` (SPEC §2.9)."""
-    if not attn.sparsity_ramp:
-        return attn.sparsity
-    start, inc, interval = attn.sparsity_ramp
-    return min(start + inc * (step // int(interval)), attn.sparsity)
-
-
-# Copied from recipes/wan21_1_3b_sparse_distill.py:lr_lambda
-def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier at scheduler step k (SPEC §1.7): constant ignores warmup; the cosine is floored at min_ratio."""
-    if kind == "constant":
-        return lambda k: 1.0
-    cosine = lambda p: max(min_ratio, 0.5 + 0.5 * math.cos(math.pi * p))  # noqa: E731  # p: progress after warmup
-    return lambda k: k / warmup if k < warmup else cosine((k - warmup) / max(1, total - warmup))
-
-
 # ---- data ----
-# Copied from recipes/wan21_1_3b_sparse_distill.py:load_data
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Wan-Syn-style latent parquet; its first row is read now, so a shape mismatch fails before any model is built."""
     dataset = LatentDataset(path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape,
@@ -236,7 +195,6 @@ def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> Latent
     return dataset
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:prepare_batch
 def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor, std: torch.Tensor,
                   device: torch.device) -> dict:
     """Latents normalised per channel with the VAE's statistics (SPEC §0) and caption embeddings, on the device."""
@@ -244,13 +202,11 @@ def prepare_batch(batch: dict, latent_shape: tuple[int, ...], mean: torch.Tensor
 
 
 # ---- the method ----
-# Copied from recipes/wan21_1_3b_sparse_distill.py:rollout
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
     """Student sample x0: one student step from data noised to a random step of its schedule (SPEC §1.4a)."""
     return student_rollout_data(lambda x, t: student(x, t, batch["context"], meta), batch["latents"], steps, gen)[0]
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:student_step
 def student_step(student: WanModel, teacher: WanModel, critic: WanModel, batches: list[dict], negative: torch.Tensor,
                  meta, dmd: DMDConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the DMD2 gradient over the micro-batches (SPEC §1.5); returns detached (loss, normaliser)."""
@@ -273,7 +229,6 @@ def student_step(student: WanModel, teacher: WanModel, critic: WanModel, batches
     return loss_sum, denom_sum
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:critic_step
 def critic_step(student: WanModel, critic: WanModel, batches: list[dict], meta, dmd: DMDConfig,
                 gen: torch.Generator) -> torch.Tensor:
     """Accumulate the critic's flow-matching loss on fresh no-grad student samples (SPEC §1.6); returns it detached."""
@@ -289,22 +244,6 @@ def critic_step(student: WanModel, critic: WanModel, batches: list[dict], meta, 
     return loss_sum
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:apply_update
-def apply_update(model: WanModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                 max_norm: float) -> tuple[torch.Tensor, bool]:
-    """Clip and step, unless the loss or the grad norm is non-finite on any rank: then drop the gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-    ok = (torch.isfinite(norm) & torch.isfinite(loss)).to(torch.int32)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    finite = bool(ok)  # the one host sync per update: skipping a step needs the answer on the host
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.detach(), finite
-
-
-# Copied from recipes/wan21_1_3b_sparse_distill.py:validate
 @torch.no_grad()
 def validate(student: WanModel, contexts: torch.Tensor, meta, steps: list[int], latent_shape: tuple[int, ...],
              seed: int) -> torch.Tensor:
@@ -314,31 +253,6 @@ def validate(student: WanModel, contexts: torch.Tensor, meta, steps: list[int], 
     return few_step_sample(lambda x, t: student(x, t, contexts, meta), noise, steps, gen)
 
 
-# Copied from recipes/wan21_1_3b_sparse_distill.py:save_samples
-def save_samples(vae: torch.nn.Module, latents: torch.Tensor, out: Path, metrics: MetricsLogger, step: int,
-                 fps: int) -> None:
-    """Decode validation latents with the VAE; one mp4 per prompt and a frame strip per prompt in TensorBoard."""
-    video = vae_decode(vae, latents)  # (N, 3, F, H, W) in [-1, 1]
-    frames = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()  # (N, F, H, W, 3)
-    for i, clip in enumerate(frames):
-        write_video(out / f"prompt{i:02d}.mp4", clip, fps)
-        metrics.video(f"val/prompt{i:02d}", step, clip, fps)
-
-
-# Copied from recipes/wan21_1_3b_sparse_distill.py:write_run_files
-def write_run_files(run_dir: Path, cfg: RecipeConfig, recipe: Path) -> None:
-    """config.toml (resolved), a copy of the recipe, env.txt (git SHA, versions, GPUs, command)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(cfg))
-    shutil.copy(recipe, run_dir / recipe.name)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=recipe.parent, capture_output=True, text=True).stdout
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    env = {"git": git.strip(), "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus,
-           "world_size": dist.get_world_size(), "command": " ".join(sys.argv)}
-    (run_dir / "env.txt").write_text("".join(f"{k}: {v}\n" for k, v in env.items()))
-
-
-# Copied from recipes/wan21_1_3b_sparse_distill.py:main
 def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
     wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
@@ -348,7 +262,7 @@ def main(cfg: RecipeConfig) -> Path:
     dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
     run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name
     if rank == 0:
-        write_run_files(run_dir, cfg, Path(__file__))
+        write_run_files(run_dir, dump_toml(cfg), Path(__file__))
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
 
     # ---- data: the VAE's latent statistics, negative prompt, validation prompts ----
@@ -360,20 +274,22 @@ def main(cfg: RecipeConfig) -> Path:
     vae = load_vae(cfg.model.base, device) if rank == 0 else None
 
     # ---- models: student (VSA + gate), frozen dense teacher, dense critic; all start from the same weights ----
-    weights = weights_dir(cfg, wan, run_dir, rank)
+    weights = run_dir / "random_init" if cfg.model.preset else cfg.model.base  # preset: seeded random weights
+    if cfg.model.preset and rank == 0:
+        export_random_init(wan, weights, cfg.run.seed)
+    dist.barrier()  # the weights exist before any rank reads them
     student = build_wan(wan, cfg.attn.student, weights, dims, device, cfg.parallel, frozen=False)
     teacher = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=True)
     critic = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=False)
     grid = student.token_grid((1, *latent_shape))
 
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
-    o, ema = cfg.optim, {}
+    o = cfg.optim
     opts = {m: torch.optim.AdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
             for m, net, lr in (("student", student, o.lr), ("critic", critic, o.critic_lr))}
-    scheds = {m: torch.optim.lr_scheduler.LambdaLR(opts[m], lr_lambda(kind, o.warmup_steps, cfg.run.max_steps,
-              o.min_lr_ratio)) for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))}
-    if cfg.run.ema_decay > 0:
-        ema = {k: v.detach().clone() for k, v in student.named_parameters()}
+    scheds = {m: build_lr_scheduler(opts[m], kind, o.warmup_steps, cfg.run.max_steps, o.min_lr_ratio)
+              for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))}
+    ema = init_ema(student) if cfg.run.ema_decay > 0 else {}  # exported next to the student
 
     # ---- resume: relaunching a run.name continues from its latest checkpoint ----
     ckpt = Checkpointer(run_dir / "ckpt", keep_last=cfg.run.keep_ckpts)
@@ -387,46 +303,38 @@ def main(cfg: RecipeConfig) -> Path:
     amp = torch.autocast(device.type, torch.bfloat16, enabled=cfg.parallel.mixed_precision == "bf16")
     gen = torch.Generator(device)
     tokens_per_step = math.prod(grid) * cfg.data.batch_size * o.grad_accum * dims.dp_size
-    nonfinite, in_row = 0, 0
+    guard = NonfiniteGuard(cfg.run.max_nonfinite_in_row, run_dir / "ckpt", verbose=rank == 0)
     for step in range(start + 1, cfg.run.max_steps + 1):
         t0 = time.perf_counter()
         batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
         data_s = time.perf_counter() - t0
         # Noise and timesteps: the same in an SP group, and a resumed run needs only the step (int hashes are fixed).
         gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))
-        rho = sparsity_at(step, cfg.attn)
+        rho = sparsity_at(step, cfg.attn.sparsity, cfg.attn.sparsity_ramp)
         meta = vsa_meta(grid, rho, device) if cfg.attn.student == "vsa" else None
         logs = {f"lr/{m}": s.get_last_lr()[0] for m, s in scheds.items()}
-        ok_student = ok_critic = True
+        ok_student = True
         with amp:
             if step % cfg.dmd.student_every == 0:
                 loss, denom = student_step(student, teacher, critic, batches, negative, meta, cfg.dmd, gen)
                 norm, ok_student = apply_update(student, opts["student"], loss, o.grad_clip)
-                for name, p in student.named_parameters() if ema and ok_student else []:
-                    ema[name].lerp_(p.detach(), 1 - cfg.run.ema_decay)
+                if ema and ok_student:
+                    update_ema(ema, student, cfg.run.ema_decay)
                 logs.update({"loss/dmd": loss, "dmd/denom": denom, "grad_norm/student": norm})
             loss = critic_step(student, critic, batches, meta, cfg.dmd, gen)
             norm, ok_critic = apply_update(critic, opts["critic"], loss, o.grad_clip)
             logs.update({"loss/critic": loss, "grad_norm/critic": norm})
         for s in scheds.values():
             s.step()
-        skipped = (not ok_student) + (not ok_critic)
-        nonfinite, in_row = nonfinite + skipped, (in_row + 1 if skipped else 0)
-        if skipped and rank == 0:
-            print(f"step {step}: non-finite loss or grad norm, update skipped ({nonfinite} so far)", flush=True)
-        if in_row >= cfg.run.max_nonfinite_in_row:
-            raise RuntimeError(f"{in_row} steps in a row had a non-finite loss or grad norm (last: step {step}; "
-                               f"run.max_nonfinite_in_row={cfg.run.max_nonfinite_in_row}). Lower the LR or resume "
-                               f"from an earlier checkpoint in {run_dir / 'ckpt'}")
+        guard.record(step, skipped=(not ok_student) + (not ok_critic))  # raises after too many bad steps in a row
         step_s = time.perf_counter() - t0
         if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
             keys = [k for k in logs if k.startswith(("loss/", "dmd/"))]
             avg = torch.stack([logs[k].float() for k in keys])
             dist.all_reduce(avg)  # one collective for all logged losses (gloo has no AVG)
-            logs.update(zip(keys, avg / world))
             mem = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
-            metrics.log(step, {**logs, "attn/vsa_sparsity": rho if meta else 0.0, "train/nonfinite": nonfinite,
-                               "time/step_s": step_s, "time/data_s": data_s,
+            metrics.log(step, {**logs, **dict(zip(keys, avg / world)), "attn/vsa_sparsity": rho if meta else 0.0,
+                               "train/nonfinite": guard.total, "time/step_s": step_s, "time/data_s": data_s,
                                "perf/tokens_per_s": tokens_per_step / step_s, "mem/max_reserved_gib": mem})
         if step % cfg.run.val_every == 0 or step == cfg.run.max_steps:
             val_meta = vsa_meta(grid, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
@@ -441,9 +349,7 @@ def main(cfg: RecipeConfig) -> Path:
     ckpt.wait()
     export_student(student, run_dir / "export")
     if ema:
-        with torch.no_grad():
-            for name, p in student.named_parameters():
-                p.copy_(ema[name])
+        load_ema(student, ema)
         export_student(student, run_dir / "export_ema")
     metrics.close()
     dist.destroy_process_group()

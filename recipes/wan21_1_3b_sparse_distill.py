@@ -25,13 +25,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -39,13 +37,16 @@ import torch.distributed as dist
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from components.config import ConfigError, dump_toml, load_config
-from components.metrics import MetricsLogger, write_video
-from data.encode import load_vae, vae_decode
+from components.metrics import MetricsLogger
+from components.optim import NonfiniteGuard, apply_update, init_ema, load_ema, update_ema
+from components.run_dir import save_samples, write_run_files
+from components.schedule import build_lr_scheduler, sparsity_at
+from data.encode import load_vae
 from data.latents import LatentDataset, load_negative_context, make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, x0_from_velocity
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
-from models.wan_weights import export_pretrained, read_config
+from models.wan_weights import export_random_init, read_config
 from parallel.checkpoint import Checkpointer, ModelState, export_student
 from parallel.mesh import ParallelDims, build_mesh, check_parallel_sizes, init_distributed
 from parallel.wan import load_sharded, parallelize_wan
@@ -167,18 +168,6 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
     return wan, (wan.in_channels, (v.num_frames - 1) // st + 1, v.height // sh, v.width // sw)
 
 
-def weights_dir(cfg: RecipeConfig, wan: WanConfig, run_dir: Path, rank: int) -> Path:
-    """model.base, or for model.preset seeded random weights written once into the run directory."""
-    if cfg.model.preset is None:
-        return cfg.model.base
-    path = run_dir / "random_init"
-    if rank == 0 and not path.exists():
-        torch.manual_seed(cfg.run.seed)
-        export_pretrained(WanModel(wan), path)
-    dist.barrier()
-    return path
-
-
 def build_wan(wan: WanConfig, attn: str, weights: Path, dims: ParallelDims, device: torch.device,
               par: ParallelConfig, frozen: bool) -> WanModel:
     """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
@@ -188,22 +177,6 @@ def build_wan(wan: WanConfig, attn: str, weights: Path, dims: ParallelDims, devi
                     param_dtype=torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32)
     load_sharded(model, weights, device)
     return model
-
-
-def sparsity_at(step: int, attn: AttnConfig) -> float:
-    """VSA ρ at a step: constant, or ramped by `step` every `interval` steps from `start` (SPEC §2.9)."""
-    if not attn.sparsity_ramp:
-        return attn.sparsity
-    start, inc, interval = attn.sparsity_ramp
-    return min(start + inc * (step // int(interval)), attn.sparsity)
-
-
-def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier at scheduler step k (SPEC §1.7): constant ignores warmup; the cosine is floored at min_ratio."""
-    if kind == "constant":
-        return lambda k: 1.0
-    cosine = lambda p: max(min_ratio, 0.5 + 0.5 * math.cos(math.pi * p))  # noqa: E731  # p: progress after warmup
-    return lambda k: k / warmup if k < warmup else cosine((k - warmup) / max(1, total - warmup))
 
 
 # ---- data ----
@@ -269,20 +242,6 @@ def critic_step(student: WanModel, critic: WanModel, batches: list[dict], meta, 
     return loss_sum
 
 
-def apply_update(model: WanModel, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                 max_norm: float) -> tuple[torch.Tensor, bool]:
-    """Clip and step, unless the loss or the grad norm is non-finite on any rank: then drop the gradients."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-    ok = (torch.isfinite(norm) & torch.isfinite(loss)).to(torch.int32)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    finite = bool(ok)  # the one host sync per update: skipping a step needs the answer on the host
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.detach(), finite
-
-
 @torch.no_grad()
 def validate(student: WanModel, contexts: torch.Tensor, meta, steps: list[int], latent_shape: tuple[int, ...],
              seed: int) -> torch.Tensor:
@@ -290,28 +249,6 @@ def validate(student: WanModel, contexts: torch.Tensor, meta, steps: list[int], 
     gen = torch.Generator(contexts.device).manual_seed(seed)
     noise = torch.randn((len(contexts), *latent_shape), generator=gen, device=contexts.device)
     return few_step_sample(lambda x, t: student(x, t, contexts, meta), noise, steps, gen)
-
-
-def save_samples(vae: torch.nn.Module, latents: torch.Tensor, out: Path, metrics: MetricsLogger, step: int,
-                 fps: int) -> None:
-    """Decode validation latents with the VAE; one mp4 per prompt and a frame strip per prompt in TensorBoard."""
-    video = vae_decode(vae, latents)  # (N, 3, F, H, W) in [-1, 1]
-    frames = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()  # (N, F, H, W, 3)
-    for i, clip in enumerate(frames):
-        write_video(out / f"prompt{i:02d}.mp4", clip, fps)
-        metrics.video(f"val/prompt{i:02d}", step, clip, fps)
-
-
-def write_run_files(run_dir: Path, cfg: RecipeConfig, recipe: Path) -> None:
-    """config.toml (resolved), a copy of the recipe, env.txt (git SHA, versions, GPUs, command)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(dump_toml(cfg))
-    shutil.copy(recipe, run_dir / recipe.name)
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=recipe.parent, capture_output=True, text=True).stdout
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    env = {"git": git.strip(), "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus,
-           "world_size": dist.get_world_size(), "command": " ".join(sys.argv)}
-    (run_dir / "env.txt").write_text("".join(f"{k}: {v}\n" for k, v in env.items()))
 
 
 def main(cfg: RecipeConfig) -> Path:
@@ -323,7 +260,7 @@ def main(cfg: RecipeConfig) -> Path:
     dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
     run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name
     if rank == 0:
-        write_run_files(run_dir, cfg, Path(__file__))
+        write_run_files(run_dir, dump_toml(cfg), Path(__file__))
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
 
     # ---- data: the VAE's latent statistics, negative prompt, validation prompts ----
@@ -335,20 +272,22 @@ def main(cfg: RecipeConfig) -> Path:
     vae = load_vae(cfg.model.base, device) if rank == 0 else None
 
     # ---- models: student (VSA + gate), frozen dense teacher, dense critic; all start from the same weights ----
-    weights = weights_dir(cfg, wan, run_dir, rank)
+    weights = run_dir / "random_init" if cfg.model.preset else cfg.model.base  # preset: seeded random weights
+    if cfg.model.preset and rank == 0:
+        export_random_init(wan, weights, cfg.run.seed)
+    dist.barrier()  # the weights exist before any rank reads them
     student = build_wan(wan, cfg.attn.student, weights, dims, device, cfg.parallel, frozen=False)
     teacher = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=True)
     critic = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=False)
     grid = student.token_grid((1, *latent_shape))
 
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
-    o, ema = cfg.optim, {}
+    o = cfg.optim
     opts = {m: torch.optim.AdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
             for m, net, lr in (("student", student, o.lr), ("critic", critic, o.critic_lr))}
-    scheds = {m: torch.optim.lr_scheduler.LambdaLR(opts[m], lr_lambda(kind, o.warmup_steps, cfg.run.max_steps,
-              o.min_lr_ratio)) for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))}
-    if cfg.run.ema_decay > 0:
-        ema = {k: v.detach().clone() for k, v in student.named_parameters()}
+    scheds = {m: build_lr_scheduler(opts[m], kind, o.warmup_steps, cfg.run.max_steps, o.min_lr_ratio)
+              for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))}
+    ema = init_ema(student) if cfg.run.ema_decay > 0 else {}  # exported next to the student
 
     # ---- resume: relaunching a run.name continues from its latest checkpoint ----
     ckpt = Checkpointer(run_dir / "ckpt", keep_last=cfg.run.keep_ckpts)
@@ -362,46 +301,38 @@ def main(cfg: RecipeConfig) -> Path:
     amp = torch.autocast(device.type, torch.bfloat16, enabled=cfg.parallel.mixed_precision == "bf16")
     gen = torch.Generator(device)
     tokens_per_step = math.prod(grid) * cfg.data.batch_size * o.grad_accum * dims.dp_size
-    nonfinite, in_row = 0, 0
+    guard = NonfiniteGuard(cfg.run.max_nonfinite_in_row, run_dir / "ckpt", verbose=rank == 0)
     for step in range(start + 1, cfg.run.max_steps + 1):
         t0 = time.perf_counter()
         batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
         data_s = time.perf_counter() - t0
         # Noise and timesteps: the same in an SP group, and a resumed run needs only the step (int hashes are fixed).
         gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))
-        rho = sparsity_at(step, cfg.attn)
+        rho = sparsity_at(step, cfg.attn.sparsity, cfg.attn.sparsity_ramp)
         meta = vsa_meta(grid, rho, device) if cfg.attn.student == "vsa" else None
         logs = {f"lr/{m}": s.get_last_lr()[0] for m, s in scheds.items()}
-        ok_student = ok_critic = True
+        ok_student = True
         with amp:
             if step % cfg.dmd.student_every == 0:
                 loss, denom = student_step(student, teacher, critic, batches, negative, meta, cfg.dmd, gen)
                 norm, ok_student = apply_update(student, opts["student"], loss, o.grad_clip)
-                for name, p in student.named_parameters() if ema and ok_student else []:
-                    ema[name].lerp_(p.detach(), 1 - cfg.run.ema_decay)
+                if ema and ok_student:
+                    update_ema(ema, student, cfg.run.ema_decay)
                 logs.update({"loss/dmd": loss, "dmd/denom": denom, "grad_norm/student": norm})
             loss = critic_step(student, critic, batches, meta, cfg.dmd, gen)
             norm, ok_critic = apply_update(critic, opts["critic"], loss, o.grad_clip)
             logs.update({"loss/critic": loss, "grad_norm/critic": norm})
         for s in scheds.values():
             s.step()
-        skipped = (not ok_student) + (not ok_critic)
-        nonfinite, in_row = nonfinite + skipped, (in_row + 1 if skipped else 0)
-        if skipped and rank == 0:
-            print(f"step {step}: non-finite loss or grad norm, update skipped ({nonfinite} so far)", flush=True)
-        if in_row >= cfg.run.max_nonfinite_in_row:
-            raise RuntimeError(f"{in_row} steps in a row had a non-finite loss or grad norm (last: step {step}; "
-                               f"run.max_nonfinite_in_row={cfg.run.max_nonfinite_in_row}). Lower the LR or resume "
-                               f"from an earlier checkpoint in {run_dir / 'ckpt'}")
+        guard.record(step, skipped=(not ok_student) + (not ok_critic))  # raises after too many bad steps in a row
         step_s = time.perf_counter() - t0
         if step % cfg.run.log_every == 0 or step == cfg.run.max_steps:
             keys = [k for k in logs if k.startswith(("loss/", "dmd/"))]
             avg = torch.stack([logs[k].float() for k in keys])
             dist.all_reduce(avg)  # one collective for all logged losses (gloo has no AVG)
-            logs.update(zip(keys, avg / world))
             mem = torch.cuda.max_memory_reserved() / 2**30 if device.type == "cuda" else 0.0
-            metrics.log(step, {**logs, "attn/vsa_sparsity": rho if meta else 0.0, "train/nonfinite": nonfinite,
-                               "time/step_s": step_s, "time/data_s": data_s,
+            metrics.log(step, {**logs, **dict(zip(keys, avg / world)), "attn/vsa_sparsity": rho if meta else 0.0,
+                               "train/nonfinite": guard.total, "time/step_s": step_s, "time/data_s": data_s,
                                "perf/tokens_per_s": tokens_per_step / step_s, "mem/max_reserved_gib": mem})
         if step % cfg.run.val_every == 0 or step == cfg.run.max_steps:
             val_meta = vsa_meta(grid, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
@@ -416,9 +347,7 @@ def main(cfg: RecipeConfig) -> Path:
     ckpt.wait()
     export_student(student, run_dir / "export")
     if ema:
-        with torch.no_grad():
-            for name, p in student.named_parameters():
-                p.copy_(ema[name])
+        load_ema(student, ema)
         export_student(student, run_dir / "export_ema")
     metrics.close()
     dist.destroy_process_group()

@@ -1,0 +1,39 @@
+"""The run directory's files besides metrics and checkpoints (STYLE "Run directory"): `config.toml`, a copy of the
+recipe, `env.txt`, and the validation samples `samples/step-NNNNNN/promptNN.mp4` (with frame strips in TensorBoard)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from components.metrics import MetricsLogger, write_video
+from data.encode import vae_decode
+
+
+def write_run_files(run_dir: Path, config_toml: str, recipe: Path) -> None:
+    """config.toml (the resolved config as TOML text), a copy of the recipe, env.txt (git SHA, versions, GPUs,
+    world size, command)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config_toml)
+    shutil.copy(recipe, run_dir / recipe.name)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=recipe.parent, capture_output=True, text=True).stdout
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    env = {"git": git.strip(), "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": gpus,
+           "world_size": dist.get_world_size() if dist.is_initialized() else 1, "command": " ".join(sys.argv)}
+    (run_dir / "env.txt").write_text("".join(f"{k}: {v}\n" for k, v in env.items()))
+
+
+def save_samples(vae: torch.nn.Module, latents: torch.Tensor, out: Path, metrics: MetricsLogger, step: int,
+                 fps: int) -> None:
+    """Decode normalised latents (N, C, T, H, W) with the VAE; one mp4 per prompt, and its frame strip in TensorBoard
+    as `val/promptNN`."""
+    video = vae_decode(vae, latents)  # (N, 3, F, H, W) in [-1, 1]
+    frames = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()  # (N, F, H, W, 3)
+    for i, clip in enumerate(frames):
+        write_video(out / f"prompt{i:02d}.mp4", clip, fps)
+        metrics.video(f"val/prompt{i:02d}", step, clip, fps)
