@@ -52,7 +52,7 @@ def _tile_means_kernel(
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = (rows < size)[:, None]
-    src = b * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + dims[None, :]
+    src = b.to(tl.int64) * stride_b + h * stride_h + (start + rows)[:, None] * stride_l + dims[None, :]
     dst = b * stride_mb + tile * stride_mn + h * stride_mh + dims
     inv = 1.0 / size.to(tl.float32)
     q = tl.load(Q + src, mask=row_ok, other=0.0).to(tl.float32)
@@ -93,7 +93,8 @@ def _fine_fwd_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    base = b * stride_b + h * stride_h
+    # int64 (B·L·H·D can pass 2^31), added to the pointers first so per-element offsets stay int32
+    base = b.to(tl.int64) * stride_b + h * stride_h
     q_start = tl.load(OFFS + q_tile)
     q_size = tl.load(OFFS + q_tile + 1) - q_start
     rows = tl.arange(0, BLOCK)
@@ -108,9 +109,9 @@ def _fine_fwd_kernel(
     sel = Q2K + (bh * N + q_tile) * TOPK
     for s in range(0, TOPK, KV_TILES):
         kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
-        kv_ptr = base + kv_rows[:, None] * stride_l + dims[None, :]
-        k = tl.load(K + kv_ptr)
-        v = tl.load(V + kv_ptr)
+        kv_off = kv_rows[:, None] * stride_l + dims[None, :]
+        k = tl.load(K + base + kv_off)
+        v = tl.load(V + base + kv_off)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, KV_TILES·BLOCK kv), base-2 logits
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -121,12 +122,12 @@ def _fine_fwd_kernel(
         m_i = m_new
 
     out = acc / l_i[:, None]
-    q_ptr = base + q_rows[:, None] * stride_l + dims[None, :]
+    q_off = q_rows[:, None] * stride_l + dims[None, :]
     if HAS_GATE:  # out = fine + gate * coarse, coarse (B, H, N, D) fp32 constant over the tile
-        tl.store(O_FINE + q_ptr, out.to(O_FINE.dtype.element_ty), mask=q_ok[:, None])
+        tl.store(O_FINE + base + q_off, out.to(O_FINE.dtype.element_ty), mask=q_ok[:, None])
         coarse = tl.load(COARSE + (bh * N + q_tile) * HEAD_DIM + dims)
-        out += tl.load(GATE + q_ptr).to(tl.float32) * coarse[None, :]
-    tl.store(O + q_ptr, out.to(O.dtype.element_ty), mask=q_ok[:, None])
+        out += tl.load(GATE + base + q_off).to(tl.float32) * coarse[None, :]
+    tl.store(O + base + q_off, out.to(O.dtype.element_ty), mask=q_ok[:, None])
     tl.store(LSE + bh * L + q_rows, m_i + tl.math.log2(l_i), mask=q_ok)
 
 
@@ -141,40 +142,42 @@ def _fine_bwd_dq_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    base = b * stride_b + h * stride_h
+    # int64 (B·L·H·D can pass 2^31), added to the pointers first so per-element offsets stay int32
+    base = b.to(tl.int64) * stride_b + h * stride_h
     q_start = tl.load(OFFS + q_tile)
     q_size = tl.load(OFFS + q_tile + 1) - q_start
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     q_ok = rows < q_size
     q_rows = tl.minimum(q_start + rows, L - 1)
-    q_ptr = base + q_rows[:, None] * stride_l + dims[None, :]
-    q = tl.load(Q + q_ptr)
-    do = tl.load(DO + q_ptr)
-    o = tl.load(O + q_ptr)
+    q_off = q_rows[:, None] * stride_l + dims[None, :]
+    q = tl.load(Q + base + q_off)
+    do = tl.load(DO + base + q_off)
+    o = tl.load(O + base + q_off)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * L + q_rows, delta, mask=q_ok)
     lse = tl.load(LSE + bh * L + q_rows)
     if HAS_GATE:  # d gate = dO * coarse; d coarse = Σ_tile rows dO * gate
         c_ptr = (bh * N + q_tile) * HEAD_DIM + dims
         coarse = tl.load(COARSE + c_ptr)
-        tl.store(DGATE + q_ptr, (do.to(tl.float32) * coarse[None, :]).to(DGATE.dtype.element_ty), mask=q_ok[:, None])
-        gate = tl.load(GATE + q_ptr).to(tl.float32)
+        dgate = do.to(tl.float32) * coarse[None, :]
+        tl.store(DGATE + base + q_off, dgate.to(DGATE.dtype.element_ty), mask=q_ok[:, None])
+        gate = tl.load(GATE + base + q_off).to(tl.float32)
         tl.store(DCOARSE + c_ptr, tl.sum(tl.where(q_ok[:, None], do.to(tl.float32) * gate, 0.0), 0))
 
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
     for s in range(0, TOPK, KV_TILES):
         kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
-        kv_ptr = base + kv_rows[:, None] * stride_l + dims[None, :]
-        k = tl.load(K + kv_ptr)
-        v = tl.load(V + kv_ptr)
+        kv_off = kv_rows[:, None] * stride_l + dims[None, :]
+        k = tl.load(K + base + kv_off)
+        v = tl.load(V + base + kv_off)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(kv_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + q_ptr, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(DQ + base + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
 @triton.jit
@@ -188,16 +191,17 @@ def _fine_bwd_dkdv_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    base = b * stride_b + h * stride_h
+    # int64 (B·L·H·D can pass 2^31), added to the pointers first so per-element offsets stay int32
+    base = b.to(tl.int64) * stride_b + h * stride_h
     kv_start = tl.load(OFFS + kv_tile)
     kv_size = tl.load(OFFS + kv_tile + 1) - kv_start
     rows = tl.arange(0, BLOCK)
     dims = tl.arange(0, HEAD_DIM)
     kv_ok = rows < kv_size
     kv_rows = tl.minimum(kv_start + rows, L - 1)
-    kv_ptr = base + kv_rows[:, None] * stride_l + dims[None, :]
-    k = tl.load(K + kv_ptr)
-    v = tl.load(V + kv_ptr)
+    kv_off = kv_rows[:, None] * stride_l + dims[None, :]
+    k = tl.load(K + base + kv_off)
+    v = tl.load(V + base + kv_off)
 
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
@@ -205,9 +209,9 @@ def _fine_bwd_dkdv_kernel(
     last = tl.load(K2Q_OFFS + bh * N + kv_tile + 1)
     for s in range(first, last, Q_TILES):
         q_rows, q_ok = _tile_rows(K2Q, s, last, L, Q_TILES, BLOCK)
-        q_ptr = base + q_rows[:, None] * stride_l + dims[None, :]
-        q = tl.load(Q + q_ptr)
-        do = tl.load(DO + q_ptr)
+        q_off = q_rows[:, None] * stride_l + dims[None, :]
+        q = tl.load(Q + base + q_off)
+        do = tl.load(DO + base + q_off)
         lse = tl.load(LSE + bh * L + q_rows)
         delta = tl.load(DELTA + bh * L + q_rows)
         qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, Q_TILES·BLOCK q)
@@ -217,8 +221,8 @@ def _fine_bwd_dkdv_kernel(
         dp_t = tl.dot(v, tl.trans(do))
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q)
-    tl.store(DK + kv_ptr, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None])
-    tl.store(DV + kv_ptr, dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
+    tl.store(DK + base + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None])
+    tl.store(DV + base + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
 
 
 def pack_tiles(tile_ids: torch.Tensor, tile_offsets: torch.Tensor) -> torch.Tensor:
