@@ -169,14 +169,22 @@ def main() -> None:
     parser.add_argument("--vsa-latent", default="4,16,16", help="latent T,H,W for the VSA SP check (2×2×2 tiles)")
     parser.add_argument("--latent", default="20,56,104", help="latent T,H,W for the timing (77×448×832 video)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--only", default="sp,compile,offload,timing", help="subset of checks, run in this order")
     args = parser.parse_args()
+    only = args.only.split(",")
     rank, world, device = init_distributed()
     if world != 2 or device.type != "cuda":
         raise SystemExit("run under `torchrun --nproc_per_node 2` on a host with two GPUs")
     parse = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
 
     rows, failed = [], False
-    for name, vsa, latent in [
+
+    def report(check: str, result: str, verdict: str) -> None:
+        rows.append((check, result, verdict))
+        if rank == 0:  # as it happens too: a run cut short still shows what it measured
+            print(f"{check:<66}{result:<28}{verdict}", flush=True)
+
+    for name, vsa, latent in [] if "sp" not in only else [
         ("tiny", False, parse(args.sp_latent)),
         ("wan21_1.3b", False, parse(args.sp_latent)),
         ("wan21_1.3b", True, parse(args.vsa_latent)),
@@ -184,44 +192,52 @@ def main() -> None:
         out_err, grad_err = check_sp(name, vsa, latent, device)
         ok = out_err < OUT_TOL and grad_err < GRAD_TOL
         failed |= not ok
-        rows.append((f"SP2 vs SP1 {name} {'vsa' if vsa else 'sdpa'} {latent}",
-                     f"out {out_err:.2e}, grad {grad_err:.2e}", "ok" if ok else "FAIL"))
+        report(f"SP2 vs SP1 {name} {'vsa' if vsa else 'sdpa'} {latent}",
+               f"out {out_err:.2e}, grad {grad_err:.2e}", "ok" if ok else "FAIL")
         torch.cuda.empty_cache()
 
-    compile_err = check_compile(device)
-    failed |= compile_err >= COMPILE_TOL
-    rows.append(("tiny fp32: SP2 + full AC + compile vs eager (grads)", f"grad {compile_err:.2e}",
-                 "ok" if compile_err < COMPILE_TOL else "FAIL"))
+    if "compile" in only:
+        compile_err = check_compile(device)
+        failed |= compile_err >= COMPILE_TOL
+        report("tiny fp32: SP2 + full AC + compile vs eager (grads)", f"grad {compile_err:.2e}",
+               "ok" if compile_err < COMPILE_TOL else "FAIL")
+    if "offload" in only:
+        failed |= run_offload_check(device, report)
+    if "timing" in only:
+        run_timing(parse(args.latent), args.steps, device, report)
+    if rank == 0:
+        print(f"\n{'check':<66}{'result':<28}")
+        for check, result, verdict in rows:
+            print(f"{check:<66}{result:<28}{verdict}")
+    dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)
 
+
+def run_offload_check(device: torch.device, report) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         shared = [tmp]
         dist.broadcast_object_list(shared, src=0)  # one folder for both ranks (same host)
         offload_err = check_teacher_offload(device, Path(shared[0]) / "teacher")
         dist.barrier()
     torch.cuda.empty_cache()
-    failed |= offload_err >= OUT_TOL
-    rows.append(("1.3B frozen teacher: FSDP 2 + CPU offload + load_sharded", f"out {offload_err:.2e}",
-                 "ok" if offload_err < OUT_TOL else "FAIL"))
+    report("1.3B frozen teacher: FSDP 2 + CPU offload + load_sharded", f"out {offload_err:.2e}",
+           "ok" if offload_err < OUT_TOL else "FAIL")
+    return offload_err >= OUT_TOL
 
-    latent = parse(args.latent)
+
+def run_timing(latent: tuple[int, int, int], steps: int, device: torch.device, report) -> None:
     alone = DeviceMesh.from_group(dist.new_subgroups(group_size=1)[0], "cuda")  # every rank on its own
     torch.cuda.reset_peak_memory_stats()
-    t1 = time_train_step(alone, latent, args.steps, device)
+    t1 = time_train_step(alone, latent, steps, device)
     peak = torch.cuda.max_memory_allocated() / 2**30
     both = DeviceMesh.from_group(dist.group.WORLD, "cuda")
-    t2 = time_train_step(both, latent, args.steps, device)
+    t2 = time_train_step(both, latent, steps, device)
     t1_max = torch.tensor([t1], device=device)
     dist.all_reduce(t1_max, op=dist.ReduceOp.MAX)
-    rows.append((f"1.3B train step {latent}, 1 GPU (FSDP on 1 rank)", f"{t1_max.item():.3f} s", ""))
-    rows.append((f"1.3B train step {latent}, 2 GPUs (FSDP shard 2)", f"{t2:.3f} s", f"eff {t1_max.item() / t2:.1%}"))
-    rows.append(("max memory allocated in the 1-GPU step (one network + AdamW)", f"{peak:.1f} GiB", ""))
-    if rank == 0:
-        print(f"{'check':<66}{'result':<28}")
-        for check, result, verdict in rows:
-            print(f"{check:<66}{result:<28}{verdict}")
-    dist.destroy_process_group()
-    if failed:
-        raise SystemExit(1)
+    report(f"1.3B train step {latent}, 1 GPU (FSDP on 1 rank)", f"{t1_max.item():.3f} s", "")
+    report(f"1.3B train step {latent}, 2 GPUs (FSDP shard 2)", f"{t2:.3f} s", f"eff {t1_max.item() / t2:.1%}")
+    report("max memory allocated in the 1-GPU step (one network + AdamW)", f"{peak:.1f} GiB", "")
 
 
 if __name__ == "__main__":
