@@ -1,8 +1,8 @@
 """Wan2.1-T2V-14B Sparse-distill: DMD2 distillation into a 3-step student with video sparse attention (VSA, ρ = 0.9).
 
 The method and the code are those of recipes/wan21_1_3b_sparse_distill.py (read that one first; all code below the
-imports is a checked copy of it): a VSA *student* with a zero-initialised gate, a frozen dense *teacher* (classifier-free-guided
-"real score") and a dense trainable *critic* ("fake score"); the critic learns every step, the student every
+imports is a checked copy): a VSA *student* with a zero-initialised gate, a frozen dense *teacher* (classifier-free-
+guided "real score") and a dense trainable *critic* ("fake score"); the critic learns every step, the student every
 `dmd.student_every`-th step along (critic − teacher) / mean|x0 − teacher| (SPEC §1.3–§1.7, §8), from Wan-Syn
 77×448×832 latents noised to a random step of its [1000, 757, 522] schedule. What differs is the TOML: ρ = 0.9, flow
 shift 3, and the layout for a 14B model: Ulysses sequence parallel 4 and HSDP with one node (8 GPUs) per FSDP shard

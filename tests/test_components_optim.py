@@ -2,8 +2,8 @@
 
 LR multiplier: linear warmup k / warmup, then 0.5 + 0.5·cos(π·progress) floored at min_ratio, constant = 1 (SPEC §1.7);
 sparsity ramp min(start + inc·⌊k / interval⌋, target) (SPEC §2.9); apply_update == clip + AdamW step when finite, and a
-non-finite loss or grad norm leaves the parameters and optimizer state untouched; the non-finite guard counts and aborts;
-the EMA follows ema ← d·ema + (1 − d)·p.
+non-finite loss or grad norm leaves the parameters and optimizer state untouched; the non-finite guard counts and
+aborts; the EMA follows ema ← d·ema + (1 − d)·p.
 """
 
 from __future__ import annotations
