@@ -4,8 +4,9 @@
     torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --latent 20,56,104 --steps 5   # timing shape
 
 1. Ulysses SP=2 vs SP=1 (random weights, bf16 autocast, fp32 master weights): the tiny config and the real 1.3B
-   config, dense SDPA and (1.3B) VSA with a non-zero gate, on a short odd-length sequence (SP padding). Output and
-   SP-averaged gradients are compared by relative L2 error.
+   config, dense SDPA and VSA with a non-zero gate, on a short odd-length sequence (SP padding). The output must
+   match SP=1 bf16; the SP-averaged gradients (one vector, relative L2) must be as close to an fp32 SP=1 reference as
+   SP=1 bf16 itself is (within GRAD_FLOOR_FACTOR). `--cpu --only sp` smoke-runs this on CPU with gloo (tiny only).
 2. FSDP2 train step (forward + backward + AdamW, full AC, bf16 params / fp32 reduce) of the 1.3B model at a given
    latent shape, batch 1 per GPU: every rank alone (a one-rank mesh) vs both ranks (FSDP shard 2).
    Weak-scaling efficiency = t(1 GPU) / t(2 GPUs).
@@ -28,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attention.sdpa import sdpa_attention  # noqa: E402
-from attention.vsa import vsa_attention, vsa_meta  # noqa: E402
+from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 from models.wan_weights import export_pretrained  # noqa: E402
 from parallel.ac import apply_ac  # noqa: E402
@@ -39,7 +40,7 @@ from parallel.wan import load_sharded, parallelize_wan  # noqa: E402
 from parallel.ulysses import apply_ulysses  # noqa: E402
 
 OUT_TOL = 2e-2  # relative L2 error, bf16 compute over 30 blocks
-GRAD_TOL = 5e-2
+GRAD_FLOOR_FACTOR = 1.5  # SP=2's gradient error vs fp32 may exceed SP=1's bf16 error by this factor
 COMPILE_TOL = 1e-3  # fp32
 
 
@@ -69,8 +70,17 @@ def forward_backward(model: WanModel, latents, t, context, target, meta, bf16: b
     return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def check_sp(name: str, vsa: bool, latent: tuple[int, int, int], device: torch.device) -> tuple[float, float]:
-    """(output error, worst gradient error) of SP=2 against SP=1 on the same model and inputs."""
+def _global_rel(grads: dict, ref: dict) -> float:
+    """Relative L2 error of all parameter gradients taken as one vector."""
+    num = sum((grads[n].float() - ref[n].float()).norm() ** 2 for n in ref)
+    den = sum(ref[n].float().norm() ** 2 for n in ref)
+    return (num / den).sqrt().item()
+
+
+def check_sp(name: str, vsa: bool, latent: tuple[int, int, int], device: torch.device) -> tuple[float, float, float]:
+    """SP=2 vs SP=1 on the same model and inputs: (output error vs SP=1 bf16, gradient error vs an fp32 SP=1
+    reference, the bf16 noise floor = SP=1 bf16 gradients vs that same fp32 reference). Gradients are compared as one
+    vector: single small parameters (biases whose gradient nearly cancels) have large relative bf16 errors either way."""
     model = build(name, vsa, device)
     cfg = model.cfg
     g = torch.Generator(device=device).manual_seed(1)
@@ -80,13 +90,19 @@ def check_sp(name: str, vsa: bool, latent: tuple[int, int, int], device: torch.d
     target = torch.randn(1, cfg.out_channels, *latent, device=device, generator=g)
     meta = vsa_meta(model.token_grid(latents.shape), 0.5, device) if vsa else None
 
+    if vsa:  # the Triton kernels take bf16/fp16 only: the fp32 reference runs the same math in plain torch
+        for block in model.blocks:
+            block.attn1.attn_fn = vsa_reference
+    _, fp32_grads = forward_backward(model, latents, t, context, target, meta, bf16=False)
+    if vsa:
+        for block in model.blocks:
+            block.attn1.attn_fn = vsa_attention
     ref_out, ref_grads = forward_backward(model, latents, t, context, target, meta)
     apply_ulysses(model, dist.group.WORLD)
     out, grads = forward_backward(model, latents, t, context, target, meta)
     for grad in grads.values():  # the average FSDP takes over the SP ranks (parallel/ulysses.py)
         dist.all_reduce(grad, op=dist.ReduceOp.AVG)
-    grad_err = max(rel_err(grads[n], ref_grads[n]) for n in ref_grads if ref_grads[n].norm() > 0)
-    return rel_err(out, ref_out), grad_err
+    return rel_err(out, ref_out), _global_rel(grads, fp32_grads), _global_rel(ref_grads, fp32_grads)
 
 
 def check_compile(device: torch.device) -> float:
@@ -169,11 +185,12 @@ def main() -> None:
     parser.add_argument("--vsa-latent", default="4,16,16", help="latent T,H,W for the VSA SP check (2×2×2 tiles)")
     parser.add_argument("--latent", default="20,56,104", help="latent T,H,W for the timing (77×448×832 video)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--cpu", action="store_true", help="smoke-run the checks' logic on CPU (gloo)")
     parser.add_argument("--only", default="sp,compile,offload,timing", help="subset of checks, run in this order")
     args = parser.parse_args()
     only = args.only.split(",")
     rank, world, device = init_distributed()
-    if world != 2 or device.type != "cuda":
+    if world != 2 or (device.type != "cuda" and not args.cpu):
         raise SystemExit("run under `torchrun --nproc_per_node 2` on a host with two GPUs")
     parse = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
 
@@ -184,16 +201,16 @@ def main() -> None:
         if rank == 0:  # as it happens too: a run cut short still shows what it measured
             print(f"{check:<66}{result:<28}{verdict}", flush=True)
 
-    for name, vsa, latent in [] if "sp" not in only else [
-        ("tiny", False, parse(args.sp_latent)),
-        ("wan21_1.3b", False, parse(args.sp_latent)),
-        ("wan21_1.3b", True, parse(args.vsa_latent)),
-    ]:
-        out_err, grad_err = check_sp(name, vsa, latent, device)
-        ok = out_err < OUT_TOL and grad_err < GRAD_TOL
+    cases = [("tiny", False, parse(args.sp_latent)), ("tiny", True, parse(args.vsa_latent))]
+    if not args.cpu:  # a 1.3B model per rank does not fit a small CPU machine
+        cases += [("wan21_1.3b", False, parse(args.sp_latent)), ("wan21_1.3b", True, parse(args.vsa_latent))]
+    for name, vsa, latent in cases if "sp" in only else []:
+        out_err, grad_err, floor = check_sp(name, vsa, latent, device)
+        # SP=2 may differ from SP=1 only by bf16 rounding: its gradient error against fp32 stays near SP=1's own.
+        ok = out_err < OUT_TOL and grad_err <= GRAD_FLOOR_FACTOR * floor + 1e-3
         failed |= not ok
         report(f"SP2 vs SP1 {name} {'vsa' if vsa else 'sdpa'} {latent}",
-               f"out {out_err:.2e}, grad {grad_err:.2e}", "ok" if ok else "FAIL")
+               f"out {out_err:.1e}, grad {grad_err:.1e} (bf16 floor {floor:.1e})", "ok" if ok else "FAIL")
         torch.cuda.empty_cache()
 
     if "compile" in only:
