@@ -20,8 +20,9 @@ import math
 import sys
 import types
 import typing
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Iterator, Literal, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -330,3 +331,21 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
+
+
+def require_paths(paths: dict[str, Path]) -> None:
+    """One ConfigError naming the key of every path in {config key: path} that does not exist (checked before work)."""
+    missing = [f"{key}: {path} does not exist" for key, path in paths.items() if not Path(path).exists()]
+    if missing:
+        raise ConfigError("\n".join(missing))
+
+
+@contextmanager
+def as_config_error(key: str | None = None) -> Iterator[None]:
+    """Re-raise a ValueError from a check run inside the block as a ConfigError, its message prefixed `key: `."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}" if key else str(e)) from None

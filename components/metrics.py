@@ -16,6 +16,7 @@ from pathlib import Path
 import imageio.v2 as imageio
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
 VIDEO_PREVIEW_FRAMES = 4
@@ -82,6 +83,26 @@ def to_floats(scalars: dict[str, float | torch.Tensor]) -> dict[str, float]:
         stacked = torch.stack([v.detach().to(device, torch.float64) for v in tensors.values()])  # (n,)
         out.update(zip(tensors, stacked.tolist()))
     return {k: out[k] for k in scalars}  # keep the caller's order for the stdout line
+
+
+def reduce_for_log(logs: dict[str, float | torch.Tensor], prefixes: tuple[str, ...]) -> dict:
+    """`logs` with its 0-dim tensors whose keys start with `prefixes` averaged over all ranks, in one all_reduce.
+
+    Every rank must call it on the same keys (log steps only: it syncs). gloo has no AVG, so it sums and divides.
+    """
+    keys = [k for k in logs if k.startswith(prefixes)]
+    if not keys or not dist.is_initialized():
+        return dict(logs)
+    total = torch.stack([logs[k].float() for k in keys])  # (n,)
+    dist.all_reduce(total)
+    return {**logs, **dict(zip(keys, total / dist.get_world_size()))}
+
+
+def step_scalars(step_s: float, data_s: float, tokens: int, device: torch.device) -> dict[str, float]:
+    """The per-step time, throughput and memory tags; memory is CUDA's peak reserved since start (0 off CUDA)."""
+    mem = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
+    return {"time/step_s": step_s, "time/data_s": data_s, "perf/tokens_per_s": tokens / step_s,
+            "mem/max_reserved_gib": mem}
 
 
 def check_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -13,6 +13,7 @@ Used by tools/preprocess.py (videos -> parquet) and tools/sample.py (prompts -> 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -73,6 +74,14 @@ def latent_stats(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (mean (C,), std (C,)) from the VAE config, float32 on CPU."""
     mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32)
     std = torch.tensor(vae.config.latents_std, dtype=torch.float32)
+    return mean, std
+
+
+def latent_stats_from_config(pipeline_dir: str | Path, device: str | torch.device = "cpu"
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`latent_stats` read from `<pipeline_dir>/vae/config.json` without loading the VAE: (mean (C,), std (C,))."""
+    config = json.loads((Path(pipeline_dir) / "vae" / "config.json").read_text())
+    mean, std = (torch.tensor(config[k], dtype=torch.float32, device=device) for k in ("latents_mean", "latents_std"))
     return mean, std
 
 

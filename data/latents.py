@@ -327,6 +327,14 @@ class LatentDataset(Dataset):
         raise DataError(f"{min(len(self), 256)} consecutive bad rows from index {index}; first: {first_error}")
 
 
+def check_first_row(dataset: LatentDataset, text_dim: int) -> None:
+    """Read row 0 now, so latents the dataset rejects (e.g. not its `expect_latent_shape`) or caption embeddings of
+    another width than `text_dim` raise DataError before anything expensive is built."""
+    width = dataset[0]["context"].shape[-1]  # context (512, D)
+    if width != text_dim:
+        raise DataError(f"caption embeddings have width {width}, the model expects {text_dim}")
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples: {"latents" (B,C,T,H,W), "context" (B,L,D), "context_mask" (B,L), "caption", "id", "num_skipped"}."""
     batch: dict[str, Any] = {}
