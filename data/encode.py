@@ -85,6 +85,17 @@ def latent_stats_from_config(pipeline_dir: str | Path, device: str | torch.devic
     return mean, std
 
 
+def compute_latent_shape(channels: int, num_frames: int, height: int, width: int,
+                         stride: Sequence[int]) -> tuple[int, ...]:
+    """(C, T, H, W) of the VAE latents of a num_frames×height×width video; a ValueError if the sizes do not fit the
+    VAE's (T, H, W) compression `stride`: frames − 1 must divide by stride_t (the first frame is kept alone)."""
+    st, sh, sw = stride
+    if (num_frames - 1) % st or height % sh or width % sw:
+        raise ValueError(f"a {num_frames}×{height}×{width} video does not fit the VAE stride {list(stride)}: need "
+                         f"(frames − 1) % {st} == 0, height % {sh} == 0 and width % {sw} == 0")
+    return channels, (num_frames - 1) // st + 1, height // sh, width // sw
+
+
 def normalize_latents(z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(z - mean_c) / std_c over channel dim -4: works for (C, T, H, W) and (B, C, T, H, W)."""
     mean = mean.to(z.device, z.dtype).view(-1, 1, 1, 1)  # (C, 1, 1, 1)

@@ -335,6 +335,12 @@ def check_first_row(dataset: LatentDataset, text_dim: int) -> None:
         raise DataError(f"caption embeddings have width {width}, the model expects {text_dim}")
 
 
+def load_contexts(path: str | Path, count: int) -> torch.Tensor:
+    """The padded caption embeddings (N, 512, D) of the first `count` rows of a parquet folder (all rows if fewer)."""
+    dataset = LatentDataset(str(path), text_only=True)
+    return torch.stack([dataset[i]["context"] for i in range(min(count, len(dataset)))])
+
+
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack samples: {"latents" (B,C,T,H,W), "context" (B,L,D), "context_mask" (B,L), "caption", "id", "num_skipped"}."""
     batch: dict[str, Any] = {}

@@ -91,3 +91,24 @@ def test_reduce_for_log_without_process_group_is_identity():
 def test_step_scalars():
     out = step_scalars(2.0, 0.5, 1000, torch.device("cpu"))
     assert out == {"time/step_s": 2.0, "time/data_s": 0.5, "perf/tokens_per_s": 500.0, "mem/max_reserved_gib": 0.0}
+
+
+def test_compute_latent_shape():
+    from data.encode import compute_latent_shape
+
+    assert compute_latent_shape(16, 81, 480, 832, [4, 8, 8]) == (16, 21, 60, 104)  # Wan2.1: 81 frames -> 21
+    assert compute_latent_shape(48, 121, 704, 1280, (4, 16, 16)) == (48, 31, 44, 80)  # Wan2.2 TI2V-5B
+    for bad in ((80, 480, 832), (81, 484, 832), (81, 480, 830)):
+        with pytest.raises(ValueError, match="does not fit the VAE stride"):
+            compute_latent_shape(16, *bad, [4, 8, 8])
+
+
+def test_load_contexts(tmp_path):
+    from data.latents import load_contexts
+
+    data = write_rows(tmp_path / "d", (4, 3, 2, 2), text_dim=16)
+    rows = LatentDataset(str(data))
+    two = load_contexts(data, 5)  # only 2 rows
+    assert two.shape == (2, 512, 16)
+    torch.testing.assert_close(two, torch.stack([rows[0]["context"], rows[1]["context"]]), rtol=0, atol=0)
+    assert torch.equal(load_contexts(data, 1), two[:1])
