@@ -21,8 +21,10 @@ COLOUR_NAMES = ("red", "green", "blue")
 DIRECTION_NAMES = ("right", "left", "down", "up")
 SIZE_NAMES = ("small", "large")
 DIRECTIONS = torch.tensor([[0.0, 1.0], [0.0, -1.0], [1.0, 0.0], [-1.0, 0.0]])  # (dy, dx) per direction
-BLOB_SIGMA = (1.5, 3.0)  # latent pixels, per size
-AMPLITUDE = 2.0  # mean blob height in the colour channel; luminance channel gets 0.75 of it
+BLOB_SIGMA = (2.0, 3.5)  # latent pixels, per size
+AMPLITUDE = 6.0  # mean blob height in the colour channel (luminance: 0.75 of it); clips have std ~0.6
+BACKGROUND_LEVEL = 0.6  # the analyser's noise floor (blob peaks are >= 3.6 in luminance)
+SIZE_SPLIT = 2.9  # radial RMS above the floor: ~2.1 for small, ~3.7 for large blobs; split between them
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ class ToySpec:
     width: int = 32  # latent W
     text_len: int = 8  # L_txt
     text_dim: int = 32  # D_txt
-    travel: float = 8.0  # latent pixels the blob moves over the clip
+    travel: float = 10.0  # latent pixels the blob moves over the clip
+    jitter: float = 3.0  # start position: uniform within ±jitter latent pixels of the centred path's start
 
 
 @dataclass
@@ -82,11 +85,9 @@ def render_clips(factors: torch.Tensor, spec: ToySpec, generator: torch.Generato
     n, T = factors.shape[0], spec.frames
     sigma = torch.tensor(BLOB_SIGMA)[factors[:, 2]]  # (N,)
     step = DIRECTIONS[factors[:, 1]] * spec.travel  # (N, 2) displacement over the clip
-    margin = 2 * sigma[:, None] + 1  # keep the blob inside the frame at both ends
-    size = torch.tensor([spec.height - 1.0, spec.width - 1.0])
-    lo = margin - step.clamp(max=0)  # (N, 2)
-    hi = size - margin - step.clamp(min=0)
-    start = lo + (hi - lo) * torch.rand(n, 2, generator=generator)
+    # the path is centred in the frame, then shifted by a random offset of at most ±jitter pixels per axis
+    centre_start = torch.tensor([(spec.height - 1) / 2, (spec.width - 1) / 2]) - step / 2  # (N, 2)
+    start = centre_start + spec.jitter * (2 * torch.rand(n, 2, generator=generator) - 1)
     amplitude = AMPLITUDE * (0.8 + 0.4 * torch.rand(n, generator=generator))
     frac = torch.arange(T) / max(T - 1, 1)  # (T,)
     centre = start[:, None, :] + frac[None, :, None] * step[:, None, :]  # (N, T, 2)
@@ -119,8 +120,9 @@ def make_split(spec: ToySpec, num_train: int, num_heldout: int, seed: int) -> tu
 
 
 def blob_statistics(latents: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-clip blob measurements from the luminance channel and the colour channels' positive mass."""
-    lum = latents[:, 3].float().clamp(min=0)  # (N, T, H, W)
+    """Per-clip blob measurements from the luminance channel and the colour channels' positive mass. Values below
+    BACKGROUND_LEVEL are ignored, so faint background noise does not swamp the moments of the blob."""
+    lum = (latents[:, 3].float() - BACKGROUND_LEVEL).clamp(min=0)  # (N, T, H, W)
     N, T, H, W = lum.shape
     mass = lum.sum(dim=(2, 3)) + 1e-6  # (N, T)
     ys = torch.arange(H, dtype=torch.float32)[:, None]
@@ -133,7 +135,7 @@ def blob_statistics(latents: torch.Tensor) -> dict[str, torch.Tensor]:
         "spread": var.sqrt(),  # (N, T)
         "peak": lum.amax(dim=(2, 3)),  # (N, T)
         "mass": mass,  # (N, T)
-        "channel_mass": latents[:, :3].float().clamp(min=0).sum(dim=(2, 3, 4)),  # (N, 3)
+        "channel_mass": (latents[:, :3].float() - BACKGROUND_LEVEL).clamp(min=0).sum(dim=(2, 3, 4)),  # (N, 3)
     }
 
 
@@ -143,9 +145,7 @@ def decode_factors(latents: torch.Tensor) -> torch.Tensor:
     colour = s["channel_mass"].argmax(dim=1)
     motion = s["centroid"][:, -1] - s["centroid"][:, 0]  # (N, 2)
     direction = (motion @ DIRECTIONS.T).argmax(dim=1)
-    # a 2-D Gaussian of std s has radial RMS sqrt(2)·s; split halfway between the two sizes
-    threshold = 2**0.5 * (BLOB_SIGMA[0] + BLOB_SIGMA[1]) / 2
-    size = (s["spread"].mean(dim=1) > threshold).long()
+    size = (s["spread"].mean(dim=1) > SIZE_SPLIT).long()
     return torch.stack([colour, direction, size], dim=1)
 
 

@@ -241,8 +241,8 @@ def main(cfg: RecipeConfig) -> Path:
     student = build_wan(cfg.model.teacher, cfg.attn.student)
     teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
     critic = build_wan(cfg.model.teacher, "sdpa")
-    grid = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))
-    meta = vsa_meta(grid, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
+    tokens = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))  # (T', H', W')
+    meta = vsa_meta(tokens, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
     optim = cfg.optim
     student_opt = torch.optim.AdamW(student.parameters(), lr=optim.student_lr, betas=optim.betas,
                                     weight_decay=optim.weight_decay)

@@ -65,13 +65,11 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
             "teacher-3": lambda x, ctx, g: teacher_euler(3)(x, ctx),
             "teacher-3-dmd": teacher_dmd}
     for name, path in students.items():
-        run = read_run(path)
-        attn = run["attn"]
-        student = load_pretrained(Path(path) / "student", attn_fn=vsa_attention if attn["student"] == "vsa"
-                                  else sdpa_attention).eval()
-        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if attn["student"] == "vsa" else None
-        rows[name] = (lambda s, m: lambda x, ctx, g: few_step_sample(
-            lambda x, t: s(x, t, ctx, attn_meta=m), x, dmd["steps"], g))(student, meta)
+        attn = read_run(path)["attn"]
+        vsa = attn["student"] == "vsa"
+        student = load_pretrained(Path(path) / "student", attn_fn=vsa_attention if vsa else sdpa_attention).eval()
+        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if vsa else None
+        rows[name] = student_row(student, meta, dmd["steps"])
 
     table = {}
     for name, fn in rows.items():
@@ -81,6 +79,13 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
     fresh = make_clips(num, spec, data["seed"] + 17)  # the floor: a new draw of real clips
     table["data (fresh clips)"] = evaluate_samples(fresh.latents, fresh.factors, heldout)
     return table
+
+
+def student_row(student, meta, steps):
+    """The student's own 3-step sampler (SPEC §5.2): conditional only, no CFG."""
+    def run(x, ctx, g):
+        return few_step_sample(lambda x, t: student(x, t, ctx, attn_meta=meta), x, steps, g)
+    return run
 
 
 def print_table(table: dict[str, dict[str, float]]) -> None:
@@ -93,7 +98,7 @@ def print_table(table: dict[str, dict[str, float]]) -> None:
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="toy_sparse_distill run directories")
-    parser.add_argument("--num", type=int, default=192, help="held-out clips per row")
+    parser.add_argument("--num", type=int, default=120, help="held-out clips per row")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     cfg = read_run(args.runs[0])
