@@ -1,7 +1,7 @@
 # Two entry points: `make test` and `make demo`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -m "not gpu"
+PYTEST_ARGS ?= -m "not gpu" --durations=15
 
 .PHONY: install test demo clean
 
