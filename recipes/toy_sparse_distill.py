@@ -12,9 +12,11 @@ Launch (after the teacher):
     python recipes/toy_sparse_distill.py dmd.rollout=simulate run.name=demo_datafree
     torchrun --nproc_per_node 2 recipes/toy_sparse_distill.py                # 2 ranks on CPU (gloo)
 
-Measured (2-core CPU): the quality table printed by `make demo` (tools/demo.py). Hyperparameters are ours, tuned for
-the toy; the structure (step list 1000/757/522, score window 20..980, update ratio 5, grad clip 1) follows FastVideo's
-recipes. Copy this file and its TOML to start an experiment.
+Measured (2-core CPU, `make demo`, 120 held-out clips; Fréchet distance of clip features, lower is better):
+teacher-50 11.5, teacher-3 39.5, student-3 data mode 20.0 (166 s), student-3 data-free 8.6 (233 s); conditioning
+accuracy ~20-25 % in every row: the tiny teacher does not learn the motion direction, so neither can the student.
+Hyperparameters are ours, tuned for the toy; the structure (step list 1000/757/522, score window 20..980,
+update ratio 5, grad clip 1) follows FastVideo's recipes. Copy this file and its TOML to start an experiment.
 """
 
 import os

@@ -9,7 +9,8 @@ Launch:
     python recipes/toy_teacher.py optim.steps=200 run.name=quick   # an override
     torchrun --nproc_per_node 2 recipes/toy_teacher.py             # 2 ranks on CPU (gloo), gradients all-reduced
 
-Measured (2-core CPU): see the closing table of `make demo` (tools/demo.py). Hyperparameters are ours, tuned for the
+Measured (2-core CPU): 2000 steps in 248 s; 50-step samples reach Fréchet 11.5 to held-out data (fresh data: 0.1)
+with colour and size right but the motion direction mostly wrong (tools/eval_toy.py). Hyperparameters are ours, tuned for the
 toy; nothing here comes from FastVideo. Copy this file and its TOML to start an experiment.
 """
 
