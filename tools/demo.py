@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="ranks per recipe (torchrun, gloo)")
     parser.add_argument("--quick", action="store_true", help="the shortened CI pipeline")
     parser.add_argument("--name", default=None, help="run name (default: demo, or quick with --quick)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a quality gate fails (tests use it)")
     args = parser.parse_args(argv)
     name = args.name or ("quick" if args.quick else "demo")
     teacher_extra = QUICK_TEACHER if args.quick else []
@@ -102,7 +103,7 @@ def main(argv: list[str]) -> int:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
     json.dump({"table": table, "sparsity": sparsity, "times_s": times, "gates": dict(gates)},
               open(first / "demo.json", "w"), indent=2)
-    return 0 if all(ok for _, ok in gates) else 1
+    return 1 if args.strict and not all(ok for _, ok in gates) else 0
 
 
 if __name__ == "__main__":
