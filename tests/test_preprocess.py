@@ -230,3 +230,27 @@ def test_download_hf_call(monkeypatch, tmp_path, capsys):
                  "FastVideo/Wan-Syn_77x448x832_600k"):
         assert repo in printed
     assert len(calls) == 2
+
+
+def test_preprocessed_data_trains_in_the_tiny_recipe(workspace, tmp_path):
+    """Issue 5, acceptance 5: tools/preprocess.py output (latents, negative prompt, text-only validation prompts) is the
+    data of a real recipe run: the 1.3B recipe with the tiny overlay, 2 steps (a critic and a student update)."""
+    ws = workspace
+    out, prompts_out = tmp_path / "latents", tmp_path / "prompts"
+    preprocess.main([*video_args(ws, out, ws["captions"]), "--negative-prompt", "blurry low quality"])
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na red kite over the sea\n")
+    preprocess.main(["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(prompts_out),
+                     "--device", "cpu"])
+    overrides = [f"model.base={ws['pipe']}", f"data.path={out}", f"data.negative_prompt={out / 'negative_prompt.safetensors'}",
+                 f"data.val_prompts={prompts_out}", "video.num_frames=9", f"video.height={H}", f"video.width={W}",
+                 f"run.out_dir={tmp_path / 'runs'}", "run.name=preprocessed", "run.max_steps=2", "run.val_count=1"]
+    recipe = REPO / "recipes" / "wan21_1_3b_sparse_distill.py"
+    proc = subprocess.run([sys.executable, str(recipe), "--toml", str(REPO / "tests/assets/tiny.toml"), *overrides],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / recipe.stem / "preprocessed"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss/critic"]) for r in rows) and np.isfinite(rows[1]["loss/dmd"])
+    assert (run_dir / "export" / "config.json").is_file()
