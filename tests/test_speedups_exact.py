@@ -1,0 +1,72 @@
+"""Issue 9, acceptance 3: the training-speed switches change no number. The 1.3B recipe's own DMD step functions on the
+tiny config, fp32 on CPU: plain eager vs activation checkpointing (full, selective) vs per-block torch.compile with
+selective AC (the tuned GPU setting) give the same critic and DMD losses step after step."""
+
+import dataclasses
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_meta
+from models.wan import WAN_CONFIGS, WanModel
+from parallel.wan import parallelize_wan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_recipe():
+    spec = importlib.util.spec_from_file_location("recipe_1_3b_speedups", ROOT / "recipes/wan21_1_3b_sparse_distill.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def losses(ac: str, compile: bool, steps: int = 4) -> list[float]:
+    recipe = load_recipe()
+    cfg = WAN_CONFIGS["tiny"]
+    torch.manual_seed(0)
+    student = WanModel(dataclasses.replace(cfg, vsa_gate=True), attn_fn=vsa_attention)
+    teacher, critic = WanModel(cfg, attn_fn=sdpa_attention), WanModel(cfg, attn_fn=sdpa_attention)
+    with torch.no_grad():
+        for block in student.blocks:  # a live gate, so the coarse branch is part of the comparison
+            block.attn1.to_gate_compress.weight.normal_(0, 0.05)
+    dims = types.SimpleNamespace(sp=1)  # one device: parallelize_wan applies only AC and compile here
+    for net in (student, critic):
+        parallelize_wan(net, dims, ac_mode=ac, compile=compile, fsdp=False)
+    teacher.requires_grad_(False)
+    opts = {n: torch.optim.AdamW(m.parameters(), 1e-3) for n, m in (("student", student), ("critic", critic))}
+    g = torch.Generator().manual_seed(1)
+    batch = {"latents": torch.randn(1, cfg.in_channels, 5, 8, 16, generator=g),
+             "context": torch.randn(1, 7, cfg.text_dim, generator=g)}
+    negative = torch.zeros(1, 7, cfg.text_dim)
+    meta = vsa_meta(student.token_grid(batch["latents"].shape), 0.5, "cpu")
+    dmd = recipe.DMDConfig(steps=[1000, 757, 522], student_every=2, guidance=3.5, flow_shift=8.0, t_min=20, t_max=980)
+    gen, out = torch.Generator(), []
+    for step in range(1, steps + 1):
+        gen.manual_seed(100 + step)
+        if step % dmd.student_every == 0:
+            loss, _ = recipe.student_step(student, teacher, critic, [batch], negative, meta, dmd, gen)
+            recipe.apply_update(student, opts["student"], loss, 1.0)
+            out.append(loss.item())
+        loss = recipe.critic_step(student, critic, [batch], meta, dmd, gen)
+        recipe.apply_update(critic, opts["critic"], loss, 1.0)
+        out.append(loss.item())
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain() -> list[float]:
+    return losses("none", False)
+
+
+@pytest.mark.parametrize("ac, compile", [("full", False), ("selective", False), ("selective", True)])
+def test_speed_switches_leave_losses_unchanged(plain, ac, compile):
+    got = losses(ac, compile)
+    assert len(got) == len(plain) == 6  # 4 critic + 2 DMD losses, in step order
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(plain), rtol=2e-5, atol=1e-6)
