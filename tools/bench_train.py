@@ -134,25 +134,22 @@ def main() -> None:
 
     phases: dict[str, float] = defaultdict(float)
 
+    def timed(phase: str, fn):
+        """fn(), synchronised, its wall time added to `phase`."""
+        t0 = time.perf_counter()
+        out = fn()
+        torch.cuda.synchronize()
+        phases[phase] += time.perf_counter() - t0
+        return out
+
     def step(k: int) -> None:
         with amp:
             if k % dmd.student_every == 0:
-                t0 = time.perf_counter()
-                loss, _ = recipe.student_step(student, teacher, critic, [batch], negative, meta, dmd, gen)
-                torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                recipe.apply_update(student, opts["student"], loss, 1.0)
-                torch.cuda.synchronize()
-                phases["student phase (fwd+bwd)"] += t1 - t0
-                phases["optimizer"] += time.perf_counter() - t1
-            t0 = time.perf_counter()
-            loss = recipe.critic_step(student, critic, [batch], meta, dmd, gen)
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            recipe.apply_update(critic, opts["critic"], loss, 1.0)
-            torch.cuda.synchronize()
-            phases["critic phase (fwd+bwd)"] += t1 - t0
-            phases["optimizer"] += time.perf_counter() - t1
+                loss, _ = timed("student phase (fwd+bwd)", lambda: recipe.student_step(
+                    student, teacher, critic, [batch], negative, meta, dmd, gen))
+                timed("optimizer", lambda: recipe.apply_update(student, opts["student"], loss, 1.0))
+            loss = timed("critic phase (fwd+bwd)", lambda: recipe.critic_step(student, critic, [batch], meta, dmd, gen))
+            timed("optimizer", lambda: recipe.apply_update(critic, opts["critic"], loss, 1.0))
 
     for k in range(1, 6):  # warm-up cycle: compilation, autotuning, allocator growth
         step(k)
