@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attention.vsa import vsa_meta  # noqa: E402
-from models.wan import WAN_CONFIGS, WanConfig, WanModel  # noqa: E402
+from models.wan import WAN_CONFIGS, WanConfig, WanModel, config_with  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
 
@@ -102,12 +102,12 @@ def main() -> None:
     rank, world, device = init_distributed()
     cfg = WAN_CONFIGS[args.preset]
     if args.layers:
-        cfg = WanConfig(**{**cfg.__dict__, "num_layers": args.layers})
+        cfg = config_with(cfg, num_layers=args.layers)
     dims = build_mesh(world, args.dp_replicate, args.sp, device.type, cfg.num_heads)
 
     def build(attn: str, frozen: bool) -> WanModel:
         with torch.device("meta"):
-            model = WanModel(WanConfig(**{**cfg.__dict__, "vsa_gate": attn == "vsa"}), attn_fn=recipe.ATTN[attn])
+            model = WanModel(config_with(cfg, vsa_gate=attn == "vsa"), attn_fn=recipe.ATTN[attn])
         parallelize_wan(model, dims, ac_mode="none" if frozen else args.ac, compile=args.compile, frozen=frozen)
         model.to_empty(device=device)
         torch.manual_seed(0)
