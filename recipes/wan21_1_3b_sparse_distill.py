@@ -24,7 +24,7 @@ from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from components.config import ConfigError, as_config_error, dump_toml, load_config, require_paths
 from components.metrics import MetricsLogger, reduce_for_log, step_scalars
-from components.optim import NonfiniteGuard, apply_update, init_ema, load_ema, update_ema
+from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_ema, load_ema, update_ema
 from components.run_dir import save_samples, write_run_files
 from components.schedule import build_lr_scheduler, sparsity_at
 from data.encode import compute_latent_shape, latent_stats_from_config, load_vae, normalize_latents
@@ -232,7 +232,7 @@ def main(cfg: RecipeConfig) -> Path:
     grid = student.token_grid((1, *latent_shape))
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
     o = cfg.optim
-    opts = {m: torch.optim.AdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    opts = {m: ShardedAdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
             for m, net, lr in (("student", student, o.lr), ("critic", critic, o.critic_lr))}
     scheds = {m: build_lr_scheduler(opts[m], kind, o.warmup_steps, cfg.run.max_steps, o.min_lr_ratio)
               for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))}

@@ -5,6 +5,8 @@
 #   bash tools/gpu_acceptance.sh single    # one H100: GPU tests, VSA bench, training step, inference, 1-GPU recipe
 #   bash tools/gpu_acceptance.sh dual      # two H100s: SP/FSDP checks, DMD-step scaling, SP=2 step, 2-GPU recipe,
 #                                          # the 14B block structure at reduced depth (SP=2, DP=2; issue 10's 2-GPU part)
+#   bash tools/gpu_acceptance.sh quad      # four H100s: the dual runs side by side, SP 4 checks and a 14B SP 4 step
+#   bash tools/gpu_acceptance.sh single bench_train,recipe_1gpu   # only the named steps (one call stays < 10 min)
 #
 # diffusers is not on the device image: carry cp312 wheels in .whl/ (see the device notes); they are installed here.
 set -u
@@ -17,24 +19,61 @@ export PYTHONPATH=/tmp/site:$PWD NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTI
 nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpus.txt"
 
+ONLY=${2:-}
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+summarize() {  # the step's exit status and the lines of its log that carry results
+  echo "== $1 (exit $(cat "$OUT/$1.rc"))" | tee -a "$OUT/summary.txt"
+  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) " "$OUT/$1.log" | cut -c1-400 |
+    tail -12 | tee -a "$OUT/summary.txt"
+}
 step() {  # step NAME SECONDS CMD...: run with a time box, keep the full log, show its last lines
   local name=$1 secs=$2
   shift 2
-  echo "== $name" | tee -a "$OUT/summary.txt"
+  wanted "$name" || return 0
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
-  echo "   exit $?" >>"$OUT/summary.txt"
-  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error" "$OUT/$name.log" | tail -12 | tee -a "$OUT/summary.txt"
+  echo $? >"$OUT/$name.rc"
+  summarize "$name"
+}
+BG=()
+bgstep() {  # bgstep NAME SECONDS GPUS CMD...: like step, in the background on the GPUs listed; `collect` waits
+  local name=$1 secs=$2 gpus=$3
+  shift 3
+  wanted "$name" || return 0
+  (CUDA_VISIBLE_DEVICES=$gpus timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; echo $? >"$OUT/$name.rc") &
+  BG+=("$name")
+}
+collect() {
+  wait
+  for name in "${BG[@]}"; do summarize "$name"; done
+  BG=()
 }
 
 case "${1:-}" in
 single)
   step gpu_tests 240 python3 -m pytest -q -m gpu tests
   step bench_attention 240 python3 tools/bench_attention.py
+  step bench_optimizer 120 python3 tools/bench_optimizer.py
   step bench_train 300 python3 tools/bench_train.py --compile --ac selective --cycles 2 --profile "$OUT/train_profile.txt"
   step bench_inference 420 python3 tools/bench_inference.py --cases a,b,c --diffusers
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_1gpu 400 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
-    --toml tests/assets/gpu_1_3b_random.toml parallel.compile=false
+    --toml tests/assets/gpu_1_3b_random.toml
+  ;;
+quad)  # four GPUs: the 1- and 2-GPU runs side by side on disjoint GPUs, then SP 4 (the 14B recipe's layout)
+  step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
+  bgstep recipe_1gpu 290 0 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml
+  bgstep train_1gpu 290 1 python3 tools/bench_train.py --compile --ac selective --cycles 2
+  bgstep recipe_2gpu 290 2,3 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x
+  collect
+  bgstep check_parallel 150 0,1 torchrun --nproc_per_node 2 --master_port 29530 tools/check_parallel_gpu.py --only sp
+  bgstep train_sp2 150 2,3 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --compile \
+    --ac selective --cycles 1 --sp 2
+  collect
+  step check_sp4 90 torchrun --nproc_per_node 4 tools/check_parallel_gpu.py --only sp
+  step wan14b_sp4 120 torchrun --nproc_per_node 4 tools/bench_train.py --preset wan21_14b --layers 4 --sp 4 \
+    --latent 21,60,104 --sparsity 0.9 --cycles 1 --ac full
   ;;
 dual)
   step check_parallel 240 torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --only sp,timing --steps 3
@@ -50,7 +89,7 @@ dual)
     --latent 21,60,104 --sparsity 0.9 --cycles 1
   ;;
 *)
-  echo "usage: bash tools/gpu_acceptance.sh single|dual" >&2
+  echo "usage: bash tools/gpu_acceptance.sh single|dual|quad [STEP,...]" >&2
   exit 2
   ;;
 esac
