@@ -23,13 +23,17 @@ VIDEO_PREVIEW_FRAMES = 4
 
 
 class MetricsLogger:
-    """Logs to `run_dir/tb/` (TensorBoard), `run_dir/metrics.jsonl` (appended) and stdout; a no-op when not enabled."""
+    """Logs to `run_dir/tb/` (TensorBoard), `run_dir/metrics.jsonl` (appended) and stdout; a no-op when not enabled.
+
+    The runs that log also write validation mp4s, so a missing ffmpeg fails here, before any model is built, rather
+    than after the first training steps."""
 
     def __init__(self, run_dir: Path, enabled: bool = True, stdout_every: int = 1):
         self.enabled = enabled
         self.stdout_every = stdout_every  # print a stdout line on steps divisible by this
         if not enabled:
             return
+        check_video_writer()
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(log_dir=str(run_dir / "tb"))
@@ -103,6 +107,16 @@ def step_scalars(step_s: float, data_s: float, tokens: int, device: torch.device
     mem = torch.cuda.max_memory_reserved(device) / 2**30 if device.type == "cuda" else 0.0
     return {"time/step_s": step_s, "time/data_s": data_s, "perf/tokens_per_s": tokens / step_s,
             "mem/max_reserved_gib": mem}
+
+
+def check_video_writer() -> None:
+    """A RuntimeError with the fix when imageio cannot find its ffmpeg backend (the `imageio-ffmpeg` package)."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        raise RuntimeError(f"mp4 output needs ffmpeg through imageio-ffmpeg ({err}): pip install imageio-ffmpeg") from err
 
 
 def check_frames(frames: np.ndarray | torch.Tensor) -> np.ndarray:

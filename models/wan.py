@@ -392,6 +392,11 @@ class WanModel(nn.Module):
                 temb, tmod = temb[:, order], tmod[:, order]
 
         x, cos, sin, tmod = self.token_shard(x, cos, sin, tmod)
+        # One row-major layout into the blocks: the plain, reordered and SP-sharded x arrive with different strides,
+        # and every stride pattern is one more torch.compile graph of the block (recompile limit: parallel/compile.py).
+        dense = tuple(math.prod(x.shape[i + 1:]) for i in range(x.ndim))
+        if x.stride() != dense:
+            x = x.clone(memory_format=torch.contiguous_format)
         for block in self.blocks:
             x = block(x, context, tmod, cos, sin, attn_meta)
         x = self.token_gather(x)

@@ -103,3 +103,13 @@ def test_write_video_round_trip(tmp_path: Path, height: int, width: int):
         decoded = np.stack([frame for frame in reader])  # not list(reader): its length hint is inf
     # lossy H.264: flat frames come back within a few levels, in order
     np.testing.assert_allclose(decoded.reshape(12, -1).mean(axis=1), levels, atol=3)
+
+
+def test_missing_ffmpeg_fails_when_the_logger_starts(tmp_path: Path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if the package were not installed
+    with pytest.raises(RuntimeError, match="pip install imageio-ffmpeg"):
+        MetricsLogger(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing written before the check
+    MetricsLogger(tmp_path / "other", enabled=False)  # ranks that do not log do not need it

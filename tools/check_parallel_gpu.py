@@ -52,9 +52,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def build(name: str, vsa: bool, device: torch.device) -> WanModel:
     torch.manual_seed(0)  # identical weights on every rank
     cfg = config_with(WAN_CONFIGS[name], vsa_gate=vsa)
-    world = dist.get_world_size()
-    if name == "tiny" and cfg.num_heads % world:  # SP = world needs heads divisible by it: same head dim, more heads
-        cfg = config_with(cfg, num_heads=world, dim=world * (cfg.dim // cfg.num_heads))
+    if name == "tiny":  # SP = world needs heads divisible by it; the VSA kernels take head dim 64 or 128
+        heads = cfg.num_heads if cfg.num_heads % dist.get_world_size() == 0 else dist.get_world_size()
+        cfg = config_with(cfg, num_heads=heads, dim=heads * (64 if vsa else cfg.dim // cfg.num_heads))
     with torch.device("meta"):
         model = WanModel(cfg, attn_fn=vsa_attention if vsa else sdpa_attention)
     model.to_empty(device=device)
