@@ -20,32 +20,35 @@ nvidia-smi -L | tee "$OUT/gpus.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpus.txt"
 
 ONLY=${2:-}
+LOGS=outputs/gpu_acceptance_logs  # every log; packed into $OUT/logs.tgz at exit (only 8 files come back from $OUT)
+mkdir -p "$LOGS"
+trap 'tar -czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null' EXIT
 wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 summarize() {  # the step's exit status and the lines of its log that carry results
-  echo "== $1 (exit $(cat "$OUT/$1.rc"))" | tee -a "$OUT/summary.txt"
-  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) " "$OUT/$1.log" | cut -c1-400 |
-    tail -12 | tee -a "$OUT/summary.txt"
+  [ -f "$LOGS/$1.rc" ] || return 0
+  echo "== $1 (exit $(cat "$LOGS/$1.rc"))" | tee -a "$OUT/summary.txt"
+  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) " "$LOGS/$1.log" |
+    cut -c1-400 | tail -12 | tee -a "$OUT/summary.txt"
 }
-step() {  # step NAME SECONDS CMD...: run with a time box, keep the full log, show its last lines
+run_step() {  # run_step NAME SECONDS CMD...: run with a time box, log to $LOGS/NAME.log
   local name=$1 secs=$2
   shift 2
   wanted "$name" || return 0
-  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
-  echo $? >"$OUT/$name.rc"
-  summarize "$name"
+  timeout "$secs" "$@" >"$LOGS/$name.log" 2>&1
+  echo $? >"$LOGS/$name.rc"
 }
-BG=()
-bgstep() {  # bgstep NAME SECONDS GPUS CMD...: like step, in the background on the GPUs listed; `collect` waits
-  local name=$1 secs=$2 gpus=$3
-  shift 3
-  wanted "$name" || return 0
-  (CUDA_VISIBLE_DEVICES=$gpus timeout "$secs" "$@" >"$OUT/$name.log" 2>&1; echo $? >"$OUT/$name.rc") &
-  BG+=("$name")
+step() { run_step "$@"; summarize "$1"; }
+NAMES=()
+chain() {  # chain GPUS "NAME SECONDS CMD..." ...: steps one after another on the GPUs listed, in the background
+  local gpus=$1
+  shift
+  for spec in "$@"; do NAMES+=("${spec%% *}"); done
+  (export CUDA_VISIBLE_DEVICES=$gpus; for spec in "$@"; do eval "run_step $spec"; done) &
 }
-collect() {
+collect() {  # wait for the chains, then summarize their steps in the order they were listed
   wait
-  for name in "${BG[@]}"; do summarize "$name"; done
-  BG=()
+  for name in "${NAMES[@]}"; do summarize "$name"; done
+  NAMES=()
 }
 
 case "${1:-}" in
@@ -59,21 +62,19 @@ single)
   step recipe_1gpu 400 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml
   ;;
-quad)  # four GPUs: the 1- and 2-GPU runs side by side on disjoint GPUs, then SP 4 (the 14B recipe's layout)
+quad)  # four GPUs: 1-GPU and 2-GPU runs side by side on disjoint GPUs, then SP 4 (the 14B recipe's layout)
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
-  bgstep recipe_1gpu 290 0 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
-    --toml tests/assets/gpu_1_3b_random.toml
-  bgstep train_1gpu 290 1 python3 tools/bench_train.py --compile --ac selective --cycles 2
-  bgstep recipe_2gpu 290 2,3 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
-    --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x
-  collect
-  bgstep check_parallel 150 0,1 torchrun --nproc_per_node 2 --master_port 29530 tools/check_parallel_gpu.py --only sp
-  bgstep train_sp2 150 2,3 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --compile \
-    --ac selective --cycles 1 --sp 2
+  chain 0 "recipe_1gpu 230 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml" \
+    "bench_train 170 python3 tools/bench_train.py --compile --ac selective --cycles 2 --profile $OUT/train_profile.txt"
+  chain 1 "bench_inference 400 python3 tools/bench_inference.py --cases a,b,c --diffusers"
+  chain 2,3 "recipe_2gpu 230 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x" \
+    "check_parallel 100 torchrun --nproc_per_node 2 --master_port 29530 tools/check_parallel_gpu.py --only sp" \
+    "train_sp2 150 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --compile --ac selective \
+    --cycles 1 --sp 2"
   collect
   step check_sp4 90 torchrun --nproc_per_node 4 tools/check_parallel_gpu.py --only sp
-  step wan14b_sp4 120 torchrun --nproc_per_node 4 tools/bench_train.py --preset wan21_14b --layers 4 --sp 4 \
-    --latent 21,60,104 --sparsity 0.9 --cycles 1 --ac full
   ;;
 dual)
   step check_parallel 240 torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --only sp,timing --steps 3
