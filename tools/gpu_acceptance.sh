@@ -27,7 +27,7 @@ wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 summarize() {  # the step's exit status and the lines of its log that carry results
   [ -f "$LOGS/$1.rc" ] || return 0
   echo "== $1 (exit $(cat "$LOGS/$1.rc"))" | tee -a "$OUT/summary.txt"
-  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) " "$LOGS/$1.log" |
+  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) |AC |norm fp64" "$LOGS/$1.log" |
     cut -c1-400 | tail -12 | tee -a "$OUT/summary.txt"
 }
 run_step() {  # run_step NAME SECONDS CMD...: run with a time box, log to $LOGS/NAME.log
@@ -53,6 +53,7 @@ collect() {  # wait for the chains, then summarize their steps in the order they
 
 case "${1:-}" in
 single)
+  step check_speedups 200 python3 tools/check_speedups_gpu.py
   step gpu_tests 240 python3 -m pytest -q -m gpu tests
   step bench_attention 240 python3 tools/bench_attention.py
   step bench_optimizer 120 python3 tools/bench_optimizer.py
@@ -61,6 +62,9 @@ single)
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_1gpu 400 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml
+  step recipe_1gpu_eager 200 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml parallel.compile=false parallel.activation_checkpointing=full \
+    run.max_steps=2 run.name=gpu_random_eager
   ;;
 quad)  # four GPUs: 1-GPU and 2-GPU runs side by side on disjoint GPUs, then SP 4 (the 14B recipe's layout)
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16

@@ -1,0 +1,92 @@
+"""GPU check that the training-speed switches change no gradient (issue 9, acceptance 3, on the real model).
+
+    python tools/check_speedups_gpu.py                  # 1.3B, 77x448x832 latents, one GPU
+    python tools/check_speedups_gpu.py --preset tiny --latent 4,8,16     # CPU smoke run
+
+One FSDP2-wrapped dense network (the critic's setup: bf16 compute, fp32 master weights and gradients) takes one
+flow-matching forward + backward on the same inputs under each switch: eager without AC (the reference), eager full AC,
+eager selective AC, per-block compile + full AC, per-block compile + selective AC (the recipes' default). For each it
+prints the loss, the global gradient norm from torch.nn.utils.clip_grad_norm_ (DTensor), from our local-shard
+components.optim.clip_grad_norm and in float64 from the full gradients, and the relative L2 distance of all gradients
+to the reference, next to the bf16 floor (the reference's own run-to-run difference: none, so the floor is the
+difference between two reference-equivalent runs, eager full AC, which recomputes in bf16 the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from components.optim import clip_grad_norm  # noqa: E402
+from models.wan import WAN_CONFIGS, WanModel  # noqa: E402
+from parallel.mesh import build_mesh, init_distributed  # noqa: E402
+from parallel.wan import parallelize_wan  # noqa: E402
+from attention.sdpa import sdpa_attention  # noqa: E402
+
+SWITCHES = [("eager", "none"), ("eager", "full"), ("eager", "selective"), ("compile", "full"),
+            ("compile", "selective")]
+
+
+def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        out[name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")] = g.detach().double().cpu()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="wan21_1.3b", choices=list(WAN_CONFIGS))
+    p.add_argument("--latent", default="20,56,104")
+    args = p.parse_args()
+    rank, world, device = init_distributed()
+    cfg = WAN_CONFIGS[args.preset]
+    dims = build_mesh(world, 1, 1, device.type, cfg.num_heads)
+    shape = tuple(int(s) for s in args.latent.split(","))
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(1, cfg.in_channels, *shape, device=device, generator=g)
+    target = torch.randn(1, cfg.out_channels, *shape, device=device, generator=g)
+    context = torch.randn(1, 512, cfg.text_dim, device=device, generator=g)
+    t = torch.tensor([600.0], device=device)
+    rows, ref = [], None
+    for mode, ac in SWITCHES:
+        with torch.device("meta"):
+            model = WanModel(cfg, attn_fn=sdpa_attention)
+        parallelize_wan(model, dims, ac_mode=ac, compile=mode == "compile")
+        model.to_empty(device=device)
+        torch.manual_seed(0)
+        model.init_weights()
+        for _ in range(2):  # the second pass is measured: compilation and lazy init are done in the first
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, torch.bfloat16):
+                loss = ((model(x, t, context).float() - target) ** 2).mean()
+            loss.backward()
+        grads = full_grads(model)
+        exact = sum(v.square().sum() for v in grads.values()).sqrt().item()
+        ours = clip_grad_norm(list(model.parameters()), float("inf")).item()
+        theirs = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+        theirs = (theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs).item()
+        if ref is None:
+            ref = grads
+        num = sum((grads[k] - ref[k]).square().sum() for k in ref).sqrt()
+        den = sum(v.square().sum() for v in ref.values()).sqrt()
+        rows.append((f"{mode} + AC {ac}", loss.item(), theirs, ours, exact, (num / den).item()))
+        del model, grads
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rank == 0:
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+        print(f"{args.preset} | latent {shape} | {name} | torch {torch.__version__}")
+        print(f"{'switch':24s} {'loss':>10s} {'norm torch':>12s} {'norm ours':>12s} {'norm fp64':>12s} {'grad rel':>10s}")
+        for r in rows:
+            print(f"{r[0]:24s} {r[1]:10.5f} {r[2]:12.5g} {r[3]:12.5g} {r[4]:12.5g} {r[5]:10.2e}")
+
+
+if __name__ == "__main__":
+    main()
