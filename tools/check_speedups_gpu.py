@@ -4,12 +4,12 @@
     python tools/check_speedups_gpu.py --preset tiny --latent 4,8,16     # CPU smoke run
 
 One FSDP2-wrapped dense network (the critic's setup: bf16 compute, fp32 master weights and gradients) takes one
-flow-matching forward + backward on the same inputs under each switch: eager without AC (the reference), eager full AC,
-eager selective AC, per-block compile + full AC, per-block compile + selective AC (the recipes' default). For each it
+flow-matching forward + backward on the same inputs under each switch: fp32 eager (the reference), bf16 eager without
+AC, with full and selective AC, per-block compile (the block inside the AC wrapper, parallel/compile.py) without AC,
+with full and selective AC, and the AC wrapper itself compiled (torchtitan's order). For each it
 prints the loss, the global gradient norm from torch.nn.utils.clip_grad_norm_ (DTensor), from our local-shard
 components.optim.clip_grad_norm and in float64 from the full gradients, and the relative L2 distance of all gradients
-to the reference, next to the bf16 floor (the reference's own run-to-run difference: none, so the floor is the
-difference between two reference-equivalent runs, eager full AC, which recomputes in bf16 the same way).
+to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and a switch must stay near it.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from components.optim import clip_grad_norm  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel  # noqa: E402
+from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
 from attention.sdpa import sdpa_attention  # noqa: E402
+from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 
-SWITCHES = [("eager", "none"), ("eager", "full"), ("eager", "selective"), ("compile", "full"),
-            ("compile", "selective")]
+SWITCHES = [("eager", "none"), ("eager fp32", "none"), ("eager", "full"), ("eager", "selective"), ("compile", "none"),
+            ("compile", "full"), ("compile", "selective"), ("compile outer", "full"), ("compile outer", "selective")]
 
 
 def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -43,7 +44,8 @@ def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="wan21_1.3b", choices=list(WAN_CONFIGS))
-    p.add_argument("--latent", default="20,56,104")
+    p.add_argument("--latent", default="12,28,52", help="latent T,H,W (eager without AC must fit: not 77x448x832)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "vsa"], help="vsa: the student's attention, rho 0.8")
     args = p.parse_args()
     rank, world, device = init_distributed()
     cfg = WAN_CONFIGS[args.preset]
@@ -55,24 +57,37 @@ def main() -> None:
     context = torch.randn(1, 512, cfg.text_dim, device=device, generator=g)
     t = torch.tensor([600.0], device=device)
     rows, ref = [], None
+    SWITCHES.insert(0, SWITCHES.pop(1))  # fp32 first: it is the reference
     for mode, ac in SWITCHES:
+        vsa = args.attn == "vsa"
+        attn_fn = (vsa_reference if mode == "eager fp32" else vsa_attention) if vsa else sdpa_attention
         with torch.device("meta"):
-            model = WanModel(cfg, attn_fn=sdpa_attention)
-        parallelize_wan(model, dims, ac_mode=ac, compile=mode == "compile")
+            model = WanModel(config_with(cfg, vsa_gate=vsa), attn_fn=attn_fn)
+        parallelize_wan(model, dims, ac_mode=ac, compile=mode == "compile",
+                        param_dtype=torch.float32 if mode == "eager fp32" else torch.bfloat16)
+        if mode == "compile outer":  # torchtitan's order: the checkpoint wrapper itself compiled (AC inside the graph)
+            for block in model.blocks:
+                block.compile(fullgraph=False)
         model.to_empty(device=device)
         torch.manual_seed(0)
         model.init_weights()
+        meta = vsa_meta(model.token_grid(x.shape), 0.8, device) if vsa else None
+        if vsa:  # a live gate, so the coarse branch counts too
+            with torch.no_grad():
+                for block in model.blocks:
+                    w = getattr(block, "_checkpoint_wrapped_module", block).attn1.to_gate_compress.weight
+                    w.normal_(0, 0.02)  # after the seeded init: the same values in every switch
         for _ in range(2):  # the second pass is measured: compilation and lazy init are done in the first
             model.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, torch.bfloat16):
-                loss = ((model(x, t, context).float() - target) ** 2).mean()
+            with torch.autocast(device.type, torch.bfloat16, enabled=mode != "eager fp32"):
+                loss = ((model(x, t, context, meta).float() - target) ** 2).mean()
             loss.backward()
         grads = full_grads(model)
         exact = sum(v.square().sum() for v in grads.values()).sqrt().item()
         ours = clip_grad_norm(list(model.parameters()), float("inf")).item()
         theirs = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         theirs = (theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs).item()
-        if ref is None:
+        if mode == "eager fp32":  # the reference: every bf16 switch is compared with fp32
             ref = grads
         num = sum((grads[k] - ref[k]).square().sum() for k in ref).sqrt()
         den = sum(v.square().sum() for v in ref.values()).sqrt()
@@ -82,10 +97,10 @@ def main() -> None:
             torch.cuda.empty_cache()
     if rank == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        print(f"{args.preset} | latent {shape} | {name} | torch {torch.__version__}")
-        print(f"{'switch':24s} {'loss':>10s} {'norm torch':>12s} {'norm ours':>12s} {'norm fp64':>12s} {'grad rel':>10s}")
+        print(f"{args.preset} {args.attn} | latent {shape} | {name} | torch {torch.__version__}")
+        print(f"{'switch':30s} {'loss':>10s} {'norm torch':>12s} {'norm ours':>12s} {'norm fp64':>12s} {'grad rel':>10s}")
         for r in rows:
-            print(f"{r[0]:24s} {r[1]:10.5f} {r[2]:12.5g} {r[3]:12.5g} {r[4]:12.5g} {r[5]:10.2e}")
+            print(f"{r[0]:30s} {r[1]:10.5f} {r[2]:12.5g} {r[3]:12.5g} {r[4]:12.5g} {r[5]:10.2e}")
 
 
 if __name__ == "__main__":
