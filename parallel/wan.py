@@ -52,7 +52,7 @@ def parallelize_wan(
     if not frozen:  # no backward through the teacher: nothing to checkpoint
         apply_ac(model, ac_mode)
     if compile:
-        apply_compile(model)
+        apply_compile(model, trainable=not frozen)
     if fsdp and frozen:
         apply_fsdp_frozen(model, dims.fsdp_mesh, param_dtype=param_dtype, cpu_offload=cpu_offload)
     elif fsdp:

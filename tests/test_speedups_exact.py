@@ -70,3 +70,21 @@ def test_speed_switches_leave_losses_unchanged(plain, ac, compile):
     got = losses(ac, compile)
     assert len(got) == len(plain) == 6  # 4 critic + 2 DMD losses, in step order
     torch.testing.assert_close(torch.tensor(got), torch.tensor(plain), rtol=2e-5, atol=1e-6)
+
+
+def test_compile_of_a_trainable_model_is_refused_on_cuda(monkeypatch):
+    """Compiled training gave wrong gradients on an H100 (parallel/compile.py): on CUDA it stops with the fix named,
+    the frozen teacher still compiles, and the measuring tools' override lifts the block."""
+    from parallel.compile import ALLOW_TRAIN_COMPILE_ENV, apply_compile
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv(ALLOW_TRAIN_COMPILE_ENV, raising=False)
+    model = WanModel(WAN_CONFIGS["tiny"], attn_fn=sdpa_attention)
+    with pytest.raises(RuntimeError, match=r"parallel.compile=false.*check_speedups_gpu.py"):
+        parallelize_wan(model, types.SimpleNamespace(sp=1), compile=True, fsdp=False)
+    assert all(b._compiled_call_impl is None for b in model.blocks)  # nothing compiled before the refusal
+    parallelize_wan(WanModel(WAN_CONFIGS["tiny"], attn_fn=sdpa_attention), types.SimpleNamespace(sp=1), compile=True,
+                    fsdp=False, frozen=True)  # the teacher: allowed
+    monkeypatch.setenv(ALLOW_TRAIN_COMPILE_ENV, "1")
+    apply_compile(model, trainable=True)
+    assert all(b._compiled_call_impl is not None for b in model.blocks)

@@ -1,7 +1,7 @@
 """Time the real Wan2.1-1.3B sparse-distill step (the recipe's own step functions) on one GPU.
 
     python tools/bench_train.py                                  # 77x448x832 latents (20x28x52 = 29,120 tokens)
-    python tools/bench_train.py --ac selective --compile         # optimisation switches
+    python tools/bench_train.py --ac selective --compile         # switches (compiled training: see parallel/compile.py)
     torchrun --nproc_per_node 2 tools/bench_train.py --dp-replicate 2      # HSDP over 2 GPUs (scaling)
     torchrun --nproc_per_node 2 tools/bench_train.py --sp 2                # Ulysses SP = 2
 

@@ -19,6 +19,7 @@ Prints a short table last; exits non-zero when an SP comparison exceeds its tole
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("SPARSE_DISTILL_ALLOW_TRAIN_COMPILE", "1")  # this tool measures compiled training itself
 from attention.sdpa import sdpa_attention  # noqa: E402
 from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
@@ -116,7 +118,7 @@ def check_compile(device: torch.device) -> float:
     eager, compiled = build("tiny", False, device), build("tiny", False, device)
     apply_ulysses(compiled, dist.group.WORLD)
     apply_ac(compiled, "full")
-    apply_compile(compiled)
+    apply_compile(compiled, trainable=True)
     g = torch.Generator(device=device).manual_seed(2)
     cfg = eager.cfg
     latents = torch.randn(1, cfg.in_channels, 3, 6, 10, device=device, generator=g)

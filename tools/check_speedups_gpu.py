@@ -15,12 +15,14 @@ to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("SPARSE_DISTILL_ALLOW_TRAIN_COMPILE", "1")  # this tool measures compiled training itself
 from components.optim import clip_grad_norm  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402

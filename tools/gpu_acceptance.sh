@@ -57,7 +57,7 @@ single)
   step gpu_tests 240 python3 -m pytest -q -m gpu tests
   step bench_attention 240 python3 tools/bench_attention.py
   step bench_optimizer 120 python3 tools/bench_optimizer.py
-  step bench_train 300 python3 tools/bench_train.py --compile --ac selective --cycles 2 --profile "$OUT/train_profile.txt"
+  step bench_train 300 python3 tools/bench_train.py --ac full --cycles 2 --profile "$OUT/train_profile.txt"
   step bench_inference 420 python3 tools/bench_inference.py --cases a,b,c --diffusers
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_1gpu 400 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
@@ -70,21 +70,21 @@ quad)  # four GPUs: 1-GPU and 2-GPU runs side by side on disjoint GPUs, then SP 
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   chain 0 "recipe_1gpu 230 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml" \
-    "bench_train 170 python3 tools/bench_train.py --compile --ac selective --cycles 2 --profile $OUT/train_profile.txt"
+    "bench_train 170 python3 tools/bench_train.py --ac full --cycles 2 --profile $OUT/train_profile.txt"
   chain 1 "bench_inference 400 python3 tools/bench_inference.py --cases a,b,c --diffusers"
   chain 2,3 "recipe_2gpu 230 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x" \
     "check_parallel 100 torchrun --nproc_per_node 2 --master_port 29530 tools/check_parallel_gpu.py --only sp" \
-    "train_sp2 150 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --compile --ac selective \
+    "train_sp2 150 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --ac full \
     --cycles 1 --sp 2"
   collect
   step check_sp4 90 torchrun --nproc_per_node 4 tools/check_parallel_gpu.py --only sp
   ;;
 dual)
   step check_parallel 240 torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --only sp,timing --steps 3
-  step train_1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train.py --compile --ac selective --cycles 1
-  step train_hsdp2 220 torchrun --nproc_per_node 2 tools/bench_train.py --compile --ac selective --cycles 1 --dp-replicate 2
-  step train_sp2 220 torchrun --nproc_per_node 2 tools/bench_train.py --compile --ac selective --cycles 1 --sp 2
+  step train_1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 tools/bench_train.py --ac full --cycles 1
+  step train_hsdp2 220 torchrun --nproc_per_node 2 tools/bench_train.py --ac full --cycles 1 --dp-replicate 2
+  step train_sp2 220 torchrun --nproc_per_node 2 tools/bench_train.py --ac full --cycles 1 --sp 2
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_2gpu 400 torchrun --nproc_per_node 2 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 parallel.compile=false run.name=gpu_random_2x
