@@ -6,7 +6,8 @@
 One FSDP2-wrapped dense network (the critic's setup: bf16 compute, fp32 master weights and gradients) takes one
 flow-matching forward + backward on the same inputs under each switch: fp32 eager (the reference), bf16 eager without
 AC, with full and selective AC, per-block compile (the block inside the AC wrapper, parallel/compile.py) without AC,
-with full and selective AC, and the AC wrapper itself compiled (torchtitan's order). For each it
+with full and selective AC, and the AC wrapper itself compiled (torchtitan's order); then, to locate an error of the
+compiled runs, eager and compiled without FSDP2 and compiled with flash instead of cuDNN attention. For each it
 prints the loss, the global gradient norm from torch.nn.utils.clip_grad_norm_ (DTensor), from our local-shard
 components.optim.clip_grad_norm and in float64 from the full gradients, and the relative L2 distance of all gradients
 to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and a switch must stay near it.
@@ -27,11 +28,18 @@ from components.optim import clip_grad_norm  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
+import attention.sdpa as sdpa_module  # noqa: E402
 from attention.sdpa import sdpa_attention  # noqa: E402
 from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 
-SWITCHES = [("eager", "none"), ("eager fp32", "none"), ("eager", "full"), ("eager", "selective"), ("compile", "none"),
-            ("compile", "full"), ("compile", "selective"), ("compile outer", "full"), ("compile outer", "selective")]
+SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"), ("compile", "none"),
+            ("compile", "full"), ("compile", "selective"), ("compile outer", "full"), ("compile outer", "selective"),
+            # where a compiled error comes from: without FSDP2 (fp32 params, autocast), and without cuDNN attention
+            ("eager nofsdp", "none"), ("compile nofsdp", "none"), ("compile flash", "none")]
+
+
+CUDNN_FIRST = list(sdpa_module._CUDA_PRIORITY)
+FLASH_FIRST = [b for b in CUDNN_FIRST if b.name != "CUDNN_ATTENTION"]  # cuDNN out of the compiled graph's choices
 
 
 def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -48,6 +56,7 @@ def main() -> None:
     p.add_argument("--preset", default="wan21_1.3b", choices=list(WAN_CONFIGS))
     p.add_argument("--latent", default="12,28,52", help="latent T,H,W (eager without AC must fit: not 77x448x832)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "vsa"], help="vsa: the student's attention, rho 0.8")
+    p.add_argument("--only", default="", help="comma-separated MODE+AC switches, e.g. 'eager+none,compile flash+none'")
     args = p.parse_args()
     rank, world, device = init_distributed()
     cfg = WAN_CONFIGS[args.preset]
@@ -59,14 +68,17 @@ def main() -> None:
     context = torch.randn(1, 512, cfg.text_dim, device=device, generator=g)
     t = torch.tensor([600.0], device=device)
     rows, ref = [], None
-    SWITCHES.insert(0, SWITCHES.pop(1))  # fp32 first: it is the reference
+    only = args.only.split(",") if args.only else None
     for mode, ac in SWITCHES:
+        if only and mode != "eager fp32" and f"{mode}+{ac}" not in only:  # fp32 always: it is the reference
+            continue
+        sdpa_module._CUDA_PRIORITY[:] = FLASH_FIRST if mode == "compile flash" else CUDNN_FIRST
         vsa = args.attn == "vsa"
         attn_fn = (vsa_reference if mode == "eager fp32" else vsa_attention) if vsa else sdpa_attention
         with torch.device("meta"):
             model = WanModel(config_with(cfg, vsa_gate=vsa), attn_fn=attn_fn)
-        parallelize_wan(model, dims, ac_mode=ac, compile=mode == "compile",
-                        param_dtype=torch.float32 if mode == "eager fp32" else torch.bfloat16)
+        parallelize_wan(model, dims, ac_mode=ac, compile=mode.startswith("compile") and mode != "compile outer",
+                        fsdp="nofsdp" not in mode, param_dtype=torch.float32 if mode == "eager fp32" else torch.bfloat16)
         if mode == "compile outer":  # torchtitan's order: the checkpoint wrapper itself compiled (AC inside the graph)
             for block in model.blocks:
                 block.compile(fullgraph=False)
