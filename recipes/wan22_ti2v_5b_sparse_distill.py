@@ -92,7 +92,7 @@ class ParallelConfig:
     dp_replicate: int  # HSDP replicas; each shards over world / (dp_replicate · sp) ranks (= 1: pure replication)
     sp: int  # Ulysses sequence parallel size (divides the head count)
     mixed_precision: Literal["bf16", "fp32"]  # compute dtype; master weights and optimizer state stay fp32
-    activation_checkpointing: Literal["none", "full", "selective"] = "full"
+    activation_checkpointing: Literal["none", "full", "selective", "attention"] = "full"
     compile: bool = False
 
 @dataclass

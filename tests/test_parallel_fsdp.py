@@ -158,7 +158,7 @@ def test_load_sharded_rejects_mismatched_checkpoint(tmp_path):
 
 
 # ---- activation checkpointing (single process) ----
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "attention"])
 def test_ac_keeps_gradients_and_state_dict_keys(mode):
     latents, t, context, target = _batches(1)[0]
     plain, wrapped = _tiny(), _tiny()
@@ -171,6 +171,30 @@ def test_ac_keeps_gradients_and_state_dict_keys(mode):
     for name, p in wrapped.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("mode, runs_per_block", [("full", 2), ("selective", 1), ("attention", 1)])
+def test_ac_recomputes_attention_only_in_full_mode(mode, runs_per_block):
+    """The point of "selective" and "attention": backward reuses the saved attention outputs instead of running the
+    attention forward again (counted below SAC, at the aten level)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from parallel.ac import _ATTENTION_OPS
+
+    class CountAttention(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountAttention.calls += func in _ATTENTION_OPS
+            return func(*args, **(kwargs or {}))
+
+    latents, t, context, target = _batches(1)[0]
+    model = _tiny()
+    apply_ac(model, mode)
+    with CountAttention():
+        ((model(latents, t, context) - target) ** 2).mean().backward()
+    # two attentions per block (self and cross), run once in the forward and again in a full-AC recompute
+    assert CountAttention.calls == 2 * len(model.blocks) * runs_per_block
 
 
 def test_ac_rejects_unknown_mode():

@@ -65,7 +65,8 @@ def plain() -> list[float]:
     return losses("none", False)
 
 
-@pytest.mark.parametrize("ac, compile", [("full", False), ("selective", False), ("selective", True)])
+@pytest.mark.parametrize("ac, compile", [("full", False), ("selective", False), ("attention", False),
+                                         ("selective", True)])
 def test_speed_switches_leave_losses_unchanged(plain, ac, compile):
     got = losses(ac, compile)
     assert len(got) == len(plain) == 6  # 4 critic + 2 DMD losses, in step order

@@ -34,6 +34,9 @@ from models.wan import WAN_CONFIGS, WanConfig, WanModel, config_with  # noqa: E4
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
 
+# attention's share of a dense 1.3B forward at this length (tools/bench_model.py: 341 of 718 ms): the part of the
+# forward that AC mode "attention" does not recompute (FLOPs are counted as executed)
+ATTN_SHARE_OF_FORWARD = 0.475
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM (datasheet), the MFU denominator
 
 
@@ -89,7 +92,7 @@ def main() -> None:
     p.add_argument("--preset", default="wan21_1.3b", choices=[k for k in WAN_CONFIGS if k != "tiny"])
     p.add_argument("--latent", default="20,56,104", help="latent T,H,W (77x448x832 -> 20,56,104)")
     p.add_argument("--sparsity", type=float, default=0.8)
-    p.add_argument("--ac", default="full", choices=["none", "full", "selective"])
+    p.add_argument("--ac", default="full", choices=["none", "full", "selective", "attention"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--cycles", type=int, default=2, help="timed 5-step cycles (after one warm-up cycle)")
     p.add_argument("--dp-replicate", type=int, default=1)
@@ -192,7 +195,7 @@ def main() -> None:
     dense = forward_flops(cfg, tokens, 512, 1.0)
     sparse_fraction = meta.topk / meta.num_tiles
     sparse = forward_flops(cfg, tokens, 512, sparse_fraction)
-    recompute = 1 if args.ac == "full" else 0
+    recompute = {"full": 1, "attention": 1 - ATTN_SHARE_OF_FORWARD}.get(args.ac, 0)
     per_cycle = (5 * (sparse + dense * (3 + recompute))  # student rollout (no grad) + critic fwd/bwd, every step
                  + sparse * (3 + recompute) + dense + 2 * dense)  # student fwd/bwd, critic fwd, teacher cond+uncond
     per_cycle /= args.sp  # each SP rank computes 1/sp of every matmul and of the attention heads

@@ -33,7 +33,8 @@ import attention.sdpa as sdpa_module  # noqa: E402
 from attention.sdpa import sdpa_attention  # noqa: E402
 from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 
-SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"), ("compile", "none"),
+SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"), ("eager", "attention"),
+            ("compile", "none"),
             ("compile", "full"), ("compile", "selective"), ("compile outer", "full"), ("compile outer", "selective"),
             # where a compiled error comes from: without FSDP2 (fp32 params, autocast), and without cuDNN attention
             ("eager nofsdp", "none"), ("compile nofsdp", "none"), ("compile flash", "none"),
