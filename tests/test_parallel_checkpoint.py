@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from components.optim import ShardedAdamW
 from models.wan import WAN_CONFIGS, WanModel
 from models.wan_weights import load_pretrained
 from parallel.checkpoint import Checkpointer, ModelState, export_student
@@ -21,14 +22,14 @@ GLOBAL_BATCH = 2
 
 
 def _networks(world: int, init_seed: int) -> dict:
-    """Student and critic (tiny WanModels, FSDP over all ranks), AdamW + warm-up LR schedule for each."""
+    """Student and critic (tiny WanModels, FSDP over all ranks), the recipes' ShardedAdamW + warm-up LR schedule."""
     dims = build_mesh(world, 1, 1, "cpu")
     out = {}
     for i, name in enumerate(("student", "critic")):
         torch.manual_seed(init_seed + i)
         model = WanModel(WAN_CONFIGS["tiny"])
         parallelize_wan(model, dims, param_dtype=torch.float32, reduce_dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, eps=1e-4)
+        opt = ShardedAdamW(model.parameters(), lr=1e-2, eps=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
         out[name] = (model, opt, sched)
     # An EMA of the student as the recipes keep it: a dict of DTensor clones of the sharded parameters.
