@@ -58,7 +58,9 @@ single)
   step bench_attention 240 python3 tools/bench_attention.py
   step bench_optimizer 120 python3 tools/bench_optimizer.py
   step bench_train 300 python3 tools/bench_train.py --ac full --cycles 2 --profile "$OUT/train_profile.txt"
+  step bench_train_attn 300 python3 tools/bench_train.py --ac attention --cycles 2
   step bench_inference 420 python3 tools/bench_inference.py --cases a,b,c --diffusers
+  step bench_inference_compile 300 python3 tools/bench_inference.py --cases a --compile
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_1gpu 400 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml
@@ -71,7 +73,8 @@ quad)  # four GPUs: 1-GPU and 2-GPU runs side by side on disjoint GPUs, then SP 
   chain 0 "recipe_1gpu 230 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml" \
     "bench_train 170 python3 tools/bench_train.py --ac full --cycles 2 --profile $OUT/train_profile.txt"
-  chain 1 "bench_inference 400 python3 tools/bench_inference.py --cases a,b,c --diffusers"
+  chain 1 "bench_inference 400 python3 tools/bench_inference.py --cases a,b,c --diffusers" \
+    "bench_train_attn 170 python3 tools/bench_train.py --ac attention --cycles 2"
   chain 2,3 "recipe_2gpu 230 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x" \
     "check_parallel 100 torchrun --nproc_per_node 2 --master_port 29530 tools/check_parallel_gpu.py --only sp" \
