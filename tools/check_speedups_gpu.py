@@ -7,8 +7,9 @@ One FSDP2-wrapped dense network (the critic's setup: bf16 compute, fp32 master w
 flow-matching forward + backward on the same inputs under each switch: fp32 eager (the reference), bf16 eager without
 AC, with full and selective AC, per-block compile (the block inside the AC wrapper, parallel/compile.py) without AC,
 with full and selective AC, and the AC wrapper itself compiled (torchtitan's order); then, to locate an error of the
-compiled runs, eager and compiled without FSDP2, compiled with flash instead of cuDNN attention, and compiled with
-the self-attention call kept out of the graph (torch.compiler.disable). For each it
+compiled runs, eager and compiled without FSDP2, compiled with flash instead of cuDNN attention, compiled under FSDP2
+without resharding after forward (no re-all-gather for backward), and compiled with the self-attention call kept out
+of the graph (torch.compiler.disable). For each it
 prints the loss, the global gradient norm from torch.nn.utils.clip_grad_norm_ (DTensor), from our local-shard
 components.optim.clip_grad_norm and in float64 from the full gradients, and the relative L2 distance of all gradients
 to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and a switch must stay near it.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("SPARSE_DISTILL_ALLOW_TRAIN_COMPILE", "1")  # this tool measures compiled training itself
 from components.optim import clip_grad_norm  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
+from parallel.fsdp import apply_fsdp  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
 import attention.sdpa as sdpa_module  # noqa: E402
@@ -38,6 +40,8 @@ SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eage
             ("compile", "full"), ("compile", "selective"), ("compile outer", "full"), ("compile outer", "selective"),
             # where a compiled error comes from: without FSDP2 (fp32 params, autocast), and without cuDNN attention
             ("eager nofsdp", "none"), ("compile nofsdp", "none"), ("compile flash", "none"),
+            # FSDP2 keeps the unsharded params from forward to backward (no re-all-gather on its own CUDA stream)
+            ("compile noreshard", "none"),
             # a candidate fix: attention left out of the compiled graph (eager autograd around cuDNN / the VSA ops)
             ("compile attn-eager", "none"), ("compile attn-eager", "full")]
 
@@ -83,8 +87,11 @@ def main() -> None:
             attn_fn = torch.compiler.disable(attn_fn)
         with torch.device("meta"):
             model = WanModel(config_with(cfg, vsa_gate=vsa), attn_fn=attn_fn)
+        param_dtype = torch.float32 if mode == "eager fp32" else torch.bfloat16
         parallelize_wan(model, dims, ac_mode=ac, compile=mode.startswith("compile") and mode != "compile outer",
-                        fsdp="nofsdp" not in mode, param_dtype=torch.float32 if mode == "eager fp32" else torch.bfloat16)
+                        fsdp="nofsdp" not in mode and "noreshard" not in mode, param_dtype=param_dtype)
+        if "noreshard" in mode:
+            apply_fsdp(model, dims.fsdp_mesh, param_dtype=param_dtype, reshard_after_forward=False)
         if mode == "compile outer":  # torchtitan's order: the checkpoint wrapper itself compiled (AC inside the graph)
             for block in model.blocks:
                 block.compile(fullgraph=False)
