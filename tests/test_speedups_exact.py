@@ -4,6 +4,7 @@ selective AC (the tuned GPU setting) give the same critic and DMD losses step af
 
 import dataclasses
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
@@ -97,11 +98,16 @@ def test_check_speedups_gpu_tool_runs_on_cpu():
     three grad norms of each row agreeing."""
     import subprocess
 
-    out = subprocess.run(
+    # a fresh one-process group: not the torchrun variables an in-process recipe test may have left behind
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run(
         [sys.executable, str(ROOT / "tools/check_speedups_gpu.py"), "--preset", "tiny", "--latent", "2,4,8",
          "--only", "eager+none,compile+none"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, check=True,
-    ).stdout
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
     rows = {line[:30].strip(): [float(v) for v in line[30:].split()] for line in out.splitlines() if "+ AC" in line}
     assert list(rows) == ["eager fp32 + AC none", "eager + AC none", "compile + AC none"]
     for name, (loss, norm_torch, norm_ours, norm_fp64, rel) in rows.items():
