@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.optim.adam import adam as adam_functional
 from torch.distributed.tensor import DTensor, Shard
+from torch.optim.adam import adam as adam_functional
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

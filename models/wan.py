@@ -394,6 +394,7 @@ class WanModel(nn.Module):
         x, cos, sin, tmod = self.token_shard(x, cos, sin, tmod)
         # One row-major layout into the blocks: the plain, reordered and SP-sharded x arrive with different strides,
         # and every stride pattern is one more torch.compile graph of the block (recompile limit: parallel/compile.py).
+        # Not `contiguous()`: it keeps the arbitrary stride of a size-1 batch dim, which dynamo also guards on.
         dense = tuple(math.prod(x.shape[i + 1:]) for i in range(x.ndim))
         if x.stride() != dense:
             x = x.clone(memory_format=torch.contiguous_format)

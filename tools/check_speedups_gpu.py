@@ -25,15 +25,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("SPARSE_DISTILL_ALLOW_TRAIN_COMPILE", "1")  # this tool measures compiled training itself
-from components.optim import clip_grad_norm  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
-from parallel.fsdp import apply_fsdp  # noqa: E402
-from parallel.mesh import build_mesh, init_distributed  # noqa: E402
-from parallel.wan import parallelize_wan  # noqa: E402
 import attention.sdpa as sdpa_module  # noqa: E402
 from attention.sdpa import sdpa_attention  # noqa: E402
 from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
+from components.optim import clip_grad_norm  # noqa: E402
+from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
+from parallel.compile import ALLOW_TRAIN_COMPILE_ENV  # noqa: E402
+from parallel.fsdp import apply_fsdp  # noqa: E402
+from parallel.mesh import build_mesh, init_distributed  # noqa: E402
+from parallel.wan import parallelize_wan  # noqa: E402
+
+os.environ.setdefault(ALLOW_TRAIN_COMPILE_ENV, "1")  # this tool measures compiled training itself
 
 SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"), ("eager", "attention"),
             ("compile", "none"),
