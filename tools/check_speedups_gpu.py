@@ -9,7 +9,7 @@ AC, with full and selective AC, per-block compile (the block inside the AC wrapp
 with full and selective AC, and the AC wrapper itself compiled (torchtitan's order); then, to locate an error of the
 compiled runs, eager and compiled without FSDP2, compiled with flash instead of cuDNN attention, compiled under FSDP2
 without resharding after forward (no re-all-gather for backward), and compiled with the self-attention call kept out
-of the graph (torch.compiler.disable). For each it
+of the graph (torch.compiler.disable), compiled without cuDNN attention anywhere, and compiled in fp32. For each it
 prints the loss, the global gradient norm from torch.nn.utils.clip_grad_norm_ (DTensor), from our local-shard
 components.optim.clip_grad_norm and in float64 from the full gradients, and the relative L2 distance of all gradients
 to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and a switch must stay near it.
@@ -18,11 +18,13 @@ to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attention.sdpa as sdpa_module  # noqa: E402
@@ -45,11 +47,19 @@ SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eage
             # FSDP2 keeps the unsharded params from forward to backward (no re-all-gather on its own CUDA stream)
             ("compile noreshard", "none"),
             # a candidate fix: attention left out of the compiled graph (eager autograd around cuDNN / the VSA ops)
-            ("compile attn-eager", "none"), ("compile attn-eager", "full")]
+            ("compile attn-eager", "none"), ("compile attn-eager", "full"),
+            # no cuDNN attention anywhere (also the cross-attention's plain F.scaled_dot_product_attention), and the
+            # compiled fp32 model under FSDP2 (no autocast: separates a bf16/autocast error from a compile error)
+            ("compile nocudnn", "none"), ("compile fp32", "none")]
 
 
 CUDNN_FIRST = list(sdpa_module._CUDA_PRIORITY)
 FLASH_FIRST = [b for b in CUDNN_FIRST if b.name != "CUDNN_ATTENTION"]  # cuDNN out of the compiled graph's choices
+
+
+def backends(no_cudnn: bool):
+    """Every SDPA call of the model (self- and cross-attention) without cuDNN, or no restriction."""
+    return sdpa_kernel(FLASH_FIRST) if no_cudnn and torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def full_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -66,10 +76,13 @@ def main() -> None:
     p.add_argument("--preset", default="wan21_1.3b", choices=list(WAN_CONFIGS))
     p.add_argument("--latent", default="12,28,52", help="latent T,H,W (eager without AC must fit: not 77x448x832)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "vsa"], help="vsa: the student's attention, rho 0.8")
+    p.add_argument("--layers", type=int, default=0, help="override num_layers (faster; the error is per block)")
     p.add_argument("--only", default="", help="comma-separated MODE+AC switches, e.g. 'eager+none,compile flash+none'")
     args = p.parse_args()
     rank, world, device = init_distributed()
     cfg = WAN_CONFIGS[args.preset]
+    if args.layers:
+        cfg = config_with(cfg, num_layers=args.layers)
     dims = build_mesh(world, 1, 1, device.type, cfg.num_heads)
     shape = tuple(int(s) for s in args.latent.split(","))
     g = torch.Generator(device).manual_seed(0)
@@ -82,14 +95,19 @@ def main() -> None:
     for mode, ac in SWITCHES:
         if only and mode != "eager fp32" and f"{mode}+{ac}" not in only:  # fp32 always: it is the reference
             continue
-        sdpa_module._CUDA_PRIORITY[:] = FLASH_FIRST if mode == "compile flash" else CUDNN_FIRST
+        # Every switch compiles afresh: the compiled block graphs are cached on WanBlock.forward's code object, and
+        # the SDPA backend choice (made while tracing) is not among their guards.
+        torch._dynamo.reset()
+        no_cudnn = mode in ("compile flash", "compile nocudnn")
+        sdpa_module._CUDA_PRIORITY[:] = FLASH_FIRST if no_cudnn else CUDNN_FIRST
+        fp32 = mode in ("eager fp32", "compile fp32")
         vsa = args.attn == "vsa"
         attn_fn = (vsa_reference if mode == "eager fp32" else vsa_attention) if vsa else sdpa_attention
         if mode == "compile attn-eager":
             attn_fn = torch.compiler.disable(attn_fn)
         with torch.device("meta"):
             model = WanModel(config_with(cfg, vsa_gate=vsa), attn_fn=attn_fn)
-        param_dtype = torch.float32 if mode == "eager fp32" else torch.bfloat16
+        param_dtype = torch.float32 if fp32 else torch.bfloat16
         parallelize_wan(model, dims, ac_mode=ac, compile=mode.startswith("compile") and mode != "compile outer",
                         fsdp="nofsdp" not in mode and "noreshard" not in mode, param_dtype=param_dtype)
         if "noreshard" in mode:
@@ -108,9 +126,10 @@ def main() -> None:
                     w.normal_(0, 0.02)  # after the seeded init: the same values in every switch
         for _ in range(2):  # the second pass is measured: compilation and lazy init are done in the first
             model.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, torch.bfloat16, enabled=mode != "eager fp32"):
-                loss = ((model(x, t, context, meta).float() - target) ** 2).mean()
-            loss.backward()
+            with backends(mode == "compile nocudnn"):
+                with torch.autocast(device.type, torch.bfloat16, enabled=not fp32):
+                    loss = ((model(x, t, context, meta).float() - target) ** 2).mean()
+                loss.backward()
         grads = full_grads(model)
         exact = sum(v.square().sum() for v in grads.values()).sqrt().item()
         ours = clip_grad_norm(list(model.parameters()), float("inf")).item()

@@ -27,7 +27,7 @@ wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 summarize() {  # the step's exit status and the lines of its log that carry results
   [ -f "$LOGS/$1.rc" ] || return 0
   echo "== $1 (exit $(cat "$LOGS/$1.rc"))" | tee -a "$OUT/summary.txt"
-  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) |AC |norm fp64" "$LOGS/$1.log" |
+  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) | AC |norm fp64" "$LOGS/$1.log" |
     cut -c1-400 | tail -12 | tee -a "$OUT/summary.txt"
 }
 run_step() {  # run_step NAME SECONDS CMD...: run with a time box, log to $LOGS/NAME.log
@@ -54,6 +54,8 @@ collect() {  # wait for the chains, then summarize their steps in the order they
 case "${1:-}" in
 single)
   step check_speedups 200 python3 tools/check_speedups_gpu.py
+  step check_compile 290 python3 tools/check_speedups_gpu.py --layers 6 --only "eager+none,compile+none,\
+compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eager+none,compile fp32+none"
   step gpu_tests 240 python3 -m pytest -q -m gpu tests
   step bench_attention 240 python3 tools/bench_attention.py
   step bench_optimizer 120 python3 tools/bench_optimizer.py
@@ -70,15 +72,15 @@ single)
   ;;
 quad)  # four GPUs: 1-GPU and 2-GPU runs side by side on disjoint GPUs, then SP 4 (the 14B recipe's layout)
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
-  chain 0 "recipe_1gpu 230 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
+  chain 0 "check_compile 290 python3 tools/check_speedups_gpu.py --layers 6 --only 'eager+none,compile+none,\
+compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eager+none,compile fp32+none'" \
+    "bench_train_attn 200 python3 tools/bench_train.py --ac attention --cycles 2"
+  chain 1 "recipe_1gpu 300 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml" \
     "bench_train 170 python3 tools/bench_train.py --ac full --cycles 2 --profile $OUT/train_profile.txt"
-  chain 1 "bench_inference 400 python3 tools/bench_inference.py --cases a,b,c --diffusers" \
-    "bench_train_attn 170 python3 tools/bench_train.py --ac attention --cycles 2"
-  chain 2,3 "recipe_2gpu 230 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
+  chain 2,3 "recipe_2gpu 300 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x" \
-    "check_parallel 100 torchrun --nproc_per_node 2 --master_port 29530 tools/check_parallel_gpu.py --only sp" \
-    "train_sp2 150 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --ac full \
+    "train_sp2 170 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --ac full \
     --cycles 1 --sp 2"
   collect
   step check_sp4 90 torchrun --nproc_per_node 4 tools/check_parallel_gpu.py --only sp
