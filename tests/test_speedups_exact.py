@@ -108,7 +108,9 @@ def test_check_speedups_gpu_tool_runs_on_cpu():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    rows = {line[:30].strip(): [float(v) for v in line[30:].split()] for line in out.splitlines() if "+ AC" in line}
+    rows = {line[:30].strip(): [float(v) for v in line[30:].split()[:5]] for line in out.splitlines()
+            if "+ AC" in line}
+    assert "FAILED" not in out, out
     assert list(rows) == ["eager fp32 + AC none", "eager + AC none", "compile + AC none"]
     for name, (loss, norm_torch, norm_ours, norm_fp64, rel) in rows.items():
         assert norm_torch == pytest.approx(norm_fp64, rel=1e-4) and norm_ours == pytest.approx(norm_fp64, rel=1e-4), name

@@ -90,66 +90,81 @@ def main() -> None:
     target = torch.randn(1, cfg.out_channels, *shape, device=device, generator=g)
     context = torch.randn(1, 512, cfg.text_dim, device=device, generator=g)
     t = torch.tensor([600.0], device=device)
-    rows, ref = [], None
+    ref = None
     only = args.only.split(",") if args.only else None
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{args.preset} {args.attn} | latent {shape} | {name} | torch {torch.__version__}")
+    say(f"{'switch':30s} {'loss':>10s} {'norm torch':>12s} {'norm ours':>12s} {'norm fp64':>12s} {'grad rel':>10s}"
+        "  worst parameters (rel. error)", flush=True)
     for mode, ac in SWITCHES:
         if only and mode != "eager fp32" and f"{mode}+{ac}" not in only:  # fp32 always: it is the reference
             continue
-        # Every switch compiles afresh: the compiled block graphs are cached on WanBlock.forward's code object, and
-        # the SDPA backend choice (made while tracing) is not among their guards.
-        torch._dynamo.reset()
-        no_cudnn = mode in ("compile flash", "compile nocudnn")
-        sdpa_module._CUDA_PRIORITY[:] = FLASH_FIRST if no_cudnn else CUDNN_FIRST
-        fp32 = mode in ("eager fp32", "compile fp32")
-        vsa = args.attn == "vsa"
-        attn_fn = (vsa_reference if mode == "eager fp32" else vsa_attention) if vsa else sdpa_attention
-        if mode == "compile attn-eager":
-            attn_fn = torch.compiler.disable(attn_fn)
-        with torch.device("meta"):
-            model = WanModel(config_with(cfg, vsa_gate=vsa), attn_fn=attn_fn)
-        param_dtype = torch.float32 if fp32 else torch.bfloat16
-        parallelize_wan(model, dims, ac_mode=ac, compile=mode.startswith("compile") and mode != "compile outer",
-                        fsdp="nofsdp" not in mode and "noreshard" not in mode, param_dtype=param_dtype)
-        if "noreshard" in mode:
-            apply_fsdp(model, dims.fsdp_mesh, param_dtype=param_dtype, reshard_after_forward=False)
-        if mode == "compile outer":  # torchtitan's order: the checkpoint wrapper itself compiled (AC inside the graph)
-            for block in model.blocks:
-                block.compile(fullgraph=False)
-        model.to_empty(device=device)
-        torch.manual_seed(0)
-        model.init_weights()
-        meta = vsa_meta(model.token_grid(x.shape), 0.8, device) if vsa else None
-        if vsa:  # a live gate, so the coarse branch counts too
-            with torch.no_grad():
-                for block in model.blocks:
-                    w = getattr(block, "_checkpoint_wrapped_module", block).attn1.to_gate_compress.weight
-                    w.normal_(0, 0.02)  # after the seeded init: the same values in every switch
-        for _ in range(2):  # the second pass is measured: compilation and lazy init are done in the first
-            model.zero_grad(set_to_none=True)
-            with backends(mode == "compile nocudnn"):
-                with torch.autocast(device.type, torch.bfloat16, enabled=not fp32):
-                    loss = ((model(x, t, context, meta).float() - target) ** 2).mean()
-                loss.backward()
-        grads = full_grads(model)
-        exact = sum(v.square().sum() for v in grads.values()).sqrt().item()
-        ours = clip_grad_norm(list(model.parameters()), float("inf")).item()
-        theirs = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        theirs = (theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs).item()
+        try:  # one failing switch (a compile error) must not hide the others' rows
+            loss, grads, ours, theirs = run_switch(args, cfg, dims, device, mode, ac, (x, t, context, target))
+        except Exception as e:  # noqa: BLE001 - reported as the switch's row
+            say(f"{mode + ' + AC ' + ac:30s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            continue
         if mode == "eager fp32":  # the reference: every bf16 switch is compared with fp32
             ref = grads
+        exact = sum(v.square().sum() for v in grads.values()).sqrt().item()
         num = sum((grads[k] - ref[k]).square().sum() for k in ref).sqrt()
         den = sum(v.square().sum() for v in ref.values()).sqrt()
-        rows.append((f"{mode} + AC {ac}", loss.item(), theirs, ours, exact, (num / den).item()))
-        del model, grads
+        # where the error sits (last block only: its input gradient; every block: the blocks; embedders: tmod/context)
+        err = {k: (grads[k] - ref[k]).norm().item() for k in ref}  # ranked by absolute error, shown relative
+        worst = ", ".join(f"{k} {err[k] / max(ref[k].norm().item(), 1e-30):.1e}"
+                          for k in sorted(err, key=lambda k: -err[k])[:3])
+        say(f"{mode + ' + AC ' + ac:30s} {loss:10.5f} {theirs:12.5g} {ours:12.5g} {exact:12.5g} {(num / den).item():10.2e}"
+            f"  {worst}", flush=True)
+        del grads
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if rank == 0:
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-        print(f"{args.preset} {args.attn} | latent {shape} | {name} | torch {torch.__version__}")
-        print(f"{'switch':30s} {'loss':>10s} {'norm torch':>12s} {'norm ours':>12s} {'norm fp64':>12s} {'grad rel':>10s}")
-        for r in rows:
-            print(f"{r[0]:30s} {r[1]:10.5f} {r[2]:12.5g} {r[3]:12.5g} {r[4]:12.5g} {r[5]:10.2e}")
 
+
+def run_switch(args: argparse.Namespace, cfg, dims, device: torch.device, mode: str, ac: str,
+               batch: tuple) -> tuple[float, dict[str, torch.Tensor], float, float]:
+    """Build the model under one switch, run two fwd+bwd passes, return the loss, full gradients and both norms."""
+    x, t, context, target = batch
+    # Every switch compiles afresh: the compiled block graphs are cached on WanBlock.forward's code object, and
+    # the SDPA backend choice (made while tracing) is not among their guards.
+    torch._dynamo.reset()
+    no_cudnn = mode in ("compile flash", "compile nocudnn")
+    sdpa_module._CUDA_PRIORITY[:] = FLASH_FIRST if no_cudnn else CUDNN_FIRST
+    fp32 = mode in ("eager fp32", "compile fp32")
+    vsa = args.attn == "vsa"
+    attn_fn = (vsa_reference if mode == "eager fp32" else vsa_attention) if vsa else sdpa_attention
+    if mode == "compile attn-eager":
+        attn_fn = torch.compiler.disable(attn_fn)
+    with torch.device("meta"):
+        model = WanModel(config_with(cfg, vsa_gate=vsa), attn_fn=attn_fn)
+    param_dtype = torch.float32 if fp32 else torch.bfloat16
+    parallelize_wan(model, dims, ac_mode=ac, compile=mode.startswith("compile") and mode != "compile outer",
+                    fsdp="nofsdp" not in mode and "noreshard" not in mode, param_dtype=param_dtype)
+    if "noreshard" in mode:
+        apply_fsdp(model, dims.fsdp_mesh, param_dtype=param_dtype, reshard_after_forward=False)
+    if mode == "compile outer":  # torchtitan's order: the checkpoint wrapper itself compiled (AC inside the graph)
+        for block in model.blocks:
+            block.compile(fullgraph=False)
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    meta = vsa_meta(model.token_grid(x.shape), 0.8, device) if vsa else None
+    if vsa:  # a live gate, so the coarse branch counts too
+        with torch.no_grad():
+            for block in model.blocks:
+                w = getattr(block, "_checkpoint_wrapped_module", block).attn1.to_gate_compress.weight
+                w.normal_(0, 0.02)  # after the seeded init: the same values in every switch
+    for _ in range(2):  # the second pass is measured: compilation and lazy init are done in the first
+        model.zero_grad(set_to_none=True)
+        with backends(mode == "compile nocudnn"):
+            with torch.autocast(device.type, torch.bfloat16, enabled=not fp32):
+                loss = ((model(x, t, context, meta).float() - target) ** 2).mean()
+            loss.backward()
+    grads = full_grads(model)
+    ours = clip_grad_norm(list(model.parameters()), float("inf")).item()
+    theirs = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    theirs = (theirs.full_tensor() if hasattr(theirs, "full_tensor") else theirs).item()
+    return loss.item(), grads, ours, theirs
 
 if __name__ == "__main__":
     main()

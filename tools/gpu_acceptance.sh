@@ -6,6 +6,7 @@
 #   bash tools/gpu_acceptance.sh dual      # two H100s: SP/FSDP checks, DMD-step scaling, SP=2 step, 2-GPU recipe,
 #                                          # the 14B block structure at reduced depth (SP=2, DP=2; issue 10's 2-GPU part)
 #   bash tools/gpu_acceptance.sh quad      # four H100s: the dual runs side by side, SP 4 checks and a 14B SP 4 step
+#   bash tools/gpu_acceptance.sh diagnose  # four H100s: compiled-gradient diagnosis beside recipe/inference/GPU tests
 #   bash tools/gpu_acceptance.sh single bench_train,recipe_1gpu   # only the named steps (one call stays < 10 min)
 #
 # diffusers is not on the device image: carry cp312 wheels in .whl/ (see the device notes); they are installed here.
@@ -27,7 +28,7 @@ wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
 summarize() {  # the step's exit status and the lines of its log that carry results
   [ -f "$LOGS/$1.rc" ] || return 0
   echo "== $1 (exit $(cat "$LOGS/$1.rc"))" | tee -a "$OUT/summary.txt"
-  grep -E "RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) | AC |norm fp64" "$LOGS/$1.log" |
+  grep -E "FAILED|RESULT|speedup|x /|ok$|FAIL|eff |frames/s|passed|failed|Error|^step (1|5|10|12) | AC |norm fp64" "$LOGS/$1.log" |
     cut -c1-400 | tail -12 | tee -a "$OUT/summary.txt"
 }
 run_step() {  # run_step NAME SECONDS CMD...: run with a time box, log to $LOGS/NAME.log
@@ -84,6 +85,17 @@ compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eag
     --cycles 1 --sp 2"
   collect
   step check_sp4 90 torchrun --nproc_per_node 4 tools/check_parallel_gpu.py --only sp
+  ;;
+diagnose)  # four GPUs: locate the compiled-gradient error (GPU 0) beside the recipe with attention-only AC (GPU 1),
+  # compiled inference (GPU 2) and the GPU tests (GPU 3)
+  step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
+  chain 0 "check_compile 400 python3 tools/check_speedups_gpu.py --layers 4 --only 'eager+none,compile+none,\
+compile nofsdp+none,compile nocudnn+none,compile fp32+none,compile noreshard+none,compile attn-eager+none'"
+  chain 1 "recipe_1gpu_attn 300 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml parallel.activation_checkpointing=attention run.name=gpu_random_attn"
+  chain 2 "bench_inference_compile 400 python3 tools/bench_inference.py --cases a --compile"
+  chain 3 "gpu_tests 300 python3 -m pytest -q -m gpu tests"
+  collect
   ;;
 dual)
   step check_parallel 240 torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --only sp,timing --steps 3
