@@ -19,7 +19,6 @@ Prints a short table last; exits non-zero when an SP comparison exceeds its tole
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -35,13 +34,11 @@ from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 from models.wan_weights import export_pretrained  # noqa: E402
 from parallel.ac import apply_ac  # noqa: E402
-from parallel.compile import ALLOW_TRAIN_COMPILE_ENV, apply_compile  # noqa: E402
+from parallel.compile import apply_compile  # noqa: E402
 from parallel.fsdp import apply_fsdp  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import load_sharded, parallelize_wan  # noqa: E402
 from parallel.ulysses import apply_ulysses  # noqa: E402
-
-os.environ.setdefault(ALLOW_TRAIN_COMPILE_ENV, "1")  # this tool measures compiled training itself
 
 OUT_TOL = 2e-2  # relative L2 error, bf16 compute over 30 blocks
 GRAD_FLOOR_FACTOR = 1.5  # SP=2's gradient error vs fp32 may exceed SP=1's bf16 error by this factor

@@ -9,7 +9,8 @@ AC, with full and selective AC, per-block compile (the block inside the AC wrapp
 with full and selective AC, and the AC wrapper itself compiled (torchtitan's order); then, to locate an error of the
 compiled runs, eager and compiled without FSDP2, compiled with flash instead of cuDNN attention, compiled under FSDP2
 without resharding after forward (no re-all-gather for backward), and compiled with the self-attention call kept out
-of the graph (torch.compiler.disable), compiled without cuDNN attention anywhere, and compiled in fp32. For each it
+of the graph (torch.compiler.disable), compiled without cuDNN attention anywhere, compiled in fp32, and compiled
+with inductor's mix-order reduction on (torch's default, off in parallel/compile.py). For each it
 prints the loss, the global gradient norm from torch.nn.utils.clip_grad_norm_ (DTensor), from our local-shard
 components.optim.clip_grad_norm and in float64 from the full gradients, and the relative L2 distance of all gradients
 to an fp32 eager run; the bf16 floor is the plain bf16 eager run's distance, and a switch must stay near it.
@@ -19,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
 import torch
+import torch._inductor.config
 from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -32,12 +33,9 @@ from attention.sdpa import sdpa_attention  # noqa: E402
 from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
 from components.optim import clip_grad_norm  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
-from parallel.compile import ALLOW_TRAIN_COMPILE_ENV  # noqa: E402
 from parallel.fsdp import apply_fsdp  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
-
-os.environ.setdefault(ALLOW_TRAIN_COMPILE_ENV, "1")  # this tool measures compiled training itself
 
 SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"), ("eager", "attention"),
             ("compile", "none"),
@@ -50,7 +48,9 @@ SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eage
             ("compile attn-eager", "none"), ("compile attn-eager", "full"),
             # no cuDNN attention anywhere (also the cross-attention's plain F.scaled_dot_product_attention), and the
             # compiled fp32 model under FSDP2 (no autocast: separates a bf16/autocast error from a compile error)
-            ("compile nocudnn", "none"), ("compile fp32", "none")]
+            ("compile nocudnn", "none"), ("compile fp32", "none"),
+            # with inductor's mix-order reduction left on (torch's default; the bug in parallel/compile.py)
+            ("compile mixorder", "none"), ("compile", "attention")]
 
 
 CUDNN_FIRST = list(sdpa_module._CUDA_PRIORITY)
@@ -145,6 +145,8 @@ def run_switch(args: argparse.Namespace, cfg, dims, device: torch.device, mode: 
     if mode == "compile outer":  # torchtitan's order: the checkpoint wrapper itself compiled (AC inside the graph)
         for block in model.blocks:
             block.compile(fullgraph=False)
+    # read when the graphs compile (at the first call): parallel/compile.py turns it off, this switch back on
+    torch._inductor.config.triton.mix_order_reduction = mode == "compile mixorder"
     model.to_empty(device=device)
     torch.manual_seed(0)
     model.init_weights()

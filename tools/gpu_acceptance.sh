@@ -6,7 +6,7 @@
 #   bash tools/gpu_acceptance.sh dual      # two H100s: SP/FSDP checks, DMD-step scaling, SP=2 step, 2-GPU recipe,
 #                                          # the 14B block structure at reduced depth (SP=2, DP=2; issue 10's 2-GPU part)
 #   bash tools/gpu_acceptance.sh quad      # four H100s: the dual runs side by side, SP 4 checks and a 14B SP 4 step
-#   bash tools/gpu_acceptance.sh diagnose  # four H100s: compiled-gradient diagnosis beside recipe/inference/GPU tests
+#   bash tools/gpu_acceptance.sh compiled  # four H100s: compiled training checked against eager, then timed
 #   bash tools/gpu_acceptance.sh single bench_train,recipe_1gpu   # only the named steps (one call stays < 10 min)
 #
 # diffusers is not on the device image: carry cp312 wheels in .whl/ (see the device notes); they are installed here.
@@ -86,15 +86,21 @@ compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eag
   collect
   step check_sp4 90 torchrun --nproc_per_node 4 tools/check_parallel_gpu.py --only sp
   ;;
-diagnose)  # four GPUs: locate the compiled-gradient error (GPU 0) beside the recipe with attention-only AC (GPU 1),
-  # compiled inference (GPU 2) and the GPU tests (GPU 3)
+compiled)  # four GPUs: compiled training (mix-order reduction off, parallel/compile.py) checked against eager and
+  # timed: gradients (GPU 0), 1-GPU step + recipe (GPU 1), HSDP 2 and SP 2 steps (GPUs 2,3)
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
-  chain 0 "check_compile 400 python3 tools/check_speedups_gpu.py --layers 4 --only 'eager+none,compile+none,\
-compile nofsdp+none,compile nocudnn+none,compile fp32+none,compile noreshard+none,compile attn-eager+none'"
-  chain 1 "recipe_1gpu_attn 300 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
-    --toml tests/assets/gpu_1_3b_random.toml parallel.activation_checkpointing=attention run.name=gpu_random_attn"
-  chain 2 "bench_inference_compile 400 python3 tools/bench_inference.py --cases a --compile"
-  chain 3 "gpu_tests 300 python3 -m pytest -q -m gpu tests"
+  chain 0 "check_compile 260 python3 tools/check_speedups_gpu.py --layers 4 --only 'eager+none,compile+none,\
+compile+full,compile+attention,compile mixorder+none,compile fp32+none'" \
+    "train_compile_full 200 python3 tools/bench_train.py --ac full --compile --cycles 2"
+  chain 1 "train_compile_attn 200 python3 tools/bench_train.py --ac attention --compile --cycles 2 \
+    --profile $OUT/train_profile.txt" \
+    "recipe_1gpu_compiled 300 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
+    --toml tests/assets/gpu_1_3b_random.toml parallel.activation_checkpointing=attention parallel.compile=true \
+    run.name=gpu_random_compiled"
+  chain 2,3 "train_hsdp2 200 torchrun --nproc_per_node 2 --master_port 29520 tools/bench_train.py --ac attention \
+    --compile --cycles 2 --dp-replicate 2" \
+    "train_sp2 200 torchrun --nproc_per_node 2 --master_port 29540 tools/bench_train.py --ac attention --compile \
+    --cycles 2 --sp 2"
   collect
   ;;
 dual)
