@@ -21,11 +21,19 @@ docs/VSA_NOTES.md); launchers accept overrides so the benchmark can sweep them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (triton >= 3.3); without them the kernels gather rows through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
 BLOCK = 64  # rows per tile slot: a 4×4×4 tile holds at most 64 tokens
+TMA_ENV = "SPARSE_DISTILL_VSA_TMA"  # "0": pointer gathers instead of TMA loads (A/B benchmarks, fallback)
 LOG2E = 1.4426950408889634
 
 # Launch configs, head dim -> (num_warps, num_stages, tiles per loop step): the forward's; the backward's as
@@ -83,11 +91,25 @@ def _tile_rows(SEL, s, count, L, TILES: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _tile_pair_tma(XD, YD, SEL, s, b, h, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """One selected tile's rows of two (B·L, H·D) tensors through TMA descriptors, and which rows are real tokens.
+
+    The BLOCK rows from the tile's start run past a partial tile into the next tile (or batch): masked by the caller;
+    rows past B·L read as zeros (TMA bounds).
+    """
+    packed = tl.load(SEL + s)
+    row = b * L + (packed >> 7)
+    x = XD.load([row, h * HEAD_DIM])
+    y = YD.load([row, h * HEAD_DIM])
+    return x, y, tl.arange(0, BLOCK) < (packed & 127)
+
+
+@triton.jit
 def _fine_fwd_kernel(
-    Q, K, V, O, LSE, Q2K, OFFS, GATE, COARSE, O_FINE,
+    Q, K, V, O, LSE, Q2K, OFFS, GATE, COARSE, O_FINE, KD, VD,
     stride_b, stride_l, stride_h,
     H, L, N, TOPK, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr, TMA: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -108,10 +130,13 @@ def _fine_fwd_kernel(
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
     for s in range(0, TOPK, KV_TILES):
-        kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
-        kv_off = kv_rows[:, None] * stride_l + dims[None, :]
-        k = tl.load(K + base + kv_off)
-        v = tl.load(V + base + kv_off)
+        if TMA:  # one tile per step through the Hopper TMA unit: no per-element address math
+            k, v, kv_ok = _tile_pair_tma(KD, VD, sel, s, b, h, L, HEAD_DIM, BLOCK)
+        else:
+            kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
+            kv_off = kv_rows[:, None] * stride_l + dims[None, :]
+            k = tl.load(K + base + kv_off)
+            v = tl.load(V + base + kv_off)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, KV_TILES·BLOCK kv), base-2 logits
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -133,10 +158,10 @@ def _fine_fwd_kernel(
 
 @triton.jit
 def _fine_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, Q2K, OFFS, GATE, COARSE, DGATE, DCOARSE,
+    Q, K, V, O, DO, DQ, LSE, DELTA, Q2K, OFFS, GATE, COARSE, DGATE, DCOARSE, KD, VD,
     stride_b, stride_l, stride_h,
     H, L, N, TOPK, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr, TMA: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -168,10 +193,13 @@ def _fine_bwd_dq_kernel(
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
     for s in range(0, TOPK, KV_TILES):
-        kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
-        kv_off = kv_rows[:, None] * stride_l + dims[None, :]
-        k = tl.load(K + base + kv_off)
-        v = tl.load(V + base + kv_off)
+        if TMA:
+            k, v, kv_ok = _tile_pair_tma(KD, VD, sel, s, b, h, L, HEAD_DIM, BLOCK)
+        else:
+            kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
+            kv_off = kv_rows[:, None] * stride_l + dims[None, :]
+            k = tl.load(K + base + kv_off)
+            v = tl.load(V + base + kv_off)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(kv_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -182,10 +210,10 @@ def _fine_bwd_dq_kernel(
 
 @triton.jit
 def _fine_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, K2Q, K2Q_OFFS, OFFS,
+    Q, K, V, DO, DK, DV, LSE, DELTA, K2Q, K2Q_OFFS, OFFS, QD, DOD,
     stride_b, stride_l, stride_h,
     H, L, N, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, Q_TILES: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, Q_TILES: tl.constexpr, TMA: tl.constexpr,
 ):
     kv_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -208,10 +236,15 @@ def _fine_bwd_dkdv_kernel(
     first = tl.load(K2Q_OFFS + bh * N + kv_tile)
     last = tl.load(K2Q_OFFS + bh * N + kv_tile + 1)
     for s in range(first, last, Q_TILES):
-        q_rows, q_ok = _tile_rows(K2Q, s, last, L, Q_TILES, BLOCK)
-        q_off = q_rows[:, None] * stride_l + dims[None, :]
-        q = tl.load(Q + base + q_off)
-        do = tl.load(DO + base + q_off)
+        if TMA:
+            q, do, q_ok = _tile_pair_tma(QD, DOD, K2Q, s, b, h, L, HEAD_DIM, BLOCK)
+            packed = tl.load(K2Q + s)
+            q_rows = tl.minimum((packed >> 7) + rows, L - 1)
+        else:
+            q_rows, q_ok = _tile_rows(K2Q, s, last, L, Q_TILES, BLOCK)
+            q_off = q_rows[:, None] * stride_l + dims[None, :]
+            q = tl.load(Q + base + q_off)
+            do = tl.load(DO + base + q_off)
         lse = tl.load(LSE + bh * L + q_rows)
         delta = tl.load(DELTA + bh * L + q_rows)
         qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, Q_TILES·BLOCK q)
@@ -231,6 +264,26 @@ def pack_tiles(tile_ids: torch.Tensor, tile_offsets: torch.Tensor) -> torch.Tens
     start = tile_offsets.long()[ids]
     size = tile_offsets.long()[ids + 1] - start
     return ((start << 7) | size).to(torch.int32)
+
+
+def tma_available(*xs: torch.Tensor) -> bool:
+    """Whether the kernels can read these (B, L, H, D) tensors through TMA descriptors: a Hopper-or-newer GPU (or the
+    interpreter, for tests), row-major contiguous, 16-byte aligned; `SPARSE_DISTILL_VSA_TMA=0` turns it off."""
+    if os.environ.get(TMA_ENV, "1") == "0" or TensorDescriptor is None:
+        return False
+    x = xs[0]
+    if x.is_cuda:
+        if torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in xs)
+
+
+def _descriptor(x: torch.Tensor) -> "TensorDescriptor":
+    """(B, L, H, D) contiguous -> a TMA descriptor of the (B·L, H·D) matrix with BLOCK × D boxes (one head's tile)."""
+    B, L, H, D = x.shape
+    return TensorDescriptor(x.view(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1], block_shape=[BLOCK, D])
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -263,12 +316,14 @@ def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def fine_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
                  config: Config | None = None, gate: torch.Tensor | None = None,
-                 coarse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 coarse: torch.Tensor | None = None, tma: bool | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-sparse attention over the selected kv tiles, optionally plus `gate * coarse`.
 
     q, k, v, gate: (B, L, H, D); q2k: (B, H, N, topk) int32 selected kv tiles per q tile; coarse: (B, H, N, D) fp32
     coarse output per tile. Returns out (B, L, H, D), the fine part alone (`out` itself without a gate) and the
-    base-2 log-sum-exp of the scaled logits (B, H, L) fp32.
+    base-2 log-sum-exp of the scaled logits (B, H, L) fp32. tma: read kv tiles through TMA descriptors (default:
+    where `tma_available`; one tile per loop step).
     """
     has_gate = gate is not None
     q, k, v, gate = _same_strides(q, k, v, gate if has_gate else q)
@@ -279,13 +334,24 @@ def fine_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.T
     fine = torch.empty_like(q) if has_gate else out
     coarse = coarse.contiguous() if has_gate else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    tma = _use_tma(tma, tiles, k, v)
+    kd, vd = (_descriptor(k), _descriptor(v)) if tma else (None, None)
     _fine_fwd_kernel[(N, B * H)](
-        q, k, v, out, lse, pack_tiles(q2k, tile_offsets), tile_offsets, gate, coarse, fine,
+        q, k, v, out, lse, pack_tiles(q2k, tile_offsets), tile_offsets, gate, coarse, fine, kd, vd,
         q.stride(0), q.stride(1), q.stride(2),
         H, L, N, topk, D ** -0.5 * LOG2E,
-        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=tiles, HAS_GATE=has_gate, num_warps=num_warps, num_stages=num_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=tiles, HAS_GATE=has_gate, TMA=tma, num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out, fine, lse
+
+
+def _use_tma(tma: bool | None, tiles: int, *xs: torch.Tensor) -> bool:
+    if tma is None:
+        return tiles == 1 and tma_available(*xs)
+    if tma and (tiles != 1 or not tma_available(*xs)):
+        raise ValueError(f"tma=True needs one tile per loop step (got {tiles}) and tensors tma_available() accepts")
+    return tma
 
 
 def invert_selection(q2k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,7 +373,7 @@ def invert_selection(q2k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fine: torch.Tensor,
                   lse: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
                   config: tuple[Config, Config] | None = None, gate: torch.Tensor | None = None,
-                  coarse: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                  coarse: torch.Tensor | None = None, tma: bool | None = None) -> tuple[torch.Tensor, ...]:
     """Gradients of `fine_forward` given dO: (dq, dk, dv, dgate, dcoarse), the last two None without a gate.
 
     `fine` is the fine part of the forward output (its second result).
@@ -325,15 +391,20 @@ def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     sm_scale = D ** -0.5
     strides = (q.stride(0), q.stride(1), q.stride(2))
+    tma_dq = _use_tma(tma, kv_tiles, k, v)
+    kd, vd = (_descriptor(k), _descriptor(v)) if tma_dq else (None, None)
     _fine_bwd_dq_kernel[(N, B * H)](
         q, k, v, fine, do, dq, lse, delta, pack_tiles(q2k, tile_offsets), tile_offsets,
-        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse, *strides,
+        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse, kd, vd, *strides,
         H, L, N, topk, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=kv_tiles, HAS_GATE=has_gate, num_warps=dq_warps, num_stages=dq_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=kv_tiles, HAS_GATE=has_gate, TMA=tma_dq, num_warps=dq_warps,
+        num_stages=dq_stages,
     )
+    tma_dkdv = _use_tma(tma, q_tiles, q, do)
+    qd, dod = (_descriptor(q), _descriptor(do)) if tma_dkdv else (None, None)
     _fine_bwd_dkdv_kernel[(N, B * H)](
-        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets, *strides,
+        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets, qd, dod, *strides,
         H, L, N, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, Q_TILES=q_tiles, num_warps=dkdv_warps, num_stages=dkdv_stages,
+        HEAD_DIM=D, BLOCK=BLOCK, Q_TILES=q_tiles, TMA=tma_dkdv, num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
     return dq, dk, dv, dgate, dcoarse

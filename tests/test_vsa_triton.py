@@ -64,9 +64,11 @@ else:
         dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
         assert rel_err(out, dense) <= 1e-5
 
-    @pytest.mark.parametrize("tiles_per_step", [1, 2])
-    def test_fine_kernels_with_arbitrary_selection(tiles_per_step):
-        """Fine forward/backward with a random (unsorted, non-top-k) selection vs dense masked attention."""
+    @pytest.mark.parametrize("tiles_per_step, tma", [(1, True), (1, False), (2, False)])
+    def test_fine_kernels_with_arbitrary_selection(tiles_per_step, tma):
+        """Fine forward/backward with a random (unsorted, non-top-k) selection vs dense masked attention, with kv /
+        q tiles read through TMA descriptors (rows past a partial tile: the next tile's or batch's, or zeros past the
+        end) and through pointer gathers."""
         grid, B, H, D, topk = (3, 5, 9), 2, 2, 64, 3  # odd topk: the last two-tile step has an empty slot
         meta = vsa_meta(grid, 0.5, "cpu")
         N, L = meta.num_tiles, math.prod(grid)
@@ -76,9 +78,10 @@ else:
         q, k, v = random_inputs(B, L, H, D, 3, seed=6)
         grad_out = torch.randn_like(q)
         config = (4, 2, tiles_per_step)
-        out, _, lse = vsa_triton.fine_forward(q.detach(), k.detach(), v.detach(), q2k, meta.tile_offsets, config)
+        out, _, lse = vsa_triton.fine_forward(q.detach(), k.detach(), v.detach(), q2k, meta.tile_offsets, config,
+                                              tma=tma)
         dq, dk, dv, _, _ = vsa_triton.fine_backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, q2k,
-                                                    meta.tile_offsets, (config, config))
+                                                    meta.tile_offsets, (config, config), tma=tma)
         keep = torch.zeros(B, H, N, N, dtype=torch.bool).scatter_(-1, q2k.long(), True)
         keep = keep[:, :, meta.token_tile][:, :, :, meta.token_tile]  # (B, H, L, L)
         logits = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(D)

@@ -86,23 +86,30 @@ def sweep(name: str, sparsity: float) -> None:
     q2k = random_selection(heads, meta)
     flops, _ = sparse_flops(q2k, meta)
     offs = meta.tile_offsets
-    print(f"sweep {name} ρ={sparsity}: (num_warps, num_stages, tiles per step) -> ms, sparse TF/s")
+    print(f"sweep {name} ρ={sparsity}: (num_warps, num_stages, tiles per step, TMA) -> ms, sparse TF/s")
+    one_tile = [(w, st, 1, tma) for tma in (True, False) for (w, st) in [(4, 2), (4, 3), (4, 4), (4, 5), (8, 3)]]
     fwd = {}
-    for cfg in [(4, 2, 1), (4, 3, 1), (4, 2, 2), (4, 3, 2), (4, 4, 2), (8, 2, 2), (8, 3, 2)]:
-        fwd[cfg] = bench_config(lambda: vsa_triton.fine_forward(q, k, v, q2k, offs, cfg))
-        print(f"  fwd {cfg}: {fwd[cfg]:.3f} ms {flops / fwd[cfg] / 1e9:.0f} TF/s")
+    for *cfg, tma in one_tile + [(4, 3, 2, False)]:
+        key = (*cfg, tma)
+        fwd[key] = bench_config(lambda: vsa_triton.fine_forward(q, k, v, q2k, offs, tuple(cfg), tma=tma))
+        print(f"  fwd {key}: {fwd[key]:.3f} ms {flops / fwd[key] / 1e9:.0f} TF/s")
     o, _, lse = vsa_triton.fine_forward(q, k, v, q2k, offs)
     do = torch.randn_like(q)
+    bwd_cfgs = [(w, st, 1, tma) for tma in (True, False) for (w, st) in [(4, 1), (4, 2), (4, 3), (8, 2)]]
     base_dkdv = vsa_triton.BWD_CONFIG[HEAD_DIM][1]
     dq = {}
-    for cfg in [(4, 1, 1), (4, 2, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2)]:
-        dq[cfg] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs, (cfg, base_dkdv)))
-        print(f"  bwd dq {cfg} + dkdv {base_dkdv}: {dq[cfg]:.3f} ms")
+    for *cfg, tma in bwd_cfgs:  # the TMA switch applies to both backward kernels
+        key = (*cfg, tma)
+        dq[key] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs,
+                                                                (tuple(cfg), base_dkdv), tma=tma))
+        print(f"  bwd dq {key} + dkdv {base_dkdv}: {dq[key]:.3f} ms")
     best_dq = min(dq, key=dq.get)
     dkdv = {}
-    for cfg in [(4, 1, 1), (4, 2, 1), (4, 2, 2), (4, 3, 2), (8, 2, 2)]:
-        dkdv[cfg] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs, (best_dq, cfg)))
-        print(f"  bwd dq {best_dq} + dkdv {cfg}: {dkdv[cfg]:.3f} ms {2.5 * flops / dkdv[cfg] / 1e9:.0f} TF/s")
+    for *cfg, tma in [c for c in bwd_cfgs if c[3] == best_dq[3]]:
+        key = (*cfg, tma)
+        dkdv[key] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs,
+                                                                  (best_dq[:3], tuple(cfg)), tma=tma))
+        print(f"  bwd dq {best_dq} + dkdv {key}: {dkdv[key]:.3f} ms {2.5 * flops / dkdv[key] / 1e9:.0f} TF/s")
     print(f"best: fwd {min(fwd, key=fwd.get)}, bwd dq {best_dq}, dkdv {min(dkdv, key=dkdv.get)}")
 
 
@@ -164,7 +171,9 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs at 1.3B-480p ρ=0.9 first")
     parser.add_argument("--profile", action="store_true", help="profile the whole op at 1.3B-480p ρ=0.9 first")
     args = parser.parse_args()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    tma = "TMA" if vsa_triton.tma_available(torch.empty(1, 64, 1, 128, device="cuda")) else "pointer"
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, VSA tile loads: "
+          f"{tma} (set {vsa_triton.TMA_ENV}=0 for pointer gathers)")
     if args.sweep:
         sweep("1.3B-480p", 0.9)
     if args.profile:

@@ -58,6 +58,8 @@ single)
   step check_compile 290 python3 tools/check_speedups_gpu.py --layers 6 --only "eager+none,compile+none,\
 compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eager+none,compile fp32+none"
   step gpu_tests 240 python3 -m pytest -q -m gpu tests
+  step bench_attention_sweep 200 python3 tools/bench_attention.py --sweep --shapes 1.3B-480p --sparsity 0.9
+  step bench_attention_pointer 150 env SPARSE_DISTILL_VSA_TMA=0 python3 tools/bench_attention.py --shapes 1.3B-480p
   step bench_attention 240 python3 tools/bench_attention.py
   step bench_optimizer 120 python3 tools/bench_optimizer.py
   step bench_train 300 python3 tools/bench_train.py --ac full --cycles 2 --profile "$OUT/train_profile.txt"
