@@ -91,17 +91,28 @@ def _tile_rows(SEL, s, count, L, TILES: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tile_pair_tma(XD, YD, SEL, s, b, h, L, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-    """One selected tile's rows of two (B·L, H·D) tensors through TMA descriptors, and which rows are real tokens.
+def _tile_pair(X, Y, XD, YD, SEL, s, count, b, h, base, L, stride_l,
+               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, TMA: tl.constexpr):
+    """Rows of loop step `s` of a selection list from two (B, L, H, D) tensors: (x, y, rows, ok).
 
-    The BLOCK rows from the tile's start run past a partial tile into the next tile (or batch): masked by the caller;
-    rows past B·L read as zeros (TMA bounds).
+    TMA (one tile per step): a BLOCK × D box of the (B·L, H·D) matrix from the tile's start row, no per-element
+    address math; the rows past a partial tile run into the next tile (or batch) and are masked by the caller, rows
+    past B·L read as zeros. Otherwise `TILES` tiles gathered through pointers (`_tile_rows`). `rows` are the clamped
+    in-sequence row indices (for per-row statistics), `ok` marks real tokens.
     """
-    packed = tl.load(SEL + s)
-    row = b * L + (packed >> 7)
-    x = XD.load([row, h * HEAD_DIM])
-    y = YD.load([row, h * HEAD_DIM])
-    return x, y, tl.arange(0, BLOCK) < (packed & 127)
+    if TMA:
+        packed = tl.load(SEL + s)
+        r = tl.arange(0, BLOCK)
+        x = XD.load([b * L + (packed >> 7), h * HEAD_DIM])
+        y = YD.load([b * L + (packed >> 7), h * HEAD_DIM])
+        rows = tl.minimum((packed >> 7) + r, L - 1)
+        ok = r < (packed & 127)
+    else:
+        rows, ok = _tile_rows(SEL, s, count, L, TILES, BLOCK)
+        off = rows[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :]
+        x = tl.load(X + base + off)
+        y = tl.load(Y + base + off)
+    return x, y, rows, ok
 
 
 @triton.jit
@@ -130,13 +141,7 @@ def _fine_fwd_kernel(
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
     for s in range(0, TOPK, KV_TILES):
-        if TMA:  # one tile per step through the Hopper TMA unit: no per-element address math
-            k, v, kv_ok = _tile_pair_tma(KD, VD, sel, s, b, h, L, HEAD_DIM, BLOCK)
-        else:
-            kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
-            kv_off = kv_rows[:, None] * stride_l + dims[None, :]
-            k = tl.load(K + base + kv_off)
-            v = tl.load(V + base + kv_off)
+        k, v, _, kv_ok = _tile_pair(K, V, KD, VD, sel, s, TOPK, b, h, base, L, stride_l, HEAD_DIM, BLOCK, KV_TILES, TMA)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, KV_TILES·BLOCK kv), base-2 logits
         qk = tl.where(kv_ok[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -193,13 +198,7 @@ def _fine_bwd_dq_kernel(
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = Q2K + (bh * N + q_tile) * TOPK
     for s in range(0, TOPK, KV_TILES):
-        if TMA:
-            k, v, kv_ok = _tile_pair_tma(KD, VD, sel, s, b, h, L, HEAD_DIM, BLOCK)
-        else:
-            kv_rows, kv_ok = _tile_rows(sel, s, TOPK, L, KV_TILES, BLOCK)
-            kv_off = kv_rows[:, None] * stride_l + dims[None, :]
-            k = tl.load(K + base + kv_off)
-            v = tl.load(V + base + kv_off)
+        k, v, _, kv_ok = _tile_pair(K, V, KD, VD, sel, s, TOPK, b, h, base, L, stride_l, HEAD_DIM, BLOCK, KV_TILES, TMA)
         qk = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.where(kv_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
@@ -236,15 +235,8 @@ def _fine_bwd_dkdv_kernel(
     first = tl.load(K2Q_OFFS + bh * N + kv_tile)
     last = tl.load(K2Q_OFFS + bh * N + kv_tile + 1)
     for s in range(first, last, Q_TILES):
-        if TMA:
-            q, do, q_ok = _tile_pair_tma(QD, DOD, K2Q, s, b, h, L, HEAD_DIM, BLOCK)
-            packed = tl.load(K2Q + s)
-            q_rows = tl.minimum((packed >> 7) + rows, L - 1)
-        else:
-            q_rows, q_ok = _tile_rows(K2Q, s, last, L, Q_TILES, BLOCK)
-            q_off = q_rows[:, None] * stride_l + dims[None, :]
-            q = tl.load(Q + base + q_off)
-            do = tl.load(DO + base + q_off)
+        q, do, q_rows, q_ok = _tile_pair(Q, DO, QD, DOD, K2Q, s, last, b, h, base, L, stride_l, HEAD_DIM, BLOCK,
+                                         Q_TILES, TMA)
         lse = tl.load(LSE + bh * L + q_rows)
         delta = tl.load(DELTA + bh * L + q_rows)
         qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, Q_TILES·BLOCK q)
@@ -281,7 +273,7 @@ def tma_available(*xs: torch.Tensor) -> bool:
 
 
 def _descriptor(x: torch.Tensor) -> "TensorDescriptor":
-    """(B, L, H, D) contiguous -> a TMA descriptor of the (B·L, H·D) matrix with BLOCK × D boxes (one head's tile)."""
+    """(B, L, H, D) contiguous -> TMA descriptor of the (B·L, H·D) matrix, BLOCK × D boxes (one head's tile)."""
     B, L, H, D = x.shape
     return TensorDescriptor(x.view(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1], block_shape=[BLOCK, D])
 

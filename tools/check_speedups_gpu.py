@@ -37,7 +37,8 @@ from parallel.fsdp import apply_fsdp  # noqa: E402
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
 
-SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"), ("eager", "attention"),
+SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"),
+            ("eager", "attention"),
             ("compile", "none"),
             ("compile", "full"), ("compile", "selective"), ("compile outer", "full"), ("compile outer", "selective"),
             # where a compiled error comes from: without FSDP2 (fp32 params, autocast), and without cuDNN attention
@@ -114,7 +115,8 @@ def main() -> None:
         err = {k: (grads[k] - ref[k]).norm().item() for k in ref}  # ranked by absolute error, shown relative
         worst = ", ".join(f"{k} {err[k] / max(ref[k].norm().item(), 1e-30):.1e}"
                           for k in sorted(err, key=lambda k: -err[k])[:3])
-        say(f"{mode + ' + AC ' + ac:30s} {loss:10.5f} {theirs:12.5g} {ours:12.5g} {exact:12.5g} {(num / den).item():10.2e}"
+        rel = (num / den).item()
+        say(f"{mode + ' + AC ' + ac:30s} {loss:10.5f} {theirs:12.5g} {ours:12.5g} {exact:12.5g} {rel:10.2e}"
             f"  {worst}", flush=True)
         del grads
         if device.type == "cuda":
