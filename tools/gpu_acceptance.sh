@@ -112,7 +112,7 @@ dual)
   step train_sp2 220 torchrun --nproc_per_node 2 tools/bench_train.py --ac full --cycles 1 --sp 2
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_2gpu 400 torchrun --nproc_per_node 2 recipes/wan21_1_3b_sparse_distill.py \
-    --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 parallel.compile=false run.name=gpu_random_2x
+    --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x
   step wan14b_sp2 200 torchrun --nproc_per_node 2 tools/bench_train.py --preset wan21_14b --layers 4 --sp 2 \
     --latent 21,60,104 --sparsity 0.9 --cycles 1
   step wan14b_dp2 200 torchrun --nproc_per_node 2 tools/bench_train.py --preset wan21_14b --layers 4 --dp-replicate 2 \
