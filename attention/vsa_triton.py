@@ -4,7 +4,9 @@ Layout: q, k, v, o are (B, L, H, D) with a unit last stride, read through their 
 holds rows [tile_offsets[i], tile_offsets[i + 1]) of the sequence, at most BLOCK of them; every kernel reads BLOCK
 rows from a tile's offset (row indices clamped to L - 1, so loads are unmasked) and masks the rows past the tile's
 size in the scores and stores, so partial edge tiles need no padding buffer. Selected tiles reach the kernels as
-(start << 7 | size) words (`pack_tiles`).
+(start << 7 | size) words (`pack_tiles`). In the loops over selected tiles, a tile's rows come through a Hopper TMA
+descriptor of the (B·L, H·D) matrix where `tma_available` (sm90+, contiguous operands: one BLOCK × D box from the
+tile's start row, no per-element address math; 12 % faster forward, docs/VSA_NOTES.md), else through pointers.
 
 Kernels:
 - `_tile_means_kernel`: fp32 means of q, k, v per (batch, tile, head), one program per (tile, batch·head).
