@@ -75,7 +75,7 @@ def test_teacher_recipe_two_ranks_gloo(tmp_path):
 def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     """Acceptance 3: the shortened `make demo` pipeline (data-free student); gate: student-3 < best teacher-3."""
     proc = subprocess.run([sys.executable, str(ROOT / "tools/demo.py"), "--quick", "--strict"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=1200)  # ~3 min alone on 2 cores; margin for a loaded machine
+                          capture_output=True, text=True, timeout=1200)  # ~3 min alone; margin for a loaded CPU
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "outputs/toy_sparse_distill/quick_datafree"
     report = json.loads((run_dir / "demo.json").read_text())
