@@ -3,8 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from data.synthetic import (ToySpec, all_factors, clip_features, clips_to_rgb, decode_factors, encode_captions,
-                            evaluate_samples, frechet_distance, make_clips, make_split, negative_context)
+from data.synthetic import (DIRECTIONS, ToySpec, all_factors, clip_features, clips_to_rgb, decode_factors,
+                            encode_captions, evaluate_samples, frechet_distance, make_clips, make_split,
+                            motion_coherence, negative_context, num_captions)
 
 SPEC = ToySpec()
 
@@ -14,11 +15,13 @@ def test_deterministic_and_balanced():
     assert torch.equal(a.latents, b.latents) and torch.equal(a.context, b.context)
     assert a.latents.shape == (48, SPEC.channels, SPEC.frames, SPEC.height, SPEC.width)
     assert a.context.shape == (48, SPEC.text_len, SPEC.text_dim)
-    # every caption exactly twice
-    counts = torch.zeros(24)
+    # every caption exactly 4 times (12 captions); every direction of motion occurs
+    assert num_captions() == 12
+    counts = torch.zeros(12)
     for f in a.factors:
         counts[((all_factors() == f).all(dim=1)).nonzero()] += 1
-    assert torch.equal(counts, torch.full((24,), 2.0))
+    assert torch.equal(counts, torch.full((12,), 4.0))
+    assert set(a.directions.tolist()) == set(range(len(DIRECTIONS)))
     train, heldout = make_split(SPEC, 24, 24, seed=3)
     assert not torch.allclose(train.latents.sort(0).values, heldout.latents.sort(0).values)
 
@@ -26,7 +29,7 @@ def test_deterministic_and_balanced():
 def test_captions_are_text_like_and_negative_is_zero():
     f = all_factors()
     ctx = encode_captions(f, SPEC)
-    assert len({tuple(c.flatten().tolist()) for c in ctx}) == 24  # distinct per caption
+    assert len({tuple(c.flatten().tolist()) for c in ctx}) == 12  # distinct per caption
     same_colour = f[:, 0] == f[0, 0]
     assert torch.equal(ctx[same_colour, 0], ctx[0, 0].expand(int(same_colour.sum()), -1))  # shared "word"
     assert ctx[:, 3:].abs().sum() == 0
@@ -36,16 +39,21 @@ def test_captions_are_text_like_and_negative_is_zero():
 def test_analyser_reads_the_rendered_factors():
     clips = make_clips(240, SPEC, seed=4)
     assert torch.equal(decode_factors(clips.latents), clips.factors)
-    # the motion really is along the caption's direction: swapping frames flips right<->left, down<->up
-    flipped = decode_factors(clips.latents.flip(2))[:, 1]
-    assert torch.equal(flipped, clips.factors[:, 1] ^ 1)
+    # brightness and size are read independently: a bright clip scaled to dim height is dim and keeps its size
+    bright = clips.factors[:, 1] == 1
+    dimmed = decode_factors(clips.latents[bright] * 0.45)
+    assert (dimmed[:, 1] == 0).all() and torch.equal(dimmed[:, 2], clips.factors[bright, 2])
+    # every clip moves the full travel; a clip whose frames all repeat the first one does not move
+    assert motion_coherence(clips.latents, SPEC.travel).all()
+    frozen = clips.latents[:, :, :1].expand_as(clips.latents)
+    assert not motion_coherence(frozen, SPEC.travel).any()
 
 
 def test_frechet_separates_data_from_degraded_data():
     train, heldout = make_split(SPEC, 256, 256, seed=5)
     fresh = evaluate_samples(train.latents, train.factors, heldout)
-    blurred = F.avg_pool3d(train.latents, (1, 5, 5), 1, (0, 2, 2))
-    assert fresh["cond_acc"] == 1.0
+    blurred = F.avg_pool3d(train.latents, (1, 7, 7), 1, (0, 3, 3))
+    assert fresh["cond_acc"] == 1.0 and fresh["motion"] == 1.0
     assert evaluate_samples(blurred, train.factors, heldout)["frechet"] > 10 * fresh["frechet"]
     assert evaluate_samples(0.7 * train.latents, train.factors, heldout)["frechet"] > 10 * fresh["frechet"]
     # wrong captions are caught by the accuracy, not the distance
@@ -62,6 +70,6 @@ def test_frechet_matches_closed_form_for_gaussians():
 
 
 def test_rgb_visualisation_shape():
-    frames = clips_to_rgb(make_clips(2, SPEC, 0).latents, scale=2)
-    assert frames.shape == (2, SPEC.frames, 2 * SPEC.height, 2 * SPEC.width, 3) and frames.dtype == torch.uint8
+    frames = clips_to_rgb(make_clips(12, SPEC, 0).latents, scale=2)  # all 12 captions, bright ones among them
+    assert frames.shape == (12, SPEC.frames, 2 * SPEC.height, 2 * SPEC.width, 3) and frames.dtype == torch.uint8
     assert frames.max() > 200 and frames.min() == 0

@@ -6,8 +6,9 @@
 Each argument is a run directory of `recipes/toy_sparse_distill.py` (its `config.toml` names the teacher, the data,
 the student's step list and VSA sparsity; `student/` is the export). The teacher comes from the first run. Every row
 samples the same held-out captions from the same noise seed. Columns: Fréchet distance of clip features to the
-held-out data (lower is better; `data/synthetic.py`), conditioning accuracy (all three caption factors decoded from
-the sample), and the distance relative to the 50-step teacher.
+held-out data (lower is better; `data/synthetic.py`), conditioning accuracy (colour, brightness and size all decoded
+from the sample as the caption says), the distance relative to the 50-step teacher, and motion (the share of samples
+whose blob moves as far as the held-out clips' do; not part of any gate).
 Rows: teacher-50 (Euler + CFG, 100 network calls), teacher-3 (Euler + CFG on 3 steps, 6 calls), teacher-3-dmd
 (the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls).
 """
@@ -90,15 +91,16 @@ def student_row(student, meta, steps):
 
 def print_table(table: dict[str, dict[str, float]]) -> None:
     ref = table["teacher-50"]["frechet"]
-    print(f"{'row':<22}{'frechet':>10}{'÷ teacher-50':>14}{'cond acc':>10}")
+    print(f"{'row':<22}{'frechet':>10}{'÷ teacher-50':>14}{'cond acc':>10}{'motion':>9}")
     for name, r in table.items():
-        print(f"{name:<22}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{100 * r['cond_acc']:>9.1f}%")
+        print(f"{name:<22}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{100 * r['cond_acc']:>9.1f}%"
+              f"{100 * r['motion']:>8.1f}%")
 
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="toy_sparse_distill run directories")
-    parser.add_argument("--num", type=int, default=120, help="held-out clips per row")
+    parser.add_argument("--num", type=int, default=240, help="held-out clips per row (240: the whole held-out set)")
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     cfg = read_run(args.runs[0])
