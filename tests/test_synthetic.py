@@ -73,3 +73,16 @@ def test_rgb_visualisation_shape():
     frames = clips_to_rgb(make_clips(12, SPEC, 0).latents, scale=2)  # all 12 captions, bright ones among them
     assert frames.shape == (12, SPEC.frames, 2 * SPEC.height, 2 * SPEC.width, 3) and frames.dtype == torch.uint8
     assert frames.max() > 200 and frames.min() == 0
+
+
+def test_factor_probe_tool_runs_both_variants():
+    """tools/probe_toy_factors.py (the sweep behind the toy's choice of factors): the direction variant's captions
+    and decoder agree on its data, and a 2-step run reports a row per factor variant."""
+    from tools.probe_toy_factors import decode, main, make_data
+    clips = make_data("direction", SPEC, 48, 0)
+    assert torch.equal(decode("direction", clips.latents), clips.factors)
+    assert (clips.factors[:, 1] == clips.directions).all() and len(set(clips.directions.tolist())) == 4
+    for factor in ("brightness", "direction"):
+        rows = main(["--factor", factor, "--steps", "2", "--num-eval", "4", "--sample-steps", "2", "--set", "dim=24",
+                     "ffn=32"])
+        assert [r["step"] for r in rows] == [2] and len(rows[0]["accuracy"]) == 3
