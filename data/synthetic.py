@@ -11,6 +11,7 @@ it. Measured 2026-11-27 on GPUs (31 variants of width, heads, depth, frames, tra
 rate and batch, 12 000-24 000 steps each, 6-12x the demo's): direction accuracy stayed at chance (0.17-0.35 of 4) and
 the two frames' blobs stayed uncoupled, while colour, brightness and size reached 98-100 % within 2000-3000 steps.
 Motion stays in the data, and `evaluate_samples` reports how much of it the samples keep ("motion").
+`tools/probe_toy_factors.py --factor direction` re-runs that experiment.
 
 A caption is a text-like embedding `(L_txt, D_txt)`: one fixed random "word" vector per factor value in rows 0..2,
 zero padding after; the unconditional ("negative") caption is all zeros. Everything is generated from seeds.
