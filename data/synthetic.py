@@ -23,9 +23,13 @@ coherence (the blob moves the clip's travel distance between the first and last 
 """
 
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from losses.flow import teacher_sample
 
 COLOUR_NAMES = ("red", "green", "blue")
 BRIGHTNESS_NAMES = ("dim", "bright")
@@ -128,6 +132,24 @@ def make_clips(num: int, spec: ToySpec, seed: int) -> ToyClips:
     factors = factors[torch.randperm(num, generator=g)]
     directions = torch.randint(len(DIRECTIONS), (num,), generator=g)
     return ToyClips(render_clips(factors, directions, spec, g), encode_captions(factors, spec), factors, directions)
+
+
+@torch.no_grad()
+def teacher_clips(teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], context: torch.Tensor,
+                  clip_shape: tuple[int, ...], shift: float, guidance: float, seed: int, num_steps: int = 50,
+                  chunk: int = 48) -> torch.Tensor:
+    """Clips (N, C, T, H, W) a teacher `teacher(x, t, context)` generates for captions `context` (N, L_txt, D_txt):
+    `num_steps`-step Euler samples with standard CFG `guidance` against the negative (zero) caption, in chunks whose
+    noise is seeded `seed + first index`. Prints progress per chunk."""
+    n, start, parts = context.shape[0], time.perf_counter(), []
+    for i in range(0, n, chunk):
+        ctx = context[i:i + chunk]
+        noise = torch.randn((ctx.shape[0], *clip_shape), generator=torch.Generator().manual_seed(seed + i))
+        negative = torch.zeros_like(ctx)
+        parts.append(teacher_sample(lambda x, t: teacher(x, t, ctx), lambda x, t: teacher(x, t, negative), noise,
+                                    num_steps, shift, guidance))
+        print(f"teacher data: {i + ctx.shape[0]}/{n} clips, {time.perf_counter() - start:.0f} s", flush=True)
+    return torch.cat(parts)
 
 
 def make_split(spec: ToySpec, num_train: int, num_heldout: int, seed: int) -> tuple[ToyClips, ToyClips]:

@@ -39,7 +39,7 @@ from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from components.config import dump_toml, load_config
 from components.metrics import MetricsLogger, write_video
-from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, negative_context
+from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
 from models.wan import WanModel
@@ -198,23 +198,6 @@ def negative_context_like(context: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(context)  # the toy's negative caption (data/synthetic.negative_context)
 
 
-@torch.no_grad()
-def teacher_dataset(teacher: WanModel, train, cfg: RecipeConfig, metrics: MetricsLogger) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
-    """(latents, captions) that the teacher generates for the first `num_teacher_clips` training captions.
-    The toy teacher's samples differ from the clips it learned from (its blobs rarely move coherently), and the DMD
-    gradient pulls the student to the teacher's distribution: noised clips from elsewhere are off that distribution."""
-    n, chunk = min(cfg.data.num_teacher_clips, train.latents.shape[0]), 48
-    context, start, parts = train.context[:n], time.perf_counter(), []
-    for i in range(0, n, chunk):
-        shape = (min(chunk, n - i), *train.latents.shape[1:])
-        parts.append(sample_teacher(teacher, context[i:i + chunk], shape, 50, cfg.dmd.shift, cfg.dmd.guidance,
-                                    cfg.run.seed + 11 + i))
-        print(f"teacher data: {i + shape[0]}/{n} clips, {time.perf_counter() - start:.0f} s", flush=True)
-    metrics.log(0, {"time/teacher_data_s": time.perf_counter() - start})
-    return torch.cat(parts), context
-
-
 # -------------------------------------------------------------------------------------------------------- validate
 @torch.no_grad()
 def sample_student(student: WanModel, meta, context: torch.Tensor, shape, steps, seed: int) -> torch.Tensor:
@@ -279,8 +262,11 @@ def main(cfg: RecipeConfig) -> Path:
     g = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches, noise and timesteps
 
     pool, pool_context = train.latents, train.context  # data-free mode uses only their shape and captions
-    if cfg.dmd.rollout == "data" and cfg.data.source == "teacher":
-        pool, pool_context = teacher_dataset(teacher, train, cfg, metrics)  # same on every rank (fixed seeds)
+    if cfg.dmd.rollout == "data" and cfg.data.source == "teacher":  # the same on every rank (fixed seeds)
+        t0, pool_context = time.perf_counter(), train.context[:cfg.data.num_teacher_clips]
+        pool = teacher_clips(teacher, pool_context, train.latents.shape[1:], cfg.dmd.shift, cfg.dmd.guidance + 1,
+                             cfg.run.seed + 11)
+        metrics.log(0, {"time/teacher_data_s": time.perf_counter() - t0})
 
     start, scalars = time.perf_counter(), {}
     for step in range(1, optim.steps + 1):
