@@ -7,8 +7,9 @@ index tiles by offset and mask rows past each tile's size, so nothing is padded,
 
     out = fine + gate * coarse          (no sigmoid; gate None -> fine only)
 
-- coarse: per-tile means q̄, k̄, v̄ (true tile sizes), scores A = q̄ k̄ᵀ/√d over tiles, softmax(A) v̄ broadcast back to
-  the tile's tokens. Differentiable by ordinary autograd (the tile-mean op has its own backward).
+- coarse: per-tile means q̄, k̄, v̄ (true tile sizes), scores A = q̄ k̄ᵀ/√d over tiles, softmax(A) v̄ per tile, added
+  to the tile's tokens through the gate. Differentiable: the gated op's backward runs the coarse backward on the
+  (B, N, H, D) means and adds their gradients to every tile row inside the dK/dV kernel.
 - selection: the `topk` largest A per (batch, head, query tile); not differentiable.
 - fine: softmax attention of each query over the tokens of its selected kv tiles only.
 
@@ -132,13 +133,16 @@ def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
         raise ValueError(f"VSA kernels support tiles of at most 64 tokens, got tile {meta.tile}")
     if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"VSA kernels on CUDA take bfloat16 or float16, got {q.dtype}")
-    qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets, meta.token_tile)
-    coarse, scores = coarse_attention(qm, km, vm)
-    q2k = select_tiles(scores, meta.topk)
-    if gate is None:
-        return torch.ops.sparse_distill.vsa_fine(q, k, v, q2k, meta.tile_offsets)[0]
-    # The kernel adds gate * coarse in its epilogue: the coarse output is never broadcast to (B, L, H, D).
-    return torch.ops.sparse_distill.vsa_fine_gated(q, k, v, gate, coarse, q2k, meta.tile_offsets)[0]
+    if gate is None:  # the coarse output is unused: only the (non-differentiable) selection needs the tile means
+        qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q.detach(), k.detach(), v.detach(), meta.tile_offsets)
+        _, scores = coarse_attention(qm, km, vm)
+        # The selection as the fine kernels read it: (start << 7 | size) words grouped by box size, and group ends.
+        sel, ends = torch.ops.sparse_distill.vsa_select(scores, meta.topk, meta.tile_offsets)
+        return torch.ops.sparse_distill.vsa_fine(q, k, v, sel, ends, meta.tile_offsets)[0]
+    # One op for tile means, coarse attention, selection and fine kernels: its backward adds the tile-mean gradients
+    # inside the dK/dV kernel, and the forward adds gate * coarse in the fine kernel's epilogue, so nothing of
+    # (B, N, H, D) is ever broadcast to (B, L, H, D) in a separate pass.
+    return torch.ops.sparse_distill.vsa_gated(q, k, v, gate, meta.tile_offsets, meta.topk)[0]
 
 
 def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +159,24 @@ def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> tu
     return coarse, scores
 
 
+def coarse_attention_backward(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor,
+                              dcoarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `coarse_attention`'s coarse output w.r.t. qm, km, vm (all (B, N, H, D) fp32), recomputing the
+    softmax (N × N per head: cheap); dcoarse (B, H, N, D)."""
+    scale = qm.shape[-1] ** -0.5
+    qh, kh, vh = (x.transpose(1, 2) for x in (qm, km, vm))  # (B, H, N, D)
+    probs = (torch.matmul(qh, kh.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, N, N)
+    dv = torch.matmul(probs.transpose(-1, -2), dcoarse)
+    dp = torch.matmul(dcoarse, vh.transpose(-1, -2))
+    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
+    dq, dk = torch.matmul(ds, kh), torch.matmul(ds.transpose(-1, -2), qh)
+    return tuple(x.transpose(1, 2) for x in (dq, dk, dv))
+
+
 def select_tiles(scores: torch.Tensor, topk: int) -> torch.Tensor:
     """Indices of the `topk` largest scores per row, in no particular order: (B, H, N, N) -> (B, H, N, topk) int32.
 
-    Unsorted: sorting the rows costs 0.1 ms at 1.3B-480p and did not speed up the whole op (docs/VSA_NOTES.md).
+    The torch form of the selection (tests, benchmarks); the kernel path selects with the fused `vsa_select` op.
     """
     return torch.topk(scores.detach(), topk, dim=-1, sorted=False).indices.to(torch.int32)
 
@@ -194,123 +212,127 @@ def vsa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMe
 # ---- custom ops ---------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("sparse_distill::vsa_tile_means", mutates_args=())
-def _tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor,
-                   token_tile: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _tile_means_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from attention import vsa_triton
     return vsa_triton.tile_means(q, k, v, tile_offsets)
 
 
 @_tile_means_op.register_fake
-def _(q, k, v, tile_offsets, token_tile):
+def _(q, k, v, tile_offsets):
     B, L, H, D = q.shape
     N = tile_offsets.shape[0] - 1
     return tuple(q.new_empty(B, N, H, D, dtype=torch.float32) for _ in range(3))
 
 
-def _tile_means_setup(ctx, inputs, output):
-    q, k, v, tile_offsets, token_tile = inputs
-    ctx.save_for_backward(tile_offsets, token_tile)
-    ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+@torch.library.custom_op("sparse_distill::vsa_select", mutates_args=())
+def _select_op(scores: torch.Tensor, topk: int, tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from attention import vsa_triton
+    return vsa_triton.select_by_box(scores, topk, tile_offsets)
 
 
-def _tile_means_backward(ctx, gq, gk, gv):
-    tile_offsets, token_tile = ctx.saved_tensors
-    sizes = (tile_offsets[1:] - tile_offsets[:-1]).to(torch.float32).view(1, -1, 1, 1)
-    # d mean / d x = 1 / size for every token of the tile.
-    # Cast the (B, N, H, D) tile gradient before broadcasting it: one (B, L, H, D) write in the input dtype.
-    grads = tuple(None if g is None else (g / sizes).to(dt).index_select(1, token_tile)  # (B, L, H, D)
-                  for g, dt in zip((gq, gk, gv), ctx.dtypes))
-    return (*grads, None, None)
-
-
-torch.library.register_autograd("sparse_distill::vsa_tile_means", _tile_means_backward,
-                                setup_context=_tile_means_setup)
+@_select_op.register_fake
+def _(scores, topk, tile_offsets):
+    B, H, N, _ = scores.shape
+    return scores.new_empty(B, H, N, topk, dtype=torch.int32), scores.new_empty(B, H, N, 2, dtype=torch.int32)
 
 
 @torch.library.custom_op("sparse_distill::vsa_fine", mutates_args=())
-def _fine_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor,
+def _fine_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel: torch.Tensor, ends: torch.Tensor,
              tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from attention import vsa_triton
-    out, _, lse = vsa_triton.fine_forward(q, k, v, q2k, tile_offsets)
+    out, _, lse = vsa_triton.fine_forward(q, k, v, sel, ends, tile_offsets)
     return out, lse
 
 
 @_fine_op.register_fake
-def _(q, k, v, q2k, tile_offsets):
+def _(q, k, v, sel, ends, tile_offsets):
     B, L, H, D = q.shape
     return torch.empty_like(q), q.new_empty(B, H, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("sparse_distill::vsa_fine_bwd", mutates_args=())
 def _fine_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, q2k: torch.Tensor,
+                 lse: torch.Tensor, sel: torch.Tensor, ends: torch.Tensor,
                  tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from attention import vsa_triton
-    return vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, tile_offsets)[:3]
+    return vsa_triton.fine_backward(do, q, k, v, o, lse, sel, ends, tile_offsets)[:3]
 
 
 @_fine_bwd_op.register_fake
-def _(do, q, k, v, o, lse, q2k, tile_offsets):
+def _(do, q, k, v, o, lse, sel, ends, tile_offsets):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fine_setup(ctx, inputs, output):
-    q, k, v, q2k, tile_offsets = inputs
+    q, k, v, sel, ends, tile_offsets = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, q2k, tile_offsets)
+    ctx.save_for_backward(q, k, v, o, lse, sel, ends, tile_offsets)
 
 
 def _fine_backward(ctx, do, dlse):
-    q, k, v, o, lse, q2k, tile_offsets = ctx.saved_tensors
-    dq, dk, dv = torch.ops.sparse_distill.vsa_fine_bwd(do, q, k, v, o, lse, q2k, tile_offsets)
-    return dq, dk, dv, None, None
+    q, k, v, o, lse, sel, ends, tile_offsets = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sparse_distill.vsa_fine_bwd(do, q, k, v, o, lse, sel, ends, tile_offsets)
+    return dq, dk, dv, None, None, None
 
 
 torch.library.register_autograd("sparse_distill::vsa_fine", _fine_backward, setup_context=_fine_setup)
 
 
-@torch.library.custom_op("sparse_distill::vsa_fine_gated", mutates_args=())
-def _fine_gated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, coarse: torch.Tensor,
-                   q2k: torch.Tensor, tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fine + gate * coarse, fine, lse); coarse (B, H, N, D) fp32 per tile."""
+@torch.library.custom_op("sparse_distill::vsa_gated", mutates_args=())
+def _gated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, tile_offsets: torch.Tensor,
+              topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                  torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole gated VSA op: (out, fine, lse, qm, km, vm, coarse, sel, ends); all but `out` feed the backward."""
     from attention import vsa_triton
-    return vsa_triton.fine_forward(q, k, v, q2k, tile_offsets, gate=gate, coarse=coarse)
+    qm, km, vm = vsa_triton.tile_means(q, k, v, tile_offsets)
+    coarse, scores = coarse_attention(qm, km, vm)
+    sel, ends = vsa_triton.select_by_box(scores, topk, tile_offsets)
+    out, fine, lse = vsa_triton.fine_forward(q, k, v, sel, ends, tile_offsets, gate=gate, coarse=coarse)
+    return out, fine, lse, qm, km, vm, coarse, sel, ends
 
 
-@_fine_gated_op.register_fake
-def _(q, k, v, gate, coarse, q2k, tile_offsets):
+@_gated_op.register_fake
+def _(q, k, v, gate, tile_offsets, topk):
     B, L, H, D = q.shape
-    return torch.empty_like(q), torch.empty_like(q), q.new_empty(B, H, L, dtype=torch.float32)
+    N = tile_offsets.shape[0] - 1
+    means = [q.new_empty(B, N, H, D, dtype=torch.float32) for _ in range(3)]
+    return (torch.empty_like(q), torch.empty_like(q), q.new_empty(B, H, L, dtype=torch.float32), *means,
+            q.new_empty(B, H, N, D, dtype=torch.float32), q.new_empty(B, H, N, topk, dtype=torch.int32),
+            q.new_empty(B, H, N, 2, dtype=torch.int32))
 
 
-@torch.library.custom_op("sparse_distill::vsa_fine_gated_bwd", mutates_args=())
-def _fine_gated_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
-                       coarse: torch.Tensor, fine: torch.Tensor, lse: torch.Tensor, q2k: torch.Tensor,
-                       tile_offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                            torch.Tensor]:
+@torch.library.custom_op("sparse_distill::vsa_gated_bwd", mutates_args=())
+def _gated_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor,
+                  tile_offsets: torch.Tensor, fine: torch.Tensor, lse: torch.Tensor, qm: torch.Tensor,
+                  km: torch.Tensor, vm: torch.Tensor, coarse: torch.Tensor, sel: torch.Tensor,
+                  ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from attention import vsa_triton
-    return vsa_triton.fine_backward(do, q, k, v, fine, lse, q2k, tile_offsets, gate=gate, coarse=coarse)
+    sizes = (tile_offsets[1:] - tile_offsets[:-1]).to(torch.float32).view(1, -1, 1, 1)
+
+    def mean_grads(dcoarse: torch.Tensor) -> tuple[torch.Tensor, ...]:  # d mean / d x = 1 / size per tile row
+        return tuple(g / sizes for g in coarse_attention_backward(qm, km, vm, dcoarse))
+
+    dq, dk, dv, dgate, _ = vsa_triton.fine_backward(do, q, k, v, fine, lse, sel, ends, tile_offsets, gate=gate,
+                                                    coarse=coarse, mean_grads=mean_grads)
+    return dq, dk, dv, dgate
 
 
-@_fine_gated_bwd_op.register_fake
-def _(do, q, k, v, gate, coarse, fine, lse, q2k, tile_offsets):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate),
-            torch.empty_like(coarse))
+@_gated_bwd_op.register_fake
+def _(do, q, k, v, gate, tile_offsets, fine, lse, qm, km, vm, coarse, sel, ends):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gate)
 
 
-def _fine_gated_setup(ctx, inputs, output):
-    q, k, v, gate, coarse, q2k, tile_offsets = inputs
-    _, fine, lse = output
-    ctx.save_for_backward(q, k, v, gate, coarse, fine, lse, q2k, tile_offsets)
+def _gated_setup(ctx, inputs, output):
+    q, k, v, gate, tile_offsets, _ = inputs
+    _, fine, lse, qm, km, vm, coarse, sel, ends = output
+    ctx.save_for_backward(q, k, v, gate, tile_offsets, fine, lse, qm, km, vm, coarse, sel, ends)
 
 
-def _fine_gated_backward(ctx, do, dfine, dlse):
-    # `fine` and `lse` are by-products for the backward; only `out` feeds the model.
-    q, k, v, gate, coarse, fine, lse, q2k, tile_offsets = ctx.saved_tensors
-    dq, dk, dv, dgate, dcoarse = torch.ops.sparse_distill.vsa_fine_gated_bwd(
-        do, q, k, v, gate, coarse, fine, lse, q2k, tile_offsets)
-    return dq, dk, dv, dgate, dcoarse, None, None
+def _gated_backward(ctx, do, *unused):
+    # Only `out` feeds the model; the other outputs are by-products for this backward.
+    dq, dk, dv, dgate = torch.ops.sparse_distill.vsa_gated_bwd(do, *ctx.saved_tensors)
+    return dq, dk, dv, dgate, None, None
 
 
-torch.library.register_autograd("sparse_distill::vsa_fine_gated", _fine_gated_backward,
-                                setup_context=_fine_gated_setup)
+torch.library.register_autograd("sparse_distill::vsa_gated", _gated_backward, setup_context=_gated_setup)

@@ -1,12 +1,15 @@
 """Triton kernels of VSA (SPEC §2.3, §2.5, §2.7) on tile-ordered, unpadded tokens.
 
 Layout: q, k, v, o are (B, L, H, D) with a unit last stride, read through their strides (no transposes). Tile i
-holds rows [tile_offsets[i], tile_offsets[i + 1]) of the sequence, at most BLOCK of them; every kernel reads BLOCK
-rows from a tile's offset (row indices clamped to L - 1, so loads are unmasked) and masks the rows past the tile's
-size in the scores and stores, so partial edge tiles need no padding buffer. Selected tiles reach the kernels as
-(start << 7 | size) words (`pack_tiles`). In the loops over selected tiles, a tile's rows come through a Hopper TMA
-descriptor of the (B·L, H·D) matrix where `tma_available` (sm90+, contiguous operands: one BLOCK × D box from the
-tile's start row, no per-element address math; 12 % faster forward, docs/VSA_NOTES.md), else through pointers.
+holds rows [tile_offsets[i], tile_offsets[i + 1]) of the sequence, at most BLOCK of them; a kernel reads a tile as a
+box of rows from the tile's offset (row indices clamped to L - 1, so loads are unmasked) and masks the rows past the
+tile's size in the scores and stores, so partial edge tiles need no padding buffer. The tile a program owns is read
+as a BLOCK-row box; the tiles it loops over (the selected kv tiles; in dK/dV the q tiles that selected it) as the
+smallest of `BOXES` that holds them, grouped by box so that each group is one loop with a fixed box size. They reach
+the kernels as (start << 7 | size) words (`pack_tiles`, `sort_by_box`). In those loops a tile's rows come through a
+Hopper TMA descriptor of the (B·L, H·D) matrix where `tma_available` (sm90+, contiguous operands: one box × D block
+from the tile's start row, no per-element address math; 12 % faster forward, docs/VSA_NOTES.md), else through
+pointers.
 
 Kernels:
 - `_tile_means_kernel`: fp32 means of q, k, v per (batch, tile, head), one program per (tile, batch·head).
@@ -24,6 +27,7 @@ docs/VSA_NOTES.md); launchers accept overrides so the benchmark can sweep them.
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 import triton
@@ -38,11 +42,17 @@ BLOCK = 64  # rows per tile slot: a 4×4×4 tile holds at most 64 tokens
 TMA_ENV = "SPARSE_DISTILL_VSA_TMA"  # "0": pointer gathers instead of TMA loads (A/B benchmarks, fallback)
 LOG2E = 1.4426950408889634
 
-# Launch configs, head dim -> (num_warps, num_stages, tiles per loop step): the forward's; the backward's as
-# (dQ kernel, dK/dV kernel). Two tiles per step = 64×128 score blocks (fewer, larger MMAs and softmax rescales).
-Config = tuple[int, int, int]
-FWD_CONFIG: dict[int, Config] = {64: (4, 3, 1), 128: (4, 3, 1)}
-BWD_CONFIG: dict[int, tuple[Config, Config]] = {64: ((4, 2, 1), (4, 2, 1)), 128: ((4, 2, 1), (4, 2, 1))}
+# Launch configs, head dim -> (num_warps, num_stages): the forward's; the backward's as (dQ kernel, dK/dV kernel).
+Config = tuple[int, int]
+FWD_CONFIG: dict[int, Config] = {64: (4, 3), 128: (4, 3)}
+BWD_CONFIG: dict[int, tuple[Config, Config]] = {64: ((4, 2), (4, 2)), 128: ((4, 2), (4, 2))}
+
+# Rows a tile is read with, by its size: the largest box first (a full tile), then the boxes partial tiles fit in.
+# A 16-token edge tile read as a 64-row box moves 4× its bytes and MMA work; the loops over the selected tiles are
+# L2-bandwidth-bound (docs/VSA_NOTES.md), so each tile is read with the smallest box that holds it. 16 is the
+# smallest: tl.dot needs K >= 16 for the P·V product.
+Boxes = tuple[int, int, int]
+BOXES: Boxes = (64, 32, 16)
 
 
 @triton.jit
@@ -74,55 +84,50 @@ def _tile_means_kernel(
 
 
 @triton.jit
-def _tile_rows(SEL, s, count, L, TILES: tl.constexpr, BLOCK: tl.constexpr):
-    """Token rows of `TILES` consecutive tiles of a selection list, packed as (start << 7 | size).
+def _tile_box(X, XD, packed, b, h, base, L, stride_l, HEAD_DIM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+    """`BN` rows from the start of the tile packed as (start << 7 | size) in a (B, L, H, D) tensor: (x, rows, ok).
 
-    Returns (rows, ok): TILES·BLOCK row indices (clamped in-bounds, so loads need no mask) and which are real tokens.
-    Slots at or past `count` are empty. Scalar loads per slot keep the rows of one tile an affine range.
+    TMA: one BN × D box of the (B·L, H·D) matrix from the tile's start row, no per-element address math; rows past a
+    partial tile run into the next tile (or batch) and are masked by the caller through `ok`, rows past B·L read as
+    zeros. Pointers: row indices clamped in-bounds, so loads need no mask. `rows` are the clamped in-sequence row
+    indices (for per-row statistics), `ok` marks the tile's real tokens.
     """
-    r = tl.arange(0, TILES * BLOCK)
-    local = r % BLOCK
-    rows = tl.zeros([TILES * BLOCK], tl.int32)
-    ok = r < 0
-    for j in tl.static_range(TILES):
-        packed = tl.load(SEL + s + j, mask=s + j < count, other=0)
-        in_slot = (r // BLOCK) == j
-        rows = tl.where(in_slot, (packed >> 7) + local, rows)
-        ok = ok | (in_slot & (local < (packed & 127)))
-    return tl.minimum(rows, L - 1), ok
+    r = tl.arange(0, BN)
+    start = packed >> 7
+    rows = tl.minimum(start + r, L - 1)
+    if TMA:
+        x = XD.load([b * L + start, h * HEAD_DIM])
+    else:
+        x = tl.load(X + base + rows[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :])
+    return x, rows, r < (packed & 127)
 
 
 @triton.jit
-def _tile_pair(X, Y, XD, YD, SEL, s, count, b, h, base, L, stride_l,
-               HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr, TMA: tl.constexpr):
-    """Rows of loop step `s` of a selection list from two (B, L, H, D) tensors: (x, y, rows, ok).
-
-    TMA (one tile per step): a BLOCK × D box of the (B·L, H·D) matrix from the tile's start row, no per-element
-    address math; the rows past a partial tile run into the next tile (or batch) and are masked by the caller, rows
-    past B·L read as zeros. Otherwise `TILES` tiles gathered through pointers (`_tile_rows`). `rows` are the clamped
-    in-sequence row indices (for per-row statistics), `ok` marks real tokens.
-    """
-    if TMA:
-        packed = tl.load(SEL + s)
-        r = tl.arange(0, BLOCK)
-        x = XD.load([b * L + (packed >> 7), h * HEAD_DIM])
-        y = YD.load([b * L + (packed >> 7), h * HEAD_DIM])
-        rows = tl.minimum((packed >> 7) + r, L - 1)
-        ok = r < (packed & 127)
-    else:
-        rows, ok = _tile_rows(SEL, s, count, L, TILES, BLOCK)
-        off = rows[:, None] * stride_l + tl.arange(0, HEAD_DIM)[None, :]
-        x = tl.load(X + base + off)
-        y = tl.load(Y + base + off)
-    return x, y, rows, ok
+def _fwd_loop(acc, m_i, l_i, q, K, V, KD, VD, sel, lo, hi, b, h, base, L, stride_l, qk_scale,
+              HEAD_DIM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+    """Online-softmax steps over selection slots [lo, hi), every tile read as a BN-row box."""
+    for s in range(lo, hi):
+        packed = tl.load(sel + s)
+        k, _, kv_ok = _tile_box(K, KD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
+        v, _, _ = _tile_box(V, VD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, BN kv), base-2 logits
+        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
 
 
 @triton.jit
 def _fine_fwd_kernel(
-    Q, K, V, O, LSE, Q2K, OFFS, GATE, COARSE, O_FINE, KD, VD,
+    Q, K, V, O, LSE, Q2K, ENDS, OFFS, GATE, COARSE, O_FINE, KD0, VD0, KD1, VD1, KD2, VD2,
     stride_b, stride_l, stride_h,
     H, L, N, TOPK, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr, TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr,
+    HAS_GATE: tl.constexpr, TMA: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -141,17 +146,17 @@ def _fine_fwd_kernel(
     m_i = tl.full([BLOCK], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    sel = Q2K + (bh * N + q_tile) * TOPK
-    for s in range(0, TOPK, KV_TILES):
-        k, v, _, kv_ok = _tile_pair(K, V, KD, VD, sel, s, TOPK, b, h, base, L, stride_l, HEAD_DIM, BLOCK, KV_TILES, TMA)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, KV_TILES·BLOCK kv), base-2 logits
-        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    row = bh * N + q_tile
+    sel = Q2K + row * TOPK
+    # The selection is grouped by box size (`sort_by_box`): full-size boxes, then BOX1-row, then BOX2-row ones.
+    end0 = tl.load(ENDS + 2 * row)
+    end1 = tl.load(ENDS + 2 * row + 1)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, KD0, VD0, sel, 0, end0, b, h, base, L, stride_l, qk_scale,
+                              HEAD_DIM, BLOCK, TMA)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, KD1, VD1, sel, end0, end1, b, h, base, L, stride_l, qk_scale,
+                              HEAD_DIM, BOX1, TMA)
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, KD2, VD2, sel, end1, TOPK, b, h, base, L, stride_l, qk_scale,
+                              HEAD_DIM, BOX2, TMA)
 
     out = acc / l_i[:, None]
     q_off = q_rows[:, None] * stride_l + dims[None, :]
@@ -164,11 +169,27 @@ def _fine_fwd_kernel(
 
 
 @triton.jit
+def _dq_loop(dq, q, do, lse, delta, K, V, KD, VD, sel, lo, hi, b, h, base, L, stride_l, qk_scale,
+             HEAD_DIM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+    for s in range(lo, hi):
+        packed = tl.load(sel + s)
+        k, _, kv_ok = _tile_box(K, KD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
+        v, _, _ = _tile_box(V, VD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        p = tl.where(kv_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
 def _fine_bwd_dq_kernel(
-    Q, K, V, O, DO, DQ, LSE, DELTA, Q2K, OFFS, GATE, COARSE, DGATE, DCOARSE, KD, VD,
+    Q, K, V, O, DO, DQ, LSE, DELTA, Q2K, ENDS, OFFS, GATE, COARSE, DGATE, DCOARSE, KD0, VD0, KD1, VD1, KD2, VD2,
     stride_b, stride_l, stride_h,
     H, L, N, TOPK, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, KV_TILES: tl.constexpr, HAS_GATE: tl.constexpr, TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr,
+    HAS_GATE: tl.constexpr, TMA: tl.constexpr,
 ):
     q_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -198,23 +219,45 @@ def _fine_bwd_dq_kernel(
         tl.store(DCOARSE + c_ptr, tl.sum(tl.where(q_ok[:, None], do.to(tl.float32) * gate, 0.0), 0))
 
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    sel = Q2K + (bh * N + q_tile) * TOPK
-    for s in range(0, TOPK, KV_TILES):
-        k, v, _, kv_ok = _tile_pair(K, V, KD, VD, sel, s, TOPK, b, h, base, L, stride_l, HEAD_DIM, BLOCK, KV_TILES, TMA)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.where(kv_ok[None, :], tl.math.exp2(qk - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+    row = bh * N + q_tile
+    sel = Q2K + row * TOPK
+    end0 = tl.load(ENDS + 2 * row)
+    end1 = tl.load(ENDS + 2 * row + 1)
+    dq = _dq_loop(dq, q, do, lse, delta, K, V, KD0, VD0, sel, 0, end0, b, h, base, L, stride_l, qk_scale,
+                  HEAD_DIM, BLOCK, TMA)
+    dq = _dq_loop(dq, q, do, lse, delta, K, V, KD1, VD1, sel, end0, end1, b, h, base, L, stride_l, qk_scale,
+                  HEAD_DIM, BOX1, TMA)
+    dq = _dq_loop(dq, q, do, lse, delta, K, V, KD2, VD2, sel, end1, TOPK, b, h, base, L, stride_l, qk_scale,
+                  HEAD_DIM, BOX2, TMA)
     tl.store(DQ + base + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok[:, None])
 
 
 @triton.jit
+def _dkdv_loop(dk, dv, k, v, kv_ok, Q, DO, QD, DOD, LSE, DELTA, sel, lo, hi, b, h, bh, base, L, stride_l, qk_scale,
+               HEAD_DIM: tl.constexpr, BN: tl.constexpr, TMA: tl.constexpr):
+    for s in range(lo, hi):
+        packed = tl.load(sel + s)
+        q, q_rows, q_ok = _tile_box(Q, QD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
+        do, _, _ = _tile_box(DO, DOD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
+        lse = tl.load(LSE + bh * L + q_rows)
+        delta = tl.load(DELTA + bh * L + q_rows)
+        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, BN q)
+        p_t = tl.math.exp2(qk_t - lse[None, :])
+        p_t = tl.where(kv_ok[:, None] & q_ok[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
 def _fine_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, K2Q, K2Q_OFFS, OFFS, QD, DOD,
+    Q, K, V, DO, DK, DV, LSE, DELTA, K2Q, K2Q_OFFS, OFFS, QD0, DOD0, QD1, DOD1, QD2, DOD2, DQ, MQ, MK, MV,
     stride_b, stride_l, stride_h,
     H, L, N, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, Q_TILES: tl.constexpr, TMA: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr, TMA: tl.constexpr,
+    HAS_MEANS: tl.constexpr,
 ):
     kv_tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -234,22 +277,117 @@ def _fine_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    first = tl.load(K2Q_OFFS + bh * N + kv_tile)
-    last = tl.load(K2Q_OFFS + bh * N + kv_tile + 1)
-    for s in range(first, last, Q_TILES):
-        q, do, q_rows, q_ok = _tile_pair(Q, DO, QD, DOD, K2Q, s, last, b, h, base, L, stride_l, HEAD_DIM, BLOCK,
-                                         Q_TILES, TMA)
-        lse = tl.load(LSE + bh * L + q_rows)
-        delta = tl.load(DELTA + bh * L + q_rows)
-        qk_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK kv, Q_TILES·BLOCK q)
-        p_t = tl.math.exp2(qk_t - lse[None, :])
-        p_t = tl.where(kv_ok[:, None] & q_ok[None, :], p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
-    tl.store(DK + base + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_ok[:, None])
+    # The q tiles that selected this kv tile, grouped by box size: K2Q_OFFS holds 3 group starts per kv tile.
+    group = (bh * N + kv_tile) * 3
+    s0 = tl.load(K2Q_OFFS + group)
+    s1 = tl.load(K2Q_OFFS + group + 1)
+    s2 = tl.load(K2Q_OFFS + group + 2)
+    s3 = tl.load(K2Q_OFFS + group + 3)
+    dk, dv = _dkdv_loop(dk, dv, k, v, kv_ok, Q, DO, QD0, DOD0, LSE, DELTA, K2Q, s0, s1, b, h, bh, base, L, stride_l,
+                        qk_scale, HEAD_DIM, BLOCK, TMA)
+    dk, dv = _dkdv_loop(dk, dv, k, v, kv_ok, Q, DO, QD1, DOD1, LSE, DELTA, K2Q, s1, s2, b, h, bh, base, L, stride_l,
+                        qk_scale, HEAD_DIM, BOX1, TMA)
+    dk, dv = _dkdv_loop(dk, dv, k, v, kv_ok, Q, DO, QD2, DOD2, LSE, DELTA, K2Q, s2, s3, b, h, bh, base, L, stride_l,
+                        qk_scale, HEAD_DIM, BOX2, TMA)
+    dk = dk * sm_scale
+    if HAS_MEANS:  # + the tile-mean gradients, (B, N, H, D) fp32 per tile (already / tile size), to every tile row
+        m_off = ((b * N + kv_tile) * H + h) * HEAD_DIM + dims
+        dk += tl.load(MK + m_off)[None, :]
+        dv += tl.load(MV + m_off)[None, :]
+        # dQ of this tile's rows is final (dQ kernel) and nobody else touches them: add q's mean gradient in place.
+        dq = tl.load(DQ + base + kv_off).to(tl.float32) + tl.load(MQ + m_off)[None, :]
+        tl.store(DQ + base + kv_off, dq.to(DQ.dtype.element_ty), mask=kv_ok[:, None])
+    tl.store(DK + base + kv_off, dk.to(DK.dtype.element_ty), mask=kv_ok[:, None])
     tl.store(DV + base + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok[:, None])
+
+
+@triton.jit
+def _select_kernel(SCORES, RANK, OFFS, PACKED, ENDS, N, TOPK, NP2: tl.constexpr):
+    """Top-`TOPK` of one row of tile scores, written as (start << 7 | size) words grouped by box rank (0, 1, 2) and
+    ascending tile id (memory order) inside a group, plus the two group ends. The k-th largest score is found exactly
+    by a radix search on the order-preserving integer image of the floats; ties at it go to the lowest tile ids."""
+    row = tl.program_id(0).to(tl.int64)
+    idx = tl.arange(0, NP2)
+    valid = idx < N
+    x = tl.load(SCORES + row * N + idx, mask=valid, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    # Floats -> int64 in [0, 2^32) with the same order: flip the magnitude bits of negatives, then shift by 2^31.
+    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64) + 2147483648
+    key = tl.where(valid, key, -1)
+    kth = tl.zeros([], tl.int64)
+    for bit in tl.static_range(31, -1, -1):  # the largest t with count(key >= t) >= TOPK
+        cand = kth | (1 << bit)
+        kth = tl.where(tl.sum((key >= cand).to(tl.int32), 0) >= TOPK, cand, kth)
+    above = key > kth
+    tie = key == kth
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= TOPK - tl.sum(above.to(tl.int32), 0)))
+    rank = tl.load(RANK + idx, mask=valid, other=0)
+    start = tl.load(OFFS + idx, mask=valid, other=0)
+    size = tl.load(OFFS + idx + 1, mask=valid, other=0) - start
+    pos = tl.zeros([NP2], tl.int32)
+    end = tl.zeros([], tl.int32)
+    for r in tl.static_range(3):
+        in_r = take & (rank == r)
+        pos = tl.where(in_r, end + tl.cumsum(in_r.to(tl.int32), 0) - 1, pos)
+        end += tl.sum(in_r.to(tl.int32), 0)
+        if r < 2:
+            tl.store(ENDS + row * 2 + r, end)
+    tl.store(PACKED + row * TOPK + pos, (start << 7) | size, mask=take)
+
+
+def box_rank(sizes: torch.Tensor, boxes: Boxes) -> torch.Tensor:
+    """Index of the smallest box of `boxes` (descending row counts) that holds a tile of each size."""
+    rank = torch.zeros_like(sizes, dtype=torch.long)
+    for box in boxes[1:]:
+        rank += (sizes <= box).long()
+    return rank
+
+
+def sort_by_box(q2k: torch.Tensor, tile_offsets: torch.Tensor,
+                boxes: Boxes = BOXES) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selected tile ids -> (packed, ends) for the forward and dQ kernels.
+
+    packed (..., topk) int32: (start << 7 | size) words, grouped by box (largest first), ascending start row inside
+    a group (kv tiles in memory order); ends (..., 2) int32: where the first and second box groups end.
+    """
+    ids = q2k.long()
+    start = tile_offsets.long()[ids]
+    size = tile_offsets.long()[ids + 1] - start
+    key = (box_rank(size, boxes) << 40) | (start << 7) | size  # start < 2^24 rows, so words fit in 31 bits
+    key = key.sort(-1).values
+    ends = torch.stack([(key < (r << 40)).sum(-1) for r in (1, 2)], -1).to(torch.int32)
+    return (key & ((1 << 40) - 1)).to(torch.int32), ends
+
+
+def select_by_box(scores: torch.Tensor, topk: int, tile_offsets: torch.Tensor,
+                  boxes: Boxes = BOXES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `topk` best kv tiles per query tile, straight from the coarse scores (B, H, N, N), in `sort_by_box`'s
+    (packed, ends) form: one fused kernel instead of top-k, gathers and a sort (docs/VSA_NOTES.md)."""
+    B, H, N, _ = scores.shape
+    scores = scores.detach().float().contiguous()
+    rank = box_rank(tile_offsets[1:] - tile_offsets[:-1], _check_boxes(boxes)).to(torch.int32)
+    packed = torch.empty(B, H, N, topk, device=scores.device, dtype=torch.int32)
+    ends = torch.empty(B, H, N, 2, device=scores.device, dtype=torch.int32)
+    _select_kernel[(B * H * N,)](scores, rank, tile_offsets, packed, ends, N, topk, NP2=triton.next_power_of_2(N),
+                                 num_warps=2)
+    return packed, ends
+
+
+def invert_selection(q2k: torch.Tensor, rank: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every (batch·head, kv tile): the q tiles that selected it, as CSR.
+
+    q2k: (B, H, N, topk); rank: optional (N,) box rank of every tile (`box_rank`, values 0..2). Returns k2q
+    (B·H·N·topk,) int32 q-tile ids grouped by (batch·head, kv tile), then by rank, ascending q inside; and offsets:
+    without `rank`, (B·H·N + 1,) group starts; with it, (B·H·N·3 + 1,) starts of every (group, rank) run.
+    """
+    B, H, N, topk = q2k.shape
+    groups = q2k.long() + N * torch.arange(B * H, device=q2k.device).view(B, H, 1, 1)  # global kv tile id
+    q_ids = torch.arange(N, device=q2k.device).view(1, 1, N, 1)
+    runs = 1 if rank is None else 3
+    q_rank = 0 if rank is None else rank.to(q2k.device).long().view(1, 1, N, 1)
+    key = ((groups * runs + q_rank) * N + q_ids).flatten().sort().values
+    bounds = torch.arange(B * H * N * runs + 1, device=q2k.device) * N
+    return (key % N).to(torch.int32), torch.searchsorted(key, bounds).to(torch.int32)
 
 
 def pack_tiles(tile_ids: torch.Tensor, tile_offsets: torch.Tensor) -> torch.Tensor:
@@ -274,10 +412,19 @@ def tma_available(*xs: torch.Tensor) -> bool:
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in xs)
 
 
-def _descriptor(x: torch.Tensor) -> "TensorDescriptor":
-    """(B, L, H, D) contiguous -> TMA descriptor of the (B·L, H·D) matrix, BLOCK × D boxes (one head's tile)."""
+def _descriptors(x: torch.Tensor, boxes: Boxes) -> list["TensorDescriptor"]:
+    """(B, L, H, D) contiguous -> TMA descriptors of the (B·L, H·D) matrix, one per box: box × D (one head's tile)."""
     B, L, H, D = x.shape
-    return TensorDescriptor(x.view(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1], block_shape=[BLOCK, D])
+    return [TensorDescriptor(x.view(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1], block_shape=[box, D])
+            for box in boxes]
+
+
+def _check_boxes(boxes: Boxes) -> Boxes:
+    ok = (len(boxes) == 3 and boxes[0] == BLOCK and all(b in (16, 32, 64) for b in boxes)
+          and list(boxes) == sorted(boxes, reverse=True))
+    if not ok:
+        raise ValueError(f"boxes must be three of 64/32/16 rows, descending, starting at {BLOCK}; got {boxes}")
+    return boxes
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
@@ -308,76 +455,68 @@ def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return qm, km, vm
 
 
-def fine_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
-                 config: Config | None = None, gate: torch.Tensor | None = None,
-                 coarse: torch.Tensor | None = None, tma: bool | None = None,
+def fine_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: torch.Tensor, ends: torch.Tensor,
+                 tile_offsets: torch.Tensor, config: Config | None = None, gate: torch.Tensor | None = None,
+                 coarse: torch.Tensor | None = None, tma: bool | None = None, boxes: Boxes = BOXES,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-sparse attention over the selected kv tiles, optionally plus `gate * coarse`.
 
-    q, k, v, gate: (B, L, H, D); q2k: (B, H, N, topk) int32 selected kv tiles per q tile; coarse: (B, H, N, D) fp32
-    coarse output per tile. Returns out (B, L, H, D), the fine part alone (`out` itself without a gate) and the
-    base-2 log-sum-exp of the scaled logits (B, H, L) fp32. tma: read kv tiles through TMA descriptors (default:
-    where `tma_available`; one tile per loop step).
+    q, k, v, gate: (B, L, H, D); (packed, ends): the selected kv tiles per q tile grouped by box (`select_by_box`,
+    or `sort_by_box` of any selection), made with the same `boxes`; coarse: (B, H, N, D) fp32 coarse output per
+    tile. Returns out (B, L, H, D), the fine part alone (`out` itself without a gate) and the base-2 log-sum-exp of
+    the scaled logits (B, H, L) fp32. tma: read kv tiles through TMA descriptors (default: where `tma_available`);
+    boxes: the row counts tiles are read with (`BOXES`; (64, 64, 64) reads every tile as a full one, for A/B
+    benchmarks).
     """
     has_gate = gate is not None
     q, k, v, gate = _same_strides(q, k, v, gate if has_gate else q)
     B, L, H, D = q.shape
-    N, topk = q2k.shape[2], q2k.shape[3]
-    num_warps, num_stages, tiles = config or FWD_CONFIG[D]
+    N, topk = packed.shape[2], packed.shape[3]
+    num_warps, num_stages = config or FWD_CONFIG[D]
+    boxes = _check_boxes(boxes)
     out = torch.empty_like(q)
     fine = torch.empty_like(q) if has_gate else out
     coarse = coarse.contiguous() if has_gate else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    tma = _use_tma(tma, tiles, k, v)
-    kd, vd = (_descriptor(k), _descriptor(v)) if tma else (None, None)
+    tma = _use_tma(tma, k, v)
+    descs = [d for pair in zip(_descriptors(k, boxes), _descriptors(v, boxes)) for d in pair] if tma else [None] * 6
     _fine_fwd_kernel[(N, B * H)](
-        q, k, v, out, lse, pack_tiles(q2k, tile_offsets), tile_offsets, gate, coarse, fine, kd, vd,
+        q, k, v, out, lse, packed, ends, tile_offsets, gate, coarse, fine, *descs,
         q.stride(0), q.stride(1), q.stride(2),
         H, L, N, topk, D ** -0.5 * LOG2E,
-        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=tiles, HAS_GATE=has_gate, TMA=tma, num_warps=num_warps,
+        HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], HAS_GATE=has_gate, TMA=tma, num_warps=num_warps,
         num_stages=num_stages,
     )
     return out, fine, lse
 
 
-def _use_tma(tma: bool | None, tiles: int, *xs: torch.Tensor) -> bool:
+def _use_tma(tma: bool | None, *xs: torch.Tensor) -> bool:
     if tma is None:
-        return tiles == 1 and tma_available(*xs)
-    if tma and (tiles != 1 or not tma_available(*xs)):
-        raise ValueError(f"tma=True needs one tile per loop step (got {tiles}) and tensors tma_available() accepts")
+        return tma_available(*xs)
+    if tma and not tma_available(*xs):
+        raise ValueError("tma=True needs tensors tma_available() accepts (sm90+ or the interpreter, contiguous)")
     return tma
 
 
-def invert_selection(q2k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every (batch·head, kv tile): the q tiles that selected it, as CSR.
-
-    q2k: (B, H, N, topk). Returns k2q (B·H·N·topk,) int32 q-tile ids grouped by (batch·head, kv tile), ascending q
-    inside a group, and k2q_offsets (B·H·N + 1,) int32 group starts.
-    """
-    B, H, N, topk = q2k.shape
-    key = q2k.long() + N * torch.arange(B * H, device=q2k.device).view(B, H, 1, 1)  # (B, H, N, topk) global kv id
-    key = key.flatten()
-    order = torch.argsort(key, stable=True)
-    k2q = ((order // topk) % N).to(torch.int32)
-    bounds = torch.arange(B * H * N + 1, device=q2k.device)
-    k2q_offsets = torch.searchsorted(key[order], bounds).to(torch.int32)
-    return k2q, k2q_offsets
-
-
 def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fine: torch.Tensor,
-                  lse: torch.Tensor, q2k: torch.Tensor, tile_offsets: torch.Tensor,
+                  lse: torch.Tensor, packed: torch.Tensor, ends: torch.Tensor, tile_offsets: torch.Tensor,
                   config: tuple[Config, Config] | None = None, gate: torch.Tensor | None = None,
-                  coarse: torch.Tensor | None = None, tma: bool | None = None) -> tuple[torch.Tensor, ...]:
+                  coarse: torch.Tensor | None = None, tma: bool | None = None, boxes: Boxes = BOXES,
+                  mean_grads: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = None,
+                  ) -> tuple[torch.Tensor, ...]:
     """Gradients of `fine_forward` given dO: (dq, dk, dv, dgate, dcoarse), the last two None without a gate.
 
-    `fine` is the fine part of the forward output (its second result).
+    `fine` is the fine part of the forward output (its second result); (packed, ends) and `boxes` as given to it.
+    mean_grads (with a gate): maps d coarse to the gradients of the per-tile means of q, k, v ((B, N, H, D) fp32, each
+    already divided by its tile's size), which the dK/dV kernel then adds to every row of dq, dk, dv — the whole
+    VSA op's gradients without broadcasting them in separate passes.
     """
     has_gate = gate is not None
     q, k, v, fine, do, gate = _same_strides(q, k, v, fine, do, gate if has_gate else q)
     B, L, H, D = q.shape
-    N, topk = q2k.shape[2], q2k.shape[3]
-    (dq_warps, dq_stages, kv_tiles), (dkdv_warps, dkdv_stages, q_tiles) = config or BWD_CONFIG[D]
-    k2q, k2q_offsets = invert_selection(q2k)
+    N, topk = packed.shape[2], packed.shape[3]
+    (dq_warps, dq_stages), (dkdv_warps, dkdv_stages) = config or BWD_CONFIG[D]
+    boxes = _check_boxes(boxes)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     coarse = coarse.contiguous() if has_gate else dq
     dgate = torch.empty_like(gate) if has_gate else None
@@ -385,20 +524,24 @@ def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     sm_scale = D ** -0.5
     strides = (q.stride(0), q.stride(1), q.stride(2))
-    tma_dq = _use_tma(tma, kv_tiles, k, v)
-    kd, vd = (_descriptor(k), _descriptor(v)) if tma_dq else (None, None)
+    tma = _use_tma(tma, q, k, v, do)
+    pair = (lambda x, y: [d for p in zip(_descriptors(x, boxes), _descriptors(y, boxes)) for d in p]) if tma else (
+        lambda x, y: [None] * 6)
     _fine_bwd_dq_kernel[(N, B * H)](
-        q, k, v, fine, do, dq, lse, delta, pack_tiles(q2k, tile_offsets), tile_offsets,
-        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse, kd, vd, *strides,
+        q, k, v, fine, do, dq, lse, delta, packed, ends, tile_offsets,
+        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse, *pair(k, v), *strides,
         H, L, N, topk, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, KV_TILES=kv_tiles, HAS_GATE=has_gate, TMA=tma_dq, num_warps=dq_warps,
+        HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], HAS_GATE=has_gate, TMA=tma, num_warps=dq_warps,
         num_stages=dq_stages,
     )
-    tma_dkdv = _use_tma(tma, q_tiles, q, do)
-    qd, dod = (_descriptor(q), _descriptor(do)) if tma_dkdv else (None, None)
+    sizes = tile_offsets[1:] - tile_offsets[:-1]
+    q2k = torch.searchsorted(tile_offsets, packed >> 7, right=True) - 1  # kv tile ids from their start rows
+    k2q, k2q_offsets = invert_selection(q2k, box_rank(sizes, boxes))
+    means = [m.contiguous() for m in mean_grads(dcoarse)] if has_gate and mean_grads is not None else None
     _fine_bwd_dkdv_kernel[(N, B * H)](
-        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets, qd, dod, *strides,
-        H, L, N, sm_scale * LOG2E, sm_scale,
-        HEAD_DIM=D, BLOCK=BLOCK, Q_TILES=q_tiles, TMA=tma_dkdv, num_warps=dkdv_warps, num_stages=dkdv_stages,
+        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets, *pair(q, do),
+        dq, *(means or (dq, dq, dq)), *strides, H, L, N, sm_scale * LOG2E, sm_scale,
+        HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], TMA=tma, HAS_MEANS=means is not None,
+        num_warps=dkdv_warps, num_stages=dkdv_stages,
     )
     return dq, dk, dv, dgate, dcoarse

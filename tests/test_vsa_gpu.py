@@ -42,6 +42,20 @@ def test_kernels_match_reference(grid, H, D, sparsity, dtype, tma, monkeypatch):
         assert rel_err(g, rg) <= 1e-2, name
 
 
+@pytest.mark.parametrize("grid, H, sparsity", [((21, 45, 80), 4, 0.9), ((21, 30, 52), 12, 0.8)])
+def test_fused_selection_equals_topk(grid, H, sparsity):
+    """The fused select kernel at real tile counts (14B-720p: 1440 tiles) == torch.topk's set of kv tiles."""
+    meta = vsa_meta(grid, sparsity, "cuda")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    scores = torch.randn(1, H, meta.num_tiles, meta.num_tiles, device="cuda", generator=gen)
+    packed, ends = vsa_triton.select_by_box(scores, meta.topk, meta.tile_offsets)
+    ids = torch.searchsorted(meta.tile_offsets, packed >> 7, right=True) - 1
+    expected = scores.topk(meta.topk, dim=-1).indices.sort(-1).values
+    assert torch.equal(ids.long().sort(-1).values, expected)
+    for got, want in zip((packed, ends), vsa_triton.sort_by_box(ids, meta.tile_offsets)):
+        assert torch.equal(got, want)
+
+
 def test_dense_at_sparsity_zero():
     grid, H, D = (9, 14, 18), 4, 128
     q, k, v, _ = make_inputs(2, math.prod(grid), H, D, torch.bfloat16, seed=1)

@@ -64,12 +64,13 @@ else:
         dense = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
         assert rel_err(out, dense) <= 1e-5
 
-    @pytest.mark.parametrize("tiles_per_step, tma", [(1, True), (1, False), (2, False)])
-    def test_fine_kernels_with_arbitrary_selection(tiles_per_step, tma):
+    @pytest.mark.parametrize("tma, boxes", [(True, (64, 32, 16)), (False, (64, 32, 16)), (True, (64, 64, 64)),
+                                            (False, (64, 64, 16))])
+    def test_fine_kernels_with_arbitrary_selection(tma, boxes):
         """Fine forward/backward with a random (unsorted, non-top-k) selection vs dense masked attention, with kv /
         q tiles read through TMA descriptors (rows past a partial tile: the next tile's or batch's, or zeros past the
-        end) and through pointer gathers."""
-        grid, B, H, D, topk = (3, 5, 9), 2, 2, 64, 3  # odd topk: the last two-tile step has an empty slot
+        end) and through pointer gathers, as boxes of 64/32/16 rows by tile size or all as full 64-row boxes."""
+        grid, B, H, D, topk = (5, 6, 7), 2, 2, 64, 5  # tiles of 64, 48, 32, 24, 16, 12, 8, 6 tokens
         meta = vsa_meta(grid, 0.5, "cpu")
         N, L = meta.num_tiles, math.prod(grid)
         gen = torch.Generator().manual_seed(5)
@@ -77,11 +78,12 @@ else:
         q2k = q2k.view(B, H, N, topk).to(torch.int32)
         q, k, v = random_inputs(B, L, H, D, 3, seed=6)
         grad_out = torch.randn_like(q)
-        config = (4, 2, tiles_per_step)
-        out, _, lse = vsa_triton.fine_forward(q.detach(), k.detach(), v.detach(), q2k, meta.tile_offsets, config,
-                                              tma=tma)
-        dq, dk, dv, _, _ = vsa_triton.fine_backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, q2k,
-                                                    meta.tile_offsets, (config, config), tma=tma)
+        config = (4, 2)
+        sel = vsa_triton.sort_by_box(q2k, meta.tile_offsets, boxes)
+        out, _, lse = vsa_triton.fine_forward(q.detach(), k.detach(), v.detach(), *sel, meta.tile_offsets, config,
+                                              tma=tma, boxes=boxes)
+        dq, dk, dv, _, _ = vsa_triton.fine_backward(grad_out, q.detach(), k.detach(), v.detach(), out, lse, *sel,
+                                                    meta.tile_offsets, (config, config), tma=tma, boxes=boxes)
         keep = torch.zeros(B, H, N, N, dtype=torch.bool).scatter_(-1, q2k.long(), True)
         keep = keep[:, :, meta.token_tile][:, :, :, meta.token_tile]  # (B, H, L, L)
         logits = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(D)
@@ -93,14 +95,31 @@ else:
         for name, g, rg in zip("qkv", (dq, dk, dv), ref_grads):
             assert rel_err(g, rg) <= 1e-5, name
 
+    def test_sort_by_box_groups_tiles_by_box_then_start():
+        meta = vsa_meta((5, 6, 7), 0.5, "cpu")  # 8 tiles: sizes 64, 48, 32, 24, 16, 12, 8, 6 (some twice)
+        sizes = meta.tile_sizes.long()
+        q2k = torch.randperm(meta.num_tiles, generator=torch.Generator().manual_seed(3))[:6].view(1, 1, 1, 6).int()
+        packed, ends = vsa_triton.sort_by_box(q2k, meta.tile_offsets, (64, 32, 16))
+        starts, got_sizes = packed.long() >> 7, packed.long() & 127
+        chosen = q2k.flatten().long()
+        assert sorted(zip(starts.flatten().tolist(), got_sizes.flatten().tolist())) == sorted(
+            zip(meta.tile_offsets.long()[chosen].tolist(), sizes[chosen].tolist()))
+        box = [64 if s > 32 else 32 if s > 16 else 16 for s in got_sizes.flatten().tolist()]
+        e0, e1 = ends.flatten().tolist()
+        assert box == [64] * e0 + [32] * (e1 - e0) + [16] * (6 - e1)
+        for lo, hi in ((0, e0), (e0, e1), (e1, 6)):  # memory order inside a box group
+            assert starts.flatten()[lo:hi].tolist() == sorted(starts.flatten()[lo:hi].tolist())
+
     def test_selection_matches_float64_topk():
         """Selected tiles == top-k of float64 tile-mean scores computed from raster coordinates."""
         grid, B, H, D = (5, 6, 7), 2, 3, 64
         meta = vsa_meta(grid, 0.7, "cpu")
         q, k, v = (x.detach() for x in random_inputs(B, math.prod(grid), H, D, 3, seed=7))
-        qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets, meta.token_tile)
+        qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets)
         _, scores = coarse_attention(qm, km, vm)
         chosen = select_tiles(scores, meta.topk)
+        packed, ends = torch.ops.sparse_distill.vsa_select(scores, meta.topk, meta.tile_offsets)  # the kernel path
+        fused = torch.searchsorted(meta.tile_offsets, packed >> 7, right=True) - 1
 
         T, Hh, W = grid
         t, h, w = torch.meshgrid(torch.arange(T), torch.arange(Hh), torch.arange(W), indexing="ij")
@@ -111,29 +130,61 @@ else:
         ref_scores = torch.einsum("bnhd,bmhd->bhnm", qbar, kbar) / math.sqrt(D)
         expected = ref_scores.topk(meta.topk, dim=-1).indices.sort(-1).values
         assert torch.equal(chosen.long().sort(-1).values, expected)
+        assert torch.equal(fused.long().sort(-1).values, expected)
+        assert torch.equal(packed.long() & 127, meta.tile_sizes.long()[fused])
+        for a, b in zip(vsa_triton.sort_by_box(fused, meta.tile_offsets), (packed, ends)):
+            assert torch.equal(a, b)
         assert torch.allclose(scores.double(), ref_scores, atol=1e-5)
+
+    @pytest.mark.parametrize("B, H, N, topk", [(2, 3, 8, 3), (1, 1, 300, 30), (1, 2, 40, 40), (1, 2, 40, 1)])
+    def test_fused_selection_equals_topk_with_ties(B, H, N, topk):
+        """The fused select kernel: the same set as torch.topk, ties (repeated and ±0 / negative scores) broken
+        towards low tile ids with exactly `topk` taken, grouped by box and in memory order inside a group."""
+        gen = torch.Generator().manual_seed(N + topk)
+        scores = torch.randint(-6, 6, (B, H, N, N), generator=gen).float() / 4  # many exact ties, negatives, zeros
+        sizes = torch.randint(1, 65, (N,), generator=gen)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)]).int()
+        packed, ends = vsa_triton.select_by_box(scores, topk, offsets)
+        ids = (torch.searchsorted(offsets, packed >> 7, right=True) - 1).long()
+        got = scores.gather(-1, ids)
+        kth = scores.topk(topk, dim=-1).values[..., -1:]
+        assert (got >= kth).all()  # a top-k set: nothing below the k-th value
+        assert (ids.sort(-1).values.diff(dim=-1) > 0).all()  # distinct tiles
+        assert torch.equal(got.sort(-1).values, scores.topk(topk, dim=-1).values.sort(-1).values)
+        ties_taken = (got == kth).sum(-1)
+        rows = [(b, h, n) for b in range(B) for h in range(H) for n in range(0, N, max(1, N // 7))]
+        ties_lowest = [(scores[r] == kth[r]).nonzero().flatten()[:ties_taken[r]] for r in rows]
+        picked = [ids[r][got[r] == kth[r]].sort().values for r in rows]
+        assert all(torch.equal(a, p) for a, p in zip(ties_lowest, picked))
+        for a, b in zip(vsa_triton.sort_by_box(ids.int(), offsets), (packed, ends)):  # grouped by box, memory order
+            assert torch.equal(a, b)
 
     def test_invert_selection():
         gen = torch.Generator().manual_seed(8)
         B, H, N, topk = 2, 3, 7, 3
         q2k = torch.stack([torch.randperm(N, generator=gen)[:topk] for _ in range(B * H * N)])
         q2k = q2k.view(B, H, N, topk).to(torch.int32)
+        rank = torch.tensor([0, 2, 1, 0, 2, 2, 1])
         k2q, offsets = vsa_triton.invert_selection(q2k)
+        k2q_r, offsets_r = vsa_triton.invert_selection(q2k, rank)
         for b in range(B):
             for h in range(H):
                 for j in range(N):
                     g = (b * H + h) * N + j
-                    got = k2q[offsets[g]:offsets[g + 1]].tolist()
-                    assert got == [i for i in range(N) if j in q2k[b, h, i].tolist()]
+                    chose_j = [i for i in range(N) if j in q2k[b, h, i].tolist()]
+                    assert k2q[offsets[g]:offsets[g + 1]].tolist() == chose_j
+                    for r in range(3):  # with ranks: runs per (kv tile, rank), ascending q inside
+                        got = k2q_r[offsets_r[3 * g + r]:offsets_r[3 * g + r + 1]].tolist()
+                        assert got == [i for i in chose_j if rank[i] == r]
 
     def test_custom_ops_pass_opcheck():
         meta = vsa_meta((3, 5, 9), 0.5, "cpu")
         q, k, v = (x.detach().requires_grad_() for x in random_inputs(1, 135, 1, 64, 3, seed=9))
-        q2k = select_tiles(torch.randn(1, 1, meta.num_tiles, meta.num_tiles), meta.topk)
-        torch.library.opcheck(torch.ops.sparse_distill.vsa_fine.default, (q, k, v, q2k, meta.tile_offsets))
+        scores = torch.randn(1, 1, meta.num_tiles, meta.num_tiles)
+        torch.library.opcheck(torch.ops.sparse_distill.vsa_select.default, (scores, meta.topk, meta.tile_offsets))
+        sel, ends = torch.ops.sparse_distill.vsa_select(scores, meta.topk, meta.tile_offsets)
+        torch.library.opcheck(torch.ops.sparse_distill.vsa_fine.default, (q, k, v, sel, ends, meta.tile_offsets))
         gate = torch.randn_like(q, requires_grad=True)
-        coarse = torch.randn(1, 1, meta.num_tiles, 64, requires_grad=True)
-        torch.library.opcheck(torch.ops.sparse_distill.vsa_fine_gated.default,
-                              (q, k, v, gate, coarse, q2k, meta.tile_offsets))
+        torch.library.opcheck(torch.ops.sparse_distill.vsa_gated.default, (q, k, v, gate, meta.tile_offsets, meta.topk))
         torch.library.opcheck(torch.ops.sparse_distill.vsa_tile_means.default,
-                              (q, k, v, meta.tile_offsets, meta.token_tile))
+                              (q.detach(), k.detach(), v.detach(), meta.tile_offsets))

@@ -22,10 +22,16 @@ import math
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention import vsa_triton
 from attention.vsa import select_tiles, vsa_attention, vsa_meta
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: no --bound probe
+    TensorDescriptor = None
 
 SHAPES = {  # name -> (token grid, heads); head dim 128
     "1.3B-480p": ((21, 30, 52), 12),
@@ -33,6 +39,7 @@ SHAPES = {  # name -> (token grid, heads); head dim 128
     "5B-720p": ((31, 22, 40), 24),
 }
 HEAD_DIM = 128
+FULL_BOXES = (64, 64, 64)  # every tile read as a full 64-row box (the kernels before box-size grouping)
 
 
 def bench(fn, grads=()) -> float:
@@ -60,6 +67,10 @@ def random_selection(heads: int, meta, seed: int = 0) -> torch.Tensor:
     return select_tiles(scores, meta.topk)
 
 
+def grouped(q2k: torch.Tensor, meta, boxes=vsa_triton.BOXES) -> tuple[torch.Tensor, torch.Tensor]:
+    return vsa_triton.sort_by_box(q2k, meta.tile_offsets, boxes)
+
+
 def make_qkv(grid, heads, seed=0):
     L = math.prod(grid)
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -67,14 +78,15 @@ def make_qkv(grid, heads, seed=0):
             for _ in range(4)]
 
 
-def time_fine(q, k, v, q2k, meta, fwd_config=None, bwd_config=None) -> tuple[float, float]:
+def time_fine(q, k, v, q2k, meta, boxes=vsa_triton.BOXES) -> tuple[float, float]:
     offs = meta.tile_offsets
     do = torch.randn_like(q)
-    fwd = bench(lambda: vsa_triton.fine_forward(q, k, v, q2k, offs, fwd_config))
+    sel = grouped(q2k, meta, boxes)
+    fwd = bench(lambda: vsa_triton.fine_forward(q, k, v, *sel, offs, boxes=boxes))
 
     def fwd_bwd():
-        o, _, lse = vsa_triton.fine_forward(q, k, v, q2k, offs, fwd_config)
-        vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs, bwd_config)
+        o, _, lse = vsa_triton.fine_forward(q, k, v, *sel, offs, boxes=boxes)
+        vsa_triton.fine_backward(do, q, k, v, o, lse, *sel, offs, boxes=boxes)
 
     return fwd, bench(fwd_bwd)
 
@@ -86,31 +98,104 @@ def sweep(name: str, sparsity: float) -> None:
     q2k = random_selection(heads, meta)
     flops, _ = sparse_flops(q2k, meta)
     offs = meta.tile_offsets
-    print(f"sweep {name} ρ={sparsity}: (num_warps, num_stages, tiles per step, TMA) -> ms, sparse TF/s")
-    one_tile = [(w, st, 1, tma) for tma in (True, False) for (w, st) in [(4, 2), (4, 3), (4, 4), (4, 5), (8, 3)]]
+    print(f"sweep {name} ρ={sparsity}: (num_warps, num_stages, TMA, boxes) -> ms, sparse TF/s")
+    variants = [(tma, boxes) for tma in (True, False) for boxes in (vsa_triton.BOXES, FULL_BOXES)]
     fwd = {}
-    for *cfg, tma in one_tile + [(4, 3, 2, False)]:
-        key = (*cfg, tma)
-        fwd[key] = bench_config(lambda: vsa_triton.fine_forward(q, k, v, q2k, offs, tuple(cfg), tma=tma))
-        print(f"  fwd {key}: {fwd[key]:.3f} ms {flops / fwd[key] / 1e9:.0f} TF/s")
-    o, _, lse = vsa_triton.fine_forward(q, k, v, q2k, offs)
+    for tma, boxes in variants:
+        sel = grouped(q2k, meta, boxes)
+        for cfg in [(4, 2), (4, 3), (4, 4), (8, 3)]:
+            key = (*cfg, tma, boxes)
+            fwd[key] = bench_config(lambda: vsa_triton.fine_forward(q, k, v, *sel, offs, cfg, tma=tma, boxes=boxes))
+            print(f"  fwd {key}: {fwd[key]:.3f} ms {flops / fwd[key] / 1e9:.0f} TF/s")
+    o, _, lse = vsa_triton.fine_forward(q, k, v, *grouped(q2k, meta), offs)
     do = torch.randn_like(q)
-    bwd_cfgs = [(w, st, 1, tma) for tma in (True, False) for (w, st) in [(4, 1), (4, 2), (4, 3), (8, 2)]]
     base_dkdv = vsa_triton.BWD_CONFIG[HEAD_DIM][1]
     dq = {}
-    for *cfg, tma in bwd_cfgs:  # the TMA switch applies to both backward kernels
-        key = (*cfg, tma)
-        dq[key] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs,
-                                                                (tuple(cfg), base_dkdv), tma=tma))
-        print(f"  bwd dq {key} + dkdv {base_dkdv}: {dq[key]:.3f} ms")
+    for tma, boxes in variants:  # the TMA switch and the boxes apply to both backward kernels
+        sel = grouped(q2k, meta, boxes)
+        for cfg in [(4, 1), (4, 2), (4, 3), (8, 2)]:
+            key = (*cfg, tma, boxes)
+            dq[key] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, *sel, offs, (cfg, base_dkdv),
+                                                                    tma=tma, boxes=boxes))
+            print(f"  bwd dq {key} + dkdv {base_dkdv}: {dq[key]:.3f} ms")
     best_dq = min(dq, key=dq.get)
     dkdv = {}
-    for *cfg, tma in [c for c in bwd_cfgs if c[3] == best_dq[3]]:
-        key = (*cfg, tma)
-        dkdv[key] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, q2k, offs,
-                                                                  (best_dq[:3], tuple(cfg)), tma=tma))
+    sel = grouped(q2k, meta, best_dq[3])
+    for cfg in [(4, 1), (4, 2), (4, 3), (8, 2)]:
+        key = (*cfg, *best_dq[2:])
+        dkdv[key] = bench_config(lambda: vsa_triton.fine_backward(do, q, k, v, o, lse, *sel, offs, (best_dq[:2], cfg),
+                                                                  tma=best_dq[2], boxes=best_dq[3]))
         print(f"  bwd dq {best_dq} + dkdv {key}: {dkdv[key]:.3f} ms {2.5 * flops / dkdv[key] / 1e9:.0f} TF/s")
     print(f"best: fwd {min(fwd, key=fwd.get)}, bwd dq {best_dq}, dkdv {min(dkdv, key=dkdv.get)}")
+
+
+@triton.jit
+def _bound_probe_kernel(Q, K, KD, VD, SEL, OFFS, OUT, H, L, TOPK, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, LOADS: tl.constexpr, COMPUTE: tl.constexpr):
+    """The forward kernel's loop over the selected kv tiles (64-row TMA boxes) with only its loads (LOADS) or only its
+    MMAs and softmax on one kv tile loaded before the loop (COMPUTE), or both (the real loop, for reference)."""
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.minimum(tl.load(OFFS + q_tile) + tl.arange(0, BLOCK), L - 1)
+    dims = tl.arange(0, HEAD_DIM)
+    base = b.to(tl.int64) * L * H * HEAD_DIM + h * HEAD_DIM
+    q = tl.load(Q + base + rows[:, None] * H * HEAD_DIM + dims[None, :])
+    k0 = tl.load(K + base + rows[:, None] * H * HEAD_DIM + dims[None, :])
+    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    sel = SEL + (bh * tl.num_programs(0) + q_tile) * TOPK
+    for s in range(0, TOPK):
+        packed = tl.load(sel + s)
+        if LOADS:
+            k = KD.load([b * L + (packed >> 7), h * HEAD_DIM])
+            v = VD.load([b * L + (packed >> 7), h * HEAD_DIM])
+        else:  # a loaded scalar (1.0) keeps the MMAs inside the loop (not hoisted as loop-invariant)
+            one = (packed & 0).to(tl.float32) + 1.0
+            k = (k0 * one).to(k0.dtype)
+            v = k
+        if COMPUTE:
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        else:
+            acc += k.to(tl.float32) + v.to(tl.float32)
+    tl.store(OUT + (bh * tl.num_programs(0) + q_tile) * HEAD_DIM + dims, tl.sum(acc, 0) + tl.sum(l_i, 0))
+
+
+def bound_probe(name: str, sparsity: float) -> None:
+    """Is the forward loop bound by moving kv tiles from L2 or by its MMAs + softmax? Times the loop with only its
+    loads and with only its compute, against the real kernel at the same (64-row box) tile reads."""
+    grid, heads = SHAPES[name]
+    meta = vsa_meta(grid, sparsity, "cuda")
+    q, k, v, _ = make_qkv(grid, heads)
+    q2k = random_selection(heads, meta)
+    N, L = meta.num_tiles, q.shape[1]
+    packed = vsa_triton.pack_tiles(q2k, meta.tile_offsets)
+    out = torch.empty(heads, N, HEAD_DIM, device="cuda")
+    kd, vd = (TensorDescriptor(x.view(L, heads * HEAD_DIM), shape=[L, heads * HEAD_DIM],
+                               strides=[heads * HEAD_DIM, 1], block_shape=[64, HEAD_DIM]) for x in (k, v))
+    kv_bytes = 2 * 64 * HEAD_DIM * 2 * q2k.numel()
+    _, tile_flops = sparse_flops(q2k, meta)
+    fwd_cfg = vsa_triton.FWD_CONFIG[HEAD_DIM]
+    real = bench(lambda: vsa_triton.fine_forward(q, k, v, *grouped(q2k, meta, FULL_BOXES), meta.tile_offsets,
+                                                 boxes=FULL_BOXES))
+    print(f"bound probe {name} ρ={sparsity} (64-row kv boxes, {kv_bytes / 1e9:.1f} GB of kv tile reads, "
+          f"{tile_flops / 1e9:.0f} GFLOP of tile MMAs):")
+    print(f"  fine forward kernel            {real:.3f} ms  ({kv_bytes / real / 1e9:.2f} TB/s, "
+          f"{tile_flops / real / 1e9:.0f} tile TF/s)")
+    for label, loads, compute in (("probe: loads + compute", True, True), ("probe: loads only", True, False),
+                                  ("probe: compute only", False, True)):
+        ms = bench(lambda: _bound_probe_kernel[(N, heads)](
+            q, k, kd, vd, packed, meta.tile_offsets, out, heads, L, meta.topk, HEAD_DIM ** -0.5 * 1.4427,
+            HEAD_DIM=HEAD_DIM, BLOCK=64, LOADS=loads, COMPUTE=compute, num_warps=fwd_cfg[0], num_stages=fwd_cfg[1]))
+        print(f"  {label:<30} {ms:.3f} ms  ({kv_bytes / ms / 1e9:.2f} TB/s, {tile_flops / ms / 1e9:.0f} tile TF/s)")
 
 
 def profile_op(name: str, sparsity: float) -> None:
@@ -149,6 +234,7 @@ def run_shape(name: str, sparsities: list[float]) -> list[dict]:
         q2k = random_selection(heads, meta)
         flops, tile_flops = sparse_flops(q2k, meta)
         fine_fwd, fine_fb = time_fine(q, k, v, q2k, meta)
+        full_fwd, full_fb = time_fine(q, k, v, q2k, meta, FULL_BOXES)
         qg, kg, vg, gg = (x.detach().requires_grad_() for x in (q, k, v, gate))
         do = torch.randn_like(q)
         op_fwd = bench(lambda: vsa_attention(q, k, v, meta, gate))
@@ -156,10 +242,12 @@ def run_shape(name: str, sparsities: list[float]) -> list[dict]:
         row = dict(shape=name, sparsity=sparsity, topk=meta.topk, tiles=meta.num_tiles, dense_fwd=dense_fwd,
                    dense_fb=dense_fb, op_fwd=op_fwd, op_fb=op_fb, fine_fwd=fine_fwd, fine_fb=fine_fb,
                    tfs_fwd=flops / fine_fwd / 1e9, tfs_fb=3.5 * flops / fine_fb / 1e9,
-                   tile_fwd=tile_flops / fine_fwd / 1e9, tile_fb=3.5 * tile_flops / fine_fb / 1e9)
+                   tile_fwd=tile_flops / fine_fwd / 1e9, tile_fb=3.5 * tile_flops / fine_fb / 1e9,
+                   full_fwd=full_fwd, full_fb=full_fb)
         print(f"  ρ={sparsity} topk={meta.topk}/{meta.num_tiles}: VSA op fwd {op_fwd:.3f} ms, fwd+bwd {op_fb:.3f} ms;"
               f" fine fwd {fine_fwd:.3f} ms ({row['tfs_fwd']:.0f} sparse, {row['tile_fwd']:.0f} tile TF/s),"
-              f" fwd+bwd {fine_fb:.3f} ms ({row['tfs_fb']:.0f} sparse, {row['tile_fb']:.0f} tile TF/s)")
+              f" fwd+bwd {fine_fb:.3f} ms ({row['tfs_fb']:.0f} sparse, {row['tile_fb']:.0f} tile TF/s);"
+              f" fine with every tile a 64-row box: {full_fwd:.3f} / {full_fb:.3f} ms")
         rows.append(row)
     return rows
 
@@ -170,6 +258,7 @@ def main() -> None:
     parser.add_argument("--sparsity", nargs="+", type=float, default=[0.8, 0.9])
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs at 1.3B-480p ρ=0.9 first")
     parser.add_argument("--profile", action="store_true", help="profile the whole op at 1.3B-480p ρ=0.9 first")
+    parser.add_argument("--bound", action="store_true", help="time the forward loop's loads and compute apart first")
     args = parser.parse_args()
     tma = "TMA" if vsa_triton.tma_available(torch.empty(1, 64, 1, 128, device="cuda")) else "pointer"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, VSA tile loads: "
@@ -178,6 +267,9 @@ def main() -> None:
         sweep("1.3B-480p", 0.9)
     if args.profile:
         profile_op("1.3B-480p", 0.9)
+    if args.bound:
+        for name in args.shapes:
+            bound_probe(name, 0.9)
     rows = [row for name in args.shapes for row in run_shape(name, args.sparsity)]
     print("\nshape       ρ    dense fwd/f+b ms   VSA op fwd/f+b ms   speedup fwd/f+b   fine fwd/f+b ms   "
           "fine sparse TF/s fwd/f+b  (tile TF/s)")
@@ -186,6 +278,11 @@ def main() -> None:
               f"{r['op_fwd']:7.3f} /{r['op_fb']:7.3f}    {r['dense_fwd'] / r['op_fwd']:5.2f}x /{r['dense_fb'] / r['op_fb']:5.2f}x"
               f"   {r['fine_fwd']:6.3f} /{r['fine_fb']:6.3f}    {r['tfs_fwd']:4.0f} / {r['tfs_fb']:4.0f}"
               f"  ({r['tile_fwd']:.0f} / {r['tile_fb']:.0f})")
+    print("\nbox sizes by tile size vs every tile a 64-row box (fine kernels, same selection, same run):")
+    for r in rows:
+        print(f"{r['shape']:<10} {r['sparsity']:.1f}  fwd {r['full_fwd']:.3f} -> {r['fine_fwd']:.3f} ms "
+              f"({r['full_fwd'] / r['fine_fwd']:.2f}x), fwd+bwd {r['full_fb']:.3f} -> {r['fine_fb']:.3f} ms "
+              f"({r['full_fb'] / r['fine_fb']:.2f}x)")
 
 
 if __name__ == "__main__":
