@@ -211,6 +211,19 @@ def test_ti2v_image_conditioning(ti2v_pipe, tmp_path):
     torch.testing.assert_close(latents, expected, atol=2e-4, rtol=1e-4)
 
 
+def test_fp8_student_runs_on_cpu_close_to_the_reference(pipe, tmp_path, capsys):
+    """--fp8 quantizes the block linears (20 in the tiny DiT: attention 4 + 4, FFN 2, per block) and stays close to
+    the full-precision reference loop without equalling it (measured 0.5 % relative)."""
+    (video,) = sample.main(["--model", str(pipe), "--prompt", PROMPT, *SMALL, *CPU, "--attn", "sdpa", "--fp8",
+                            "--seed", "7", "--out", str(tmp_path / "fp8"), "--save-latents"])
+    assert "fp8 linears (20 layers)" in capsys.readouterr().out
+    latents = torch.load(video.with_suffix(".latents.pt"))
+    expected = reference_dmd(diffusers_dit(pipe), reference_context(pipe, PROMPT), [1000, 757, 522], seed=7,
+                             shape=SMALL_SHAPE)
+    error = ((latents - expected).norm() / expected.norm()).item()
+    assert 0 < error < 0.05, error
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("image", [False, True])
 def test_denoise_loop_has_no_host_syncs_on_gpu(image):
@@ -282,6 +295,16 @@ def test_bad_inputs_fail_before_loading(pipe, tmp_path, no_weights, monkeypatch)
         assert message.startswith("sample.py: error: ") and fragment in message, (fragment, message)
 
 
+def test_fp8_needs_fp8_tensor_cores_and_bf16_on_gpu(pipe, no_weights, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    base = ["--model", str(pipe), "--prompt", PROMPT, *SIZE, "--device", "cuda", "--fp8"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "--fp8 needs FP8 tensor cores (compute capability 8.9+" in error_of(base)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "--fp8 on a GPU needs --dtype bf16" in error_of(base + ["--dtype", "fp32"])
+
+
 def test_unknown_hub_id_is_named(no_weights, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -309,19 +332,29 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 # ---------------------------------------------------------------- tools/bench_inference.py at toy size
 
 def test_bench_inference_smoke_runs_every_case():
-    """Every case and variant of the GPU benchmark runs at toy size on the CPU, and its derived numbers follow from
-    its measured ones (speedup = 50 teacher CFG steps / student; frames/s = 81 / (denoise + fastest decode))."""
+    """Every case and variant of the GPU benchmark (--fp8 included) runs at toy size on the CPU, and its derived numbers
+    follow from its measured ones (speedup = 50 teacher CFG steps / student; frames/s = 81 / (denoise + fastest
+    decode))."""
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_inference
 
-    rows = {what: value for _, what, value, _ in bench_inference.main(["--smoke", "--cases", "a,b,c", "--diffusers"])}
+    argv = ["--smoke", "--cases", "a,b,c", "--diffusers", "--fp8"]
+    rows = {what: value for _, what, value, _ in bench_inference.main(argv)}
     for res in ("14B 81x480x832", "14B 81x720x1280"):
         student = rows[f"{res} student 3-step VSA 0.9"]
         for teacher in ("ours dense", "diffusers"):
             step = rows[f"{res} teacher CFG step (cond + uncond), {teacher}"]
             assert rows[f"{res} teacher 50-step CFG, {teacher}"] == pytest.approx(50 * step)
             assert rows[f"{res} denoising-loop speedup vs {teacher}"] == pytest.approx(50 * step / student)
+        student_fp8 = rows[f"{res} student 3-step VSA 0.9, fp8 linears"]
+        assert rows[f"{res} student speedup, fp8 vs bf16 linears"] == pytest.approx(student / student_fp8)
+        teacher = 50 * rows[f"{res} teacher CFG step (cond + uncond), ours dense"]
+        assert rows[f"{res} denoising-loop speedup vs ours dense, fp8 student"] == pytest.approx(teacher / student_fp8)
     decode = min(v for k, v in rows.items() if k.startswith("VAE decode") and "first call" not in k)
     denoise = rows["1.3B 81x480x832 student 3-step VSA 0.8 denoise"]
     assert rows["end to end frames/s (81 frames / end to end)"] == pytest.approx(81 / (denoise + decode))
+    denoise_fp8 = rows["1.3B 81x480x832 student 3-step VSA 0.8 denoise, fp8 linears"]
+    assert rows["1.3B student denoise speedup, fp8 vs bf16 linears"] == pytest.approx(denoise / denoise_fp8)
+    frames_s_fp8 = rows["end to end frames/s, fp8 linears (81 frames / end to end)"]
+    assert frames_s_fp8 == pytest.approx(81 / (denoise_fp8 + decode))
     assert {"5B 121x704x1280 student 3-step dense", "5B 121x704x1280 student 3-step VSA 0.8"} <= set(rows)

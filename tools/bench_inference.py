@@ -3,6 +3,7 @@
     python tools/bench_inference.py                    # cases a, b, c (~5 min on an H100, no compile)
     python tools/bench_inference.py --cases a --compile --profile
     python tools/bench_inference.py --cases b --diffusers    # also time diffusers' dense teacher
+    python tools/bench_inference.py --cases a,b --fp8        # also time the students with FP8 linear layers
     python tools/bench_inference.py --smoke            # every code path at toy size, CPU is fine (tests use it)
 
 Cases (text embeddings are random and cached; denoising uses tools/sample.py's own loops):
@@ -12,7 +13,9 @@ Cases (text embeddings are random and cached; denoising uses tools/sample.py's o
      x50 / 2) vs the 3-step VSA (sparsity 0.9) student -> denoising-loop speedup. The teacher is our dense model
      (cuDNN SDPA); --diffusers also times diffusers' WanTransformer3DModel as the teacher.
   c  Wan2.2-TI2V-5B, 121x704x1280: 3-step student, dense and VSA (sparsity 0.8).
---compile compiles each DiT (one compile per model and shape: with all cases this runs past 8 min; pick cases).
+--compile compiles each DiT per block (parallel/compile.py: one graph per shape and attention, reused by all blocks).
+--fp8 (cases a, b): the student again with FP8 (e4m3, row-wise scaled) block linears (models/fp8.py), on a second
+model built after the bf16 one is freed; extra rows, the bf16 rows stay.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a pack
 from sample import ATTN, channels_last, denoise  # noqa: E402
 
 from attention.vsa import vsa_meta  # noqa: E402
+from models.fp8 import quantize_linears_fp8  # noqa: E402
+from parallel.compile import apply_compile  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 
 DMD_STEPS = [1000.0, 757.0, 522.0]
@@ -87,16 +92,19 @@ class Bench:
     def latent(self, shape: str, channels: int) -> tuple[int, int, int, int, int]:
         return (1, channels, *(SMOKE_SHAPE if self.smoke else SHAPES[shape]))
 
-    def build(self, preset: str) -> WanModel:
+    def build(self, preset: str, fp8: bool = False) -> WanModel:
         """Meta -> bf16 -> to_empty -> random init: peak memory is one bf16 copy (14B: 28 GB). With the VSA gate, as
-        the distilled checkpoints have it; dense runs (attn_meta None) skip the gate."""
+        the distilled checkpoints have it; dense runs (attn_meta None) skip the gate. fp8: block linears quantized
+        (layer by layer: the peak stays about one bf16 copy), before the compile."""
         with torch.device("meta"):
             model = WanModel(config_with(WAN_CONFIGS[self.preset(preset)], vsa_gate=True))
         model = model.to(self.dtype).to_empty(device=self.device)
         model.init_weights()
         model.eval().requires_grad_(False)
-        if self.compile_dit:
-            model.compile()
+        if fp8:
+            quantize_linears_fp8(model)
+        if self.compile_dit:  # per block: one graph per (shape, attention) serves all blocks
+            apply_compile(model)
         return model
 
     @staticmethod
@@ -198,6 +206,13 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
         profile(bench, model, shape)
     del model
     bench.free()
+    if args.fp8:
+        model = bench.build("wan21_1.3b", fp8=True)
+        student_fp8 = bench.student_s(model, shape, 0.8)
+        bench.row("a", "1.3B 81x480x832 student 3-step VSA 0.8 denoise, fp8 linears", student_fp8, "s")
+        bench.row("a", "1.3B student denoise speedup, fp8 vs bf16 linears", student / student_fp8, "x")
+        del model
+        bench.free()
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -210,6 +225,10 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
     total = student + times[best]
     bench.row("a", f"end to end: denoise + decode ({best})", total, "s")
     bench.row("a", "end to end frames/s (81 frames / end to end)", frames / total, "frames/s")
+    if args.fp8:
+        total_fp8 = student_fp8 + times[best]
+        bench.row("a", f"end to end, fp8 linears: denoise + decode ({best})", total_fp8, "s")
+        bench.row("a", "end to end frames/s, fp8 linears (81 frames / end to end)", frames / total_fp8, "frames/s")
 
 
 def case_b(bench: Bench, args: argparse.Namespace) -> None:
@@ -218,27 +237,44 @@ def case_b(bench: Bench, args: argparse.Namespace) -> None:
     cfg, shapes, teacher_step, student = model.cfg, {}, {}, {}
     for res in labels:
         shapes[res] = bench.latent(res, cfg.in_channels)
-        bench.set_attention(model, "sdpa")
-        teacher_step[res] = bench.teacher_step_s(model, shapes[res], cfg.text_dim)
+        if not args.skip_ours_teacher:
+            bench.set_attention(model, "sdpa")
+            teacher_step[res] = bench.teacher_step_s(model, shapes[res], cfg.text_dim)
         student[res] = bench.student_s(model, shapes[res], 0.9)
     del model
     bench.free()
+    student_fp8 = {}
+    if args.fp8:  # a second model after the bf16 one is freed: 14B fp8 (~14 GB) never sits next to 14B bf16
+        model = bench.build("wan21_14b", fp8=True)
+        for res in labels:
+            student_fp8[res] = bench.student_s(model, shapes[res], 0.9)
+        del model
+        bench.free()
     for res, label in labels.items():
-        teacher = teacher_step[res] * TEACHER_STEPS
-        bench.row("b", f"{label} teacher CFG step (cond + uncond), ours dense", teacher_step[res], "s")
-        bench.row("b", f"{label} teacher 50-step CFG, ours dense", teacher, "s")
         bench.row("b", f"{label} student 3-step VSA 0.9", student[res], "s")
-        bench.row("b", f"{label} denoising-loop speedup vs ours dense", teacher / student[res], "x")
+        if res in student_fp8:
+            bench.row("b", f"{label} student 3-step VSA 0.9, fp8 linears", student_fp8[res], "s")
+            bench.row("b", f"{label} student speedup, fp8 vs bf16 linears", student[res] / student_fp8[res], "x")
+        if res in teacher_step:
+            speedups(bench, label, "ours dense", teacher_step[res], student[res], student_fp8.get(res))
     if args.diffusers:  # after ours is freed: two 14B models at once would not leave room for 720p activations
         forward, ref = diffusers_forward(bench, "wan21_14b")
         for res, label in labels.items():
             step = bench.teacher_step_s(forward, shapes[res], cfg.text_dim)
-            teacher = step * TEACHER_STEPS
-            bench.row("b", f"{label} teacher CFG step (cond + uncond), diffusers", step, "s")
-            bench.row("b", f"{label} teacher 50-step CFG, diffusers", teacher, "s")
-            bench.row("b", f"{label} denoising-loop speedup vs diffusers", teacher / student[res], "x")
+            speedups(bench, label, "diffusers", step, student[res], student_fp8.get(res))
         del forward, ref
         bench.free()
+
+
+def speedups(bench: Bench, label: str, teacher_name: str, step: float, student: float,
+             student_fp8: float | None) -> None:
+    """Rows of one teacher: its CFG step, its 50-step loop, and the denoising-loop speedups of the students."""
+    teacher = step * TEACHER_STEPS
+    bench.row("b", f"{label} teacher CFG step (cond + uncond), {teacher_name}", step, "s")
+    bench.row("b", f"{label} teacher 50-step CFG, {teacher_name}", teacher, "s")
+    bench.row("b", f"{label} denoising-loop speedup vs {teacher_name}", teacher / student, "x")
+    if student_fp8 is not None:
+        bench.row("b", f"{label} denoising-loop speedup vs {teacher_name}, fp8 student", teacher / student_fp8, "x")
 
 
 def case_c(bench: Bench, args: argparse.Namespace) -> None:
@@ -271,7 +307,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     p.add_argument("--cases", default="a,b,c", help="comma-separated subset of a, b, c")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiTs (and time a compiled VAE decoder)")
     p.add_argument("--diffusers", action="store_true", help="case b: also time diffusers' dense teacher")
+    p.add_argument("--skip-ours-teacher", action="store_true",
+                   help="case b: do not time our dense teacher (with --diffusers: diffusers' teacher only)")
     p.add_argument("--profile", action="store_true", help="case a: print the top kernels of the student denoise")
+    p.add_argument("--fp8", action="store_true", help="cases a, b: also time the students with FP8 (e4m3, row-wise "
+                   "scaled) block linears; GPU with FP8 tensor cores (sm89+)")
     p.add_argument("--smoke", action="store_true", help="toy sizes (tiny DiT, tiny VAE) on any device")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -281,13 +321,16 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     if not args.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke for toy sizes)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        p.error(f"--fp8 needs FP8 tensor cores (compute capability 8.9+); {torch.cuda.get_device_name()} has none")
 
     bench = Bench(device, args.smoke, args.compile)
     started = time.perf_counter()
     for case in cases:
         CASES[case](bench, args)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"\n{gpu} | torch {torch.__version__} | bf16 | random weights | text cached | "
+    fp8 = " (+ fp8 linear rows)" if args.fp8 else ""
+    print(f"\n{gpu} | torch {torch.__version__} | bf16{fp8} | random weights | text cached | "
           f"compile={'on' if args.compile else 'off'}{' | SMOKE SIZES' if args.smoke else ''} | "
           f"{time.perf_counter() - started:.0f} s total")
     width = max(len(w) for _, w, _, _ in bench.rows)

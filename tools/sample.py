@@ -8,6 +8,9 @@ r"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled st
     # Wan2.2 TI2V-5B: text-to-video, or image-to-video with --image (dense attention by default for the 5B)
     python tools/sample.py --model FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers --prompts prompts.txt \
         --image cat.png
+    # FP8 (e4m3) linear layers in the DiT blocks: faster GEMMs on H100-class GPUs, slightly different numerics
+    python tools/sample.py --model FastVideo/FastWan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --fp8 \
+        --compile
     # tiny CPU run (tests/test_sample.py)
     python tools/sample.py --model PIPE_DIR --prompt "a red car" --num-frames 9 --height 32 --width 32 \
         --device cpu --dtype fp32
@@ -42,8 +45,10 @@ from components.metrics import write_video
 from data.encode import encode_prompts, latent_stats, load_text_encoder, load_vae, normalize_latents, vae_decode, \
     vae_encode
 from losses.flow import add_noise, x0_from_velocity
+from models.fp8 import quantize_linears_fp8
 from models.wan import WanModel
 from models.wan_weights import load_pretrained
+from parallel.compile import apply_compile
 
 # Defaults per VAE latent width (z_dim 16: Wan2.1; 48: Wan2.2 TI2V-5B, whose FastWan release is full attention).
 DEFAULTS: dict[int, dict[str, Any]] = {
@@ -111,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT and VAE-decode precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
+    p.add_argument("--fp8", action="store_true", help="FP8 (e4m3, row-wise scaled) linear layers in the DiT blocks; "
+                   "GPU with FP8 tensor cores (sm89+), changes numerics slightly (models/fp8.py)")
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--vae-channels-last", action="store_true", help="channels-last conv weights for the VAE decode")
     return p.parse_args(argv)
@@ -128,6 +135,14 @@ def validate(args: argparse.Namespace) -> Plan:
         raise InputError(f"--teacher-steps {args.teacher_steps} must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
+    if args.fp8 and args.device.startswith("cuda"):  # CPU runs it too (slowly): the tests use that
+        capability = torch.cuda.get_device_capability(args.device)
+        if capability < (8, 9):
+            raise InputError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100); "
+                             f"{torch.cuda.get_device_name(args.device)} is {capability[0]}.{capability[1]}")
+        if args.dtype != "bf16":
+            # Row-wise _scaled_mm writes fp32 only on sm90 with cuBLAS 12.9+; bf16 is what FP8 is for anyway.
+            raise InputError(f"--fp8 on a GPU needs --dtype bf16 (got --dtype {args.dtype})")
     if args.image is not None and not Path(args.image).is_file():
         raise InputError(f"--image {args.image!r} is not a file")
 
@@ -459,14 +474,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
     attn = "sdpa" if args.teacher else plan.attn
     model = load_pretrained(model_dir, attn_fn=ATTN[attn], dtype=dtype, device=device)
     model.eval().requires_grad_(False)
+    fp8_layers = quantize_linears_fp8(model) if args.fp8 else 0  # after the weights are placed, before compile
     load["DiT + VAE load"] = time.perf_counter() - t0
     attn_meta = None
     if attn == "vsa":
         attn_meta = vsa_meta(model.token_grid(plan.latent_shape), args.sparsity, device)  # once per shape
-    if args.compile:
-        model.compile()
+    if args.compile:  # per block: one graph serves every block (seconds to compile, not minutes for the 14B)
+        apply_compile(model)
     print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn == 'vsa' else ''}, "
-          f"{plan.num_frames}x{plan.height}x{plan.width} -> latents {plan.latent_shape}, {args.dtype}, {device}")
+          f"{plan.num_frames}x{plan.height}x{plan.width} -> latents {plan.latent_shape}, {args.dtype}"
+          f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}")
     for name, s in load.items():
         print(f"{name}: {s:.1f} s")
 
