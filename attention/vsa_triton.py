@@ -110,15 +110,21 @@ def _fwd_loop(acc, m_i, l_i, q, K, V, KD, VD, sel, lo, hi, b, h, base, L, stride
         packed = tl.load(sel + s)
         k, _, kv_ok = _tile_box(K, KD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
         v, _, _ = _tile_box(V, VD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, BN kv), base-2 logits
-        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale)
     return acc, m_i, l_i
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale):
+    """One FlashAttention step: the running (acc, row max, row sum) after the kv rows of k, v where kv_ok."""
+    qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, BN kv), base-2 logits
+    qk = tl.where(kv_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
 
 
 @triton.jit

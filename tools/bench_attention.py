@@ -147,6 +147,7 @@ def _bound_probe_kernel(Q, K, KD, VD, SEL, OFFS, OUT, H, L, TOPK, qk_scale,
     l_i = tl.zeros([BLOCK], tl.float32)
     acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
     sel = SEL + (bh * tl.num_programs(0) + q_tile) * TOPK
+    all_rows = tl.arange(0, BLOCK) < BLOCK
     for s in range(0, TOPK):
         packed = tl.load(sel + s)
         if LOADS:
@@ -157,13 +158,7 @@ def _bound_probe_kernel(Q, K, KD, VD, SEL, OFFS, OUT, H, L, TOPK, qk_scale,
             k = (k0 * one).to(k0.dtype)
             v = k
         if COMPUTE:
-            qk = tl.dot(q, tl.trans(k)) * qk_scale
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc, m_i, l_i = vsa_triton.online_softmax_step(acc, m_i, l_i, q, k, v, all_rows, qk_scale)
         else:
             acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(OUT + (bh * tl.num_programs(0) + q_tile) * HEAD_DIM + dims, tl.sum(acc, 0) + tl.sum(l_i, 0))

@@ -203,13 +203,15 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
     student = bench.student_s(model, shape, 0.8)
     bench.row("a", "1.3B 81x480x832 student 3-step VSA 0.8 denoise", student, "s")
     if args.profile:
-        profile(bench, model, shape)
+        profile(bench, model, shape, "bf16")
     del model
     bench.free()
     if args.fp8:
         model = bench.build("wan21_1.3b", fp8=True)
         student_fp8 = bench.student_s(model, shape, 0.8)
         bench.row("a", "1.3B 81x480x832 student 3-step VSA 0.8 denoise, fp8 linears", student_fp8, "s")
+        if args.profile:
+            profile(bench, model, shape, "fp8 linears")
         bench.row("a", "1.3B student denoise speedup, fp8 vs bf16 linears", student / student_fp8, "x")
         del model
         bench.free()
@@ -288,15 +290,43 @@ def case_c(bench: Bench, args: argparse.Namespace) -> None:
     bench.free()
 
 
-def profile(bench: Bench, model: WanModel, shape: tuple[int, ...]) -> None:
-    """Top kernels of one 3-step student denoise (where the time goes)."""
+KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    # inductor's generated kernels are named after the ops they fuse ("..._scaled_mm_...", "..._attention_...")
+    ("fused elementwise (inductor)", ("triton_",)),
+    ("GEMM", ("gemm", "nvjet", "xmma", "cutlass")),
+    ("VSA fine kernel", ("fine_fwd",)),
+    ("VSA tile means + selection", ("tile_means", "select_kernel", "topk", "sort")),
+    ("cross-attention (cuDNN SDPA)", ("sdpa", "flash", "fmha", "attention")),
+)
+
+
+def profile(bench: Bench, model: WanModel, shape: tuple[int, ...], label: str) -> None:
+    """Where one 3-step student denoise's GPU time goes: kernel totals by kind, then the top kernels."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
         bench.student_s(model, shape, 0.8)
-    key = "cuda_time_total" if bench.device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    kinds: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total  # kernels only: CPU ops have no self device time
+        if us <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(s in name for s in keys)), "elementwise / other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+        kernels[event.key[:100]] = kernels.get(event.key[:100], 0.0) + us
+    runs = (2 if bench.compile_dit else 1) + 3  # student_s: warm-up denoises + 3 timed ones, each 3 forwards
+    total = sum(kinds.values())
+    if total == 0:
+        print(f"[a] profile, {label}: no GPU kernels recorded (CPU run)")
+        return
+    print(f"[a] profile, {label}: GPU kernel time per forward by kind ({total / runs / 3 / 1e3:.1f} ms in all)")
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"    {kind:32s} {us / runs / 3 / 1e3:8.1f} ms  {100 * us / total:5.1f} %")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"      {us / runs / 3 / 1e3:8.2f} ms  {name}")
 
 
 CASES = {"a": case_a, "b": case_b, "c": case_c}
@@ -309,7 +339,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     p.add_argument("--diffusers", action="store_true", help="case b: also time diffusers' dense teacher")
     p.add_argument("--skip-ours-teacher", action="store_true",
                    help="case b: do not time our dense teacher (with --diffusers: diffusers' teacher only)")
-    p.add_argument("--profile", action="store_true", help="case a: print the top kernels of the student denoise")
+    p.add_argument("--profile", action="store_true",
+                   help="case a: GPU time per forward by kernel kind and the top kernels of the student denoise")
     p.add_argument("--fp8", action="store_true", help="cases a, b: also time the students with FP8 (e4m3, row-wise "
                    "scaled) block linears; GPU with FP8 tensor cores (sm89+)")
     p.add_argument("--smoke", action="store_true", help="toy sizes (tiny DiT, tiny VAE) on any device")
