@@ -60,12 +60,15 @@ compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eag
   step gpu_tests 240 python3 -m pytest -q -m gpu tests
   step bench_attention_sweep 200 python3 tools/bench_attention.py --sweep --shapes 1.3B-480p --sparsity 0.9
   step bench_attention_pointer 150 env SPARSE_DISTILL_VSA_TMA=0 python3 tools/bench_attention.py --shapes 1.3B-480p
-  step bench_attention 240 python3 tools/bench_attention.py
+  step bench_attention 240 python3 tools/bench_attention.py --profile --bound
   step bench_optimizer 120 python3 tools/bench_optimizer.py
   step bench_train 300 python3 tools/bench_train.py --ac full --cycles 2 --profile "$OUT/train_profile.txt"
   step bench_train_attn 300 python3 tools/bench_train.py --ac attention --cycles 2
   step bench_inference 420 python3 tools/bench_inference.py --cases a,b,c --diffusers
-  step bench_inference_compile 300 python3 tools/bench_inference.py --cases a --compile
+  step bench_inference_compile 300 python3 tools/bench_inference.py --cases a --compile --fp8 --profile
+  step bench_inference_14b 570 python3 tools/bench_inference.py --cases b --compile --fp8
+  step bench_inference_14b_diffusers 540 python3 tools/bench_inference.py --cases b --compile --fp8 --diffusers \
+    --skip-ours-teacher
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_1gpu 400 torchrun --nproc_per_node 1 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml
