@@ -13,14 +13,15 @@ pointers.
 
 Kernels:
 - `_tile_means_kernel`: fp32 means of q, k, v per (batch, tile, head), one program per (tile, batch·head).
+- `_select_kernel`: the top-k kv tiles of one row of coarse scores, written grouped by box (`select_by_box`).
 - `_fine_fwd_kernel`: FlashAttention-2-style block-sparse forward, one program per (q tile, batch·head), looping over
   the `topk` selected kv tiles; online softmax in base 2; saves the base-2 log-sum-exp per row.
 - `_fine_bwd_dq_kernel`: computes delta = rowsum(O ⊙ dO) for its q tile (stored for the dK/dV kernel) and dQ over the
   selected kv tiles.
 - `_fine_bwd_dkdv_kernel`: one program per (kv tile, batch·head), looping over the q tiles that selected it
-  (the inverted selection in CSR form).
+  (the inverted selection in CSR form); optionally adds the tile-mean gradients to its tile's rows of dq, dk, dv.
 
-All kernels take the launch configuration from `FWD_CONFIG` / `BWD_CONFIG` (tuned per head dim on an H100, see
+The fine kernels take the launch configuration from `FWD_CONFIG` / `BWD_CONFIG` (tuned per head dim on an H100, see
 docs/VSA_NOTES.md); launchers accept overrides so the benchmark can sweep them.
 """
 
