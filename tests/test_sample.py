@@ -358,3 +358,11 @@ def test_bench_inference_smoke_runs_every_case():
     frames_s_fp8 = rows["end to end frames/s, fp8 linears (81 frames / end to end)"]
     assert frames_s_fp8 == pytest.approx(81 / (denoise_fp8 + decode))
     assert {"5B 121x704x1280 student 3-step dense", "5B 121x704x1280 student 3-step VSA 0.8"} <= set(rows)
+
+    # --skip-ours-teacher: only diffusers' teacher is timed, the speed-ups follow from it
+    rows = {what: value for _, what, value, _ in bench_inference.main(
+        ["--smoke", "--cases", "b", "--diffusers", "--skip-ours-teacher"])}
+    assert not [what for what in rows if "ours dense" in what]
+    step = rows["14B 81x480x832 teacher CFG step (cond + uncond), diffusers"]
+    assert rows["14B 81x480x832 denoising-loop speedup vs diffusers"] == pytest.approx(
+        50 * step / rows["14B 81x480x832 student 3-step VSA 0.9"])
