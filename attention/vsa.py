@@ -163,13 +163,14 @@ def coarse_attention_backward(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tens
                               dcoarse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `coarse_attention`'s coarse output w.r.t. qm, km, vm (all (B, N, H, D) fp32), recomputing the
     softmax (N × N per head: cheap); dcoarse (B, H, N, D)."""
-    scale = qm.shape[-1] ** -0.5
-    qh, kh, vh = (x.transpose(1, 2) for x in (qm, km, vm))  # (B, H, N, D)
-    probs = (torch.matmul(qh, kh.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, N, N)
-    dv = torch.matmul(probs.transpose(-1, -2), dcoarse)
-    dp = torch.matmul(dcoarse, vh.transpose(-1, -2))
-    ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
-    dq, dk = torch.matmul(ds, kh), torch.matmul(ds.transpose(-1, -2), qh)
+    with torch.autocast(qm.device.type, enabled=False):  # fp32 like the forward, even if autocast is on here
+        scale = qm.shape[-1] ** -0.5
+        qh, kh, vh = (x.transpose(1, 2) for x in (qm, km, vm))  # (B, H, N, D)
+        probs = (torch.matmul(qh, kh.transpose(-1, -2)) * scale).softmax(-1)  # (B, H, N, N)
+        dv = torch.matmul(probs.transpose(-1, -2), dcoarse)
+        dp = torch.matmul(dcoarse, vh.transpose(-1, -2))
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True)) * scale
+        dq, dk = torch.matmul(ds, kh), torch.matmul(ds.transpose(-1, -2), qh)
     return tuple(x.transpose(1, 2) for x in (dq, dk, dv))
 
 

@@ -419,11 +419,18 @@ def tma_available(*xs: torch.Tensor) -> bool:
     return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in xs)
 
 
-def _descriptors(x: torch.Tensor, boxes: Boxes) -> list["TensorDescriptor"]:
+def descriptors(x: torch.Tensor, boxes: Boxes) -> list["TensorDescriptor"]:
     """(B, L, H, D) contiguous -> TMA descriptors of the (B·L, H·D) matrix, one per box: box × D (one head's tile)."""
     B, L, H, D = x.shape
     return [TensorDescriptor(x.view(B * L, H * D), shape=[B * L, H * D], strides=[H * D, 1], block_shape=[box, D])
             for box in boxes]
+
+
+def _descriptor_pairs(x: torch.Tensor, y: torch.Tensor, boxes: Boxes, tma: bool) -> list:
+    """The kernels' (x, y) descriptor arguments per box, interleaved (XD0, YD0, XD1, YD1, ...); Nones without TMA."""
+    if not tma:
+        return [None] * (2 * len(boxes))
+    return [d for pair in zip(descriptors(x, boxes), descriptors(y, boxes)) for d in pair]
 
 
 def _check_boxes(boxes: Boxes) -> Boxes:
@@ -486,9 +493,8 @@ def fine_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: torc
     coarse = coarse.contiguous() if has_gate else out
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     tma = _use_tma(tma, k, v)
-    descs = [d for pair in zip(_descriptors(k, boxes), _descriptors(v, boxes)) for d in pair] if tma else [None] * 6
     _fine_fwd_kernel[(N, B * H)](
-        q, k, v, out, lse, packed, ends, tile_offsets, gate, coarse, fine, *descs,
+        q, k, v, out, lse, packed, ends, tile_offsets, gate, coarse, fine, *_descriptor_pairs(k, v, boxes, tma),
         q.stride(0), q.stride(1), q.stride(2),
         H, L, N, topk, D ** -0.5 * LOG2E,
         HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], HAS_GATE=has_gate, TMA=tma, num_warps=num_warps,
@@ -532,11 +538,10 @@ def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     sm_scale = D ** -0.5
     strides = (q.stride(0), q.stride(1), q.stride(2))
     tma = _use_tma(tma, q, k, v, do)
-    pair = (lambda x, y: [d for p in zip(_descriptors(x, boxes), _descriptors(y, boxes)) for d in p]) if tma else (
-        lambda x, y: [None] * 6)
     _fine_bwd_dq_kernel[(N, B * H)](
         q, k, v, fine, do, dq, lse, delta, packed, ends, tile_offsets,
-        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse, *pair(k, v), *strides,
+        gate, coarse, dq if dgate is None else dgate, dq if dcoarse is None else dcoarse,
+        *_descriptor_pairs(k, v, boxes, tma), *strides,
         H, L, N, topk, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], HAS_GATE=has_gate, TMA=tma, num_warps=dq_warps,
         num_stages=dq_stages,
@@ -546,7 +551,8 @@ def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     k2q, k2q_offsets = invert_selection(q2k, box_rank(sizes, boxes))
     means = [m.contiguous() for m in mean_grads(dcoarse)] if has_gate and mean_grads is not None else None
     _fine_bwd_dkdv_kernel[(N, B * H)](
-        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets, *pair(q, do),
+        q, k, v, do, dk, dv, lse, delta, pack_tiles(k2q, tile_offsets), k2q_offsets, tile_offsets,
+        *_descriptor_pairs(q, do, boxes, tma),
         dq, *(means or (dq, dq, dq)), *strides, H, L, N, sm_scale * LOG2E, sm_scale,
         HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], TMA=tma, HAS_MEANS=means is not None,
         num_warps=dkdv_warps, num_stages=dkdv_stages,

@@ -31,6 +31,19 @@ E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 GELU_C = math.sqrt(2.0 / math.pi)  # tanh-approximation GELU, as F.gelu(approximate="tanh")
 
 
+def fp8_device_problem(device: str | torch.device) -> str | None:
+    """Why FP8 linears cannot run on `device`, or None. A CUDA GPU needs FP8 tensor cores (compute capability 8.9+);
+    the CPU runs the same row-wise `_scaled_mm` math (slowly: tests)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
+        return (f"--fp8 needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100); "
+                f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
+    return None
+
+
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (R, C) / scale (R, 1) -> e4m3. Clamped: x/scale can land a rounding step past 448, and the cast to e4m3
     is not guaranteed to saturate on every backend (it does on CPU, torch 2.13)."""

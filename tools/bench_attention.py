@@ -28,11 +28,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attention import vsa_triton
 from attention.vsa import select_tiles, vsa_attention, vsa_meta
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older triton: no --bound probe
-    TensorDescriptor = None
-
 SHAPES = {  # name -> (token grid, heads); head dim 128
     "1.3B-480p": ((21, 30, 52), 12),
     "14B-720p": ((21, 45, 80), 40),
@@ -174,8 +169,7 @@ def bound_probe(name: str, sparsity: float) -> None:
     N, L = meta.num_tiles, q.shape[1]
     packed = vsa_triton.pack_tiles(q2k, meta.tile_offsets)
     out = torch.empty(heads, N, HEAD_DIM, device="cuda")
-    kd, vd = (TensorDescriptor(x.view(L, heads * HEAD_DIM), shape=[L, heads * HEAD_DIM],
-                               strides=[heads * HEAD_DIM, 1], block_shape=[64, HEAD_DIM]) for x in (k, v))
+    (kd,), (vd,) = (vsa_triton.descriptors(x, (64,)) for x in (k, v))
     kv_bytes = 2 * 64 * HEAD_DIM * 2 * q2k.numel()
     _, tile_flops = sparse_flops(q2k, meta)
     fwd_cfg = vsa_triton.FWD_CONFIG[HEAD_DIM]

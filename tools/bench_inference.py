@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a pack
 from sample import ATTN, channels_last, denoise  # noqa: E402
 
 from attention.vsa import vsa_meta  # noqa: E402
-from models.fp8 import quantize_linears_fp8  # noqa: E402
+from models.fp8 import fp8_device_problem, quantize_linears_fp8  # noqa: E402
 from parallel.compile import apply_compile  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     if not args.smoke and not torch.cuda.is_available():
         p.error("needs a CUDA GPU (or --smoke for toy sizes)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.fp8 and device.type == "cuda" and torch.cuda.get_device_capability() < (8, 9):
-        p.error(f"--fp8 needs FP8 tensor cores (compute capability 8.9+); {torch.cuda.get_device_name()} has none")
+    if args.fp8 and (problem := fp8_device_problem(device)):
+        p.error(problem)
 
     bench = Bench(device, args.smoke, args.compile)
     started = time.perf_counter()

@@ -45,7 +45,7 @@ from components.metrics import write_video
 from data.encode import encode_prompts, latent_stats, load_text_encoder, load_vae, normalize_latents, vae_decode, \
     vae_encode
 from losses.flow import add_noise, x0_from_velocity
-from models.fp8 import quantize_linears_fp8
+from models.fp8 import fp8_device_problem, quantize_linears_fp8
 from models.wan import WanModel
 from models.wan_weights import load_pretrained
 from parallel.compile import apply_compile
@@ -136,10 +136,9 @@ def validate(args: argparse.Namespace) -> Plan:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: no CUDA GPU is visible; use --device cpu")
     if args.fp8 and args.device.startswith("cuda"):  # CPU runs it too (slowly): the tests use that
-        capability = torch.cuda.get_device_capability(args.device)
-        if capability < (8, 9):
-            raise InputError(f"--fp8 needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100); "
-                             f"{torch.cuda.get_device_name(args.device)} is {capability[0]}.{capability[1]}")
+        problem = fp8_device_problem(args.device)
+        if problem:
+            raise InputError(problem)
         if args.dtype != "bf16":
             # Row-wise _scaled_mm writes fp32 only on sm90 with cuBLAS 12.9+; bf16 is what FP8 is for anyway.
             raise InputError(f"--fp8 on a GPU needs --dtype bf16 (got --dtype {args.dtype})")
