@@ -145,6 +145,28 @@ def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     return torch.ops.sparse_distill.vsa_gated(q, k, v, gate, meta.tile_offsets, meta.topk)[0]
 
 
+def vsa_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+                      gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Inference VSA with the fine stage on e4m3 q, k, v (FP8 tensor cores, half the kv bytes): same contract as
+    `vsa_attention`, no backward. Tile means, coarse attention and the selection stay in bf16/fp32. Output differs
+    from `vsa_attention` by FP8 rounding (~3 % relative). Hopper+ GPUs; on CPU it runs `vsa_reference` (no FP8)."""
+    _check_inputs(q, k, v, meta, gate)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate)):
+        raise RuntimeError("vsa_fp8_attention is inference-only (no backward): run it under torch.no_grad() or "
+                           "torch.inference_mode(), or train with vsa_attention")
+    if q.device.type == "cpu":
+        return vsa_reference(q, k, v, meta, gate)
+    D = q.shape[-1]
+    if D not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"VSA kernels support head dim 64 or 128, got {D}")
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"vsa_fp8_attention takes bfloat16 or float16, got {q.dtype}")
+    if torch.cuda.get_device_capability(q.device)[0] < 9:
+        raise ValueError(f"vsa_fp8_attention needs a Hopper GPU (sm90+, TMA and FP8); {q.device} is "
+                         f"sm{''.join(map(str, torch.cuda.get_device_capability(q.device)))}: use vsa_attention")
+    return torch.ops.sparse_distill.vsa_fp8(q, k, v, gate, meta.tile_offsets, meta.topk)
+
+
 def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention between tile means, in fp32 (it is tiny: N ≤ ~1500 tiles).
 
@@ -337,3 +359,20 @@ def _gated_backward(ctx, do, *unused):
 
 
 torch.library.register_autograd("sparse_distill::vsa_gated", _gated_backward, setup_context=_gated_setup)
+
+
+@torch.library.custom_op("sparse_distill::vsa_fp8", mutates_args=())
+def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, tile_offsets: torch.Tensor,
+            topk: int) -> torch.Tensor:
+    """Tile means, coarse attention, selection (boxes of >= 32 rows) and the e4m3 fine kernel; no autograd."""
+    from attention import vsa_triton
+    qm, km, vm = vsa_triton.tile_means(q, k, v, tile_offsets)
+    coarse, scores = coarse_attention(qm, km, vm)
+    sel, ends = vsa_triton.select_by_box(scores, topk, tile_offsets, boxes=vsa_triton.FP8_BOXES, slots=True)
+    return vsa_triton.fine_forward_fp8(q, k, v, sel, ends, tile_offsets, gate=gate,
+                                       coarse=coarse if gate is not None else None)
+
+
+@_fp8_op.register_fake
+def _(q, k, v, gate, tile_offsets, topk):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -20,6 +20,7 @@ Kernels:
   selected kv tiles.
 - `_fine_bwd_dkdv_kernel`: one program per (kv tile, batch·head), looping over the q tiles that selected it
   (the inverted selection in CSR form); optionally adds the tile-mean gradients to its tile's rows of dq, dk, dv.
+- `_quantize_qkv_kernel`, `_fine_fwd_fp8_kernel`: the inference forward on e4m3 q, k, v (`fine_forward_fp8`).
 
 The fine kernels take the launch configuration from `FWD_CONFIG` / `BWD_CONFIG` (tuned per head dim on an H100, see
 docs/VSA_NOTES.md); launchers accept overrides so the benchmark can sweep them.
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - older triton
 BLOCK = 64  # rows per tile slot: a 4×4×4 tile holds at most 64 tokens
 TMA_ENV = "SPARSE_DISTILL_VSA_TMA"  # "0": pointer gathers instead of TMA loads (A/B benchmarks, fallback)
 LOG2E = 1.4426950408889634
+RESCALE_SLACK: tl.constexpr = tl.constexpr(8.0)  # log2 growth of a row max the forward absorbs before rescaling
 
 # Launch configs, head dim -> (num_warps, num_stages): the forward's; the backward's as (dQ kernel, dK/dV kernel).
 Config = tuple[int, int]
@@ -111,21 +113,53 @@ def _fwd_loop(acc, m_i, l_i, q, K, V, KD, VD, sel, lo, hi, b, h, base, L, stride
         packed = tl.load(sel + s)
         k, _, kv_ok = _tile_box(K, KD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
         v, _, _ = _tile_box(V, VD, packed, b, h, base, L, stride_l, HEAD_DIM, BN, TMA)
-        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale, False)
     return acc, m_i, l_i
 
 
 @triton.jit
-def online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale):
-    """One FlashAttention step: the running (acc, row max, row sum) after the kv rows of k, v where kv_ok."""
+def online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale, LAZY: tl.constexpr):
+    """One FlashAttention step: the running (acc, reference row max, row sum) after the kv rows of k, v where kv_ok.
+
+    qk_scale: a scalar or a (BLOCK, 1) column. LAZY (the FP8 forward): the reference max moves, and acc and l_i are
+    rescaled, only when some row's max grew by more than RESCALE_SLACK; meanwhile p = 2^(logit - reference) stays
+    below 2^RESCALE_SLACK = 256 (e4m3-safe), and most steps skip the (BLOCK, D) rescale of acc. The loop is bound by
+    its non-MMA work once FP8 halves the kv bytes: 15 % faster there, but 13 % slower in the bf16 kernel, whose
+    pipelining the branch disturbs (H100, docs/VSA_NOTES.md).
+    """
     qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, BN kv), base-2 logits
     qk = tl.where(kv_ok[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
+    if LAZY:
+        if tl.max(m_new - m_i, 0) > RESCALE_SLACK:
+            alpha = tl.math.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        p = tl.math.exp2(qk - m_i[:, None])
+        l_i += tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc, m_i, l_i
+    else:
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+
+@triton.jit
+def _selection(Q2K, ENDS, row, TOPK):
+    """Row `row`'s selection words and where its first two box groups end (`sort_by_box`: full-size boxes, then
+    BOX1-row, then BOX2-row ones)."""
+    return Q2K + row * TOPK, tl.load(ENDS + 2 * row), tl.load(ENDS + 2 * row + 1)
+
+
+@triton.jit
+def _softmax_init(BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(acc, row max, row sum) before the first online-softmax step."""
+    return (tl.zeros([BLOCK, HEAD_DIM], tl.float32), tl.full([BLOCK], float("-inf"), tl.float32),
+            tl.zeros([BLOCK], tl.float32))
 
 
 @triton.jit
@@ -150,14 +184,8 @@ def _fine_fwd_kernel(
     q_rows = tl.minimum(q_start + rows, L - 1)
     q = tl.load(Q + base + q_rows[:, None] * stride_l + dims[None, :])
 
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    row = bh * N + q_tile
-    sel = Q2K + row * TOPK
-    # The selection is grouped by box size (`sort_by_box`): full-size boxes, then BOX1-row, then BOX2-row ones.
-    end0 = tl.load(ENDS + 2 * row)
-    end1 = tl.load(ENDS + 2 * row + 1)
+    acc, m_i, l_i = _softmax_init(BLOCK, HEAD_DIM)
+    sel, end0, end1 = _selection(Q2K, ENDS, bh * N + q_tile, TOPK)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, KD0, VD0, sel, 0, end0, b, h, base, L, stride_l, qk_scale,
                               HEAD_DIM, BLOCK, TMA)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, KD1, VD1, sel, end0, end1, b, h, base, L, stride_l, qk_scale,
@@ -226,10 +254,7 @@ def _fine_bwd_dq_kernel(
         tl.store(DCOARSE + c_ptr, tl.sum(tl.where(q_ok[:, None], do.to(tl.float32) * gate, 0.0), 0))
 
     dq = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
-    row = bh * N + q_tile
-    sel = Q2K + row * TOPK
-    end0 = tl.load(ENDS + 2 * row)
-    end1 = tl.load(ENDS + 2 * row + 1)
+    sel, end0, end1 = _selection(Q2K, ENDS, bh * N + q_tile, TOPK)
     dq = _dq_loop(dq, q, do, lse, delta, K, V, KD0, VD0, sel, 0, end0, b, h, base, L, stride_l, qk_scale,
                   HEAD_DIM, BLOCK, TMA)
     dq = _dq_loop(dq, q, do, lse, delta, K, V, KD1, VD1, sel, end0, end1, b, h, base, L, stride_l, qk_scale,
@@ -309,10 +334,11 @@ def _fine_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _select_kernel(SCORES, RANK, OFFS, PACKED, ENDS, N, TOPK, NP2: tl.constexpr):
+def _select_kernel(SCORES, RANK, OFFS, PACKED, ENDS, N, TOPK, NP2: tl.constexpr, SLOT: tl.constexpr):
     """Top-`TOPK` of one row of tile scores, written as (start << 7 | size) words grouped by box rank (0, 1, 2) and
     ascending tile id (memory order) inside a group, plus the two group ends. The k-th largest score is found exactly
-    by a radix search on the order-preserving integer image of the floats; ties at it go to the lowest tile ids."""
+    by a radix search on the order-preserving integer image of the floats; ties at it go to the lowest tile ids.
+    SLOT > 0: (tile · SLOT << 7 | size) words instead, for slot layouts (the FP8 forward)."""
     row = tl.program_id(0).to(tl.int64)
     idx = tl.arange(0, NP2)
     valid = idx < N
@@ -339,7 +365,109 @@ def _select_kernel(SCORES, RANK, OFFS, PACKED, ENDS, N, TOPK, NP2: tl.constexpr)
         end += tl.sum(in_r.to(tl.int32), 0)
         if r < 2:
             tl.store(ENDS + row * 2 + r, end)
+    if SLOT > 0:
+        start = idx * SLOT
     tl.store(PACKED + row * TOPK + pos, (start << 7) | size, mask=take)
+
+
+# ---- FP8 inference forward ------------------------------------------------------------------------------------
+# The forward's loop is bound by moving kv tiles from L2 (docs/VSA_NOTES.md); e4m3 k and v halve those bytes and
+# run both products on FP8 tensor cores. Inference only (no backward). Scales: q one per row (token), k one per
+# tile, so both fold into one per-row factor of each step's logits; v one per (batch, head, channel), applied once
+# to the output. Layout: every tile gets a BLOCK-row slot, zeros past its size (NaN-free padding: P·V multiplies it
+# by 0), per (batch, head): q8, k8 (B, H, N·BLOCK, D), q's scales (B, H, N·BLOCK); v transposed, vt8 (B, H, D, N·BLOCK),
+# because an FP8 product's second operand must be K-major (kv rows contiguous). Slots make every TMA coordinate a
+# multiple of BLOCK (16-byte aligned columns of vt8) and let the selection address k and v by slot, with no
+# per-step lookup from a token row to its tile.
+
+
+@triton.jit
+def _to_e4m3(x, scale, E4M3_MAX: tl.constexpr):
+    return tl.minimum(tl.maximum(x / scale, -E4M3_MAX), E4M3_MAX)
+
+
+@triton.jit
+def _quantize_qkv_kernel(
+    Q, K, V, Q8, K8, VT8, QS, KS, VS, OFFS,
+    stride_b, stride_l, stride_h,
+    H, N,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, E4M3_MAX: tl.constexpr,
+):
+    """One (tile, batch·head): its q, k, v rows into their e4m3 slots (layout above), q with one scale per row and k
+    with one per tile (amax / 448; zeros stay zero), v with VS (B, H, D), the per-channel scales computed beforehand."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start = tl.load(OFFS + tile)
+    r = tl.arange(0, BLOCK)
+    ok = (r < tl.load(OFFS + tile + 1) - start)[:, None]
+    dims = tl.arange(0, HEAD_DIM)
+    src = b.to(tl.int64) * stride_b + h * stride_h + (start + r)[:, None] * stride_l + dims[None, :]
+    slot = bh.to(tl.int64) * N * BLOCK + tile * BLOCK + r  # (BLOCK,) slot rows
+    dst = slot[:, None] * HEAD_DIM + dims[None, :]
+    q = tl.load(Q + src, mask=ok, other=0.0).to(tl.float32)
+    q_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-12) / E4M3_MAX
+    tl.store(Q8 + dst, _to_e4m3(q, q_scale[:, None], E4M3_MAX).to(Q8.dtype.element_ty))
+    tl.store(QS + slot, q_scale)
+    k = tl.load(K + src, mask=ok, other=0.0).to(tl.float32)
+    k_scale = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-12) / E4M3_MAX
+    tl.store(K8 + dst, _to_e4m3(k, k_scale, E4M3_MAX).to(K8.dtype.element_ty))
+    tl.store(KS + bh * N + tile, k_scale)
+    v = tl.load(V + src, mask=ok, other=0.0).to(tl.float32)
+    v8 = _to_e4m3(v, tl.load(VS + bh * HEAD_DIM + dims)[None, :], E4M3_MAX)
+    vt_dst = (bh.to(tl.int64) * HEAD_DIM + dims[:, None]) * (N * BLOCK) + tile * BLOCK + r[None, :]  # (D, BLOCK)
+    tl.store(VT8 + vt_dst, tl.trans(v8).to(VT8.dtype.element_ty))
+
+
+@triton.jit
+def _fp8_loop(acc, m_i, l_i, q8, row_scale, KD, VTD, KS, sel, lo, hi, bh, N, HEAD_DIM: tl.constexpr,
+              BLOCK: tl.constexpr, BN: tl.constexpr):
+    """`_fwd_loop` on e4m3 slots, selection words (slot << 7 | size): k as a BN × D TMA box, v as a D × BN box."""
+    r = tl.arange(0, BN)
+    for s in range(lo, hi):
+        packed = tl.load(sel + s)
+        slot = packed >> 7
+        k8 = KD.load([bh * N * BLOCK + slot, 0])  # (BN, D)
+        vt8 = VTD.load([bh * HEAD_DIM, slot])  # (D, BN)
+        k_scale = tl.load(KS + bh * N + slot // BLOCK)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, q8, k8, tl.trans(vt8), r < (packed & 127),
+                                            row_scale * k_scale, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fine_fwd_fp8_kernel(
+    Q8, QS, KS, VS, O, Q2K, ENDS, OFFS, GATE, COARSE, KD0, VTD0, KD1, VTD1, KD2, VTD2,
+    H, L, N, TOPK, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BOX1: tl.constexpr, BOX2: tl.constexpr, HAS_GATE: tl.constexpr,
+):
+    """`_fine_fwd_kernel` on the e4m3 slots; O and GATE (B, L, H, D) contiguous; writes only the output."""
+    q_tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows = tl.arange(0, BLOCK)
+    dims = tl.arange(0, HEAD_DIM)
+    q_slot = bh.to(tl.int64) * N * BLOCK + q_tile * BLOCK + rows
+    q8 = tl.load(Q8 + q_slot[:, None] * HEAD_DIM + dims[None, :])
+    row_scale = (tl.load(QS + q_slot) * qk_scale)[:, None]  # logits = q8·k8 × this × the kv tile's k scale
+
+    acc, m_i, l_i = _softmax_init(BLOCK, HEAD_DIM)
+    sel, end0, end1 = _selection(Q2K, ENDS, bh * N + q_tile, TOPK)
+    acc, m_i, l_i = _fp8_loop(acc, m_i, l_i, q8, row_scale, KD0, VTD0, KS, sel, 0, end0, bh, N, HEAD_DIM, BLOCK, BLOCK)
+    acc, m_i, l_i = _fp8_loop(acc, m_i, l_i, q8, row_scale, KD1, VTD1, KS, sel, end0, end1, bh, N, HEAD_DIM, BLOCK, BOX1)
+    acc, m_i, l_i = _fp8_loop(acc, m_i, l_i, q8, row_scale, KD2, VTD2, KS, sel, end1, TOPK, bh, N, HEAD_DIM, BLOCK, BOX2)
+
+    out = acc / l_i[:, None] * tl.load(VS + bh * HEAD_DIM + dims)[None, :]
+    q_start = tl.load(OFFS + q_tile)
+    q_ok = rows < tl.load(OFFS + q_tile + 1) - q_start
+    q_rows = tl.minimum(q_start + rows, L - 1)
+    o_off = (b.to(tl.int64) * L + q_rows[:, None]) * (H * HEAD_DIM) + h * HEAD_DIM + dims[None, :]
+    if HAS_GATE:
+        coarse = tl.load(COARSE + (bh * N + q_tile) * HEAD_DIM + dims)
+        out += tl.load(GATE + o_off).to(tl.float32) * coarse[None, :]
+    tl.store(O + o_off, out.to(O.dtype.element_ty), mask=q_ok[:, None])
 
 
 def box_rank(sizes: torch.Tensor, boxes: Boxes) -> torch.Tensor:
@@ -350,33 +478,37 @@ def box_rank(sizes: torch.Tensor, boxes: Boxes) -> torch.Tensor:
     return rank
 
 
-def sort_by_box(q2k: torch.Tensor, tile_offsets: torch.Tensor,
-                boxes: Boxes = BOXES) -> tuple[torch.Tensor, torch.Tensor]:
+def sort_by_box(q2k: torch.Tensor, tile_offsets: torch.Tensor, boxes: Boxes = BOXES,
+                slots: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Selected tile ids -> (packed, ends) for the forward and dQ kernels.
 
     packed (..., topk) int32: (start << 7 | size) words, grouped by box (largest first), ascending start row inside
-    a group (kv tiles in memory order); ends (..., 2) int32: where the first and second box groups end.
+    a group (kv tiles in memory order); ends (..., 2) int32: where the first and second box groups end. slots: the
+    words hold 64 · tile instead of the start row (the FP8 forward's slot layout), same order.
     """
     ids = q2k.long()
     start = tile_offsets.long()[ids]
     size = tile_offsets.long()[ids + 1] - start
+    if slots:
+        start = ids * BLOCK
     key = (box_rank(size, boxes) << 40) | (start << 7) | size  # start < 2^24 rows, so words fit in 31 bits
     key = key.sort(-1).values
     ends = torch.stack([(key < (r << 40)).sum(-1) for r in (1, 2)], -1).to(torch.int32)
     return (key & ((1 << 40) - 1)).to(torch.int32), ends
 
 
-def select_by_box(scores: torch.Tensor, topk: int, tile_offsets: torch.Tensor,
-                  boxes: Boxes = BOXES) -> tuple[torch.Tensor, torch.Tensor]:
+def select_by_box(scores: torch.Tensor, topk: int, tile_offsets: torch.Tensor, boxes: Boxes = BOXES,
+                  slots: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The `topk` best kv tiles per query tile, straight from the coarse scores (B, H, N, N), in `sort_by_box`'s
-    (packed, ends) form: one fused kernel instead of top-k, gathers and a sort (docs/VSA_NOTES.md)."""
+    (packed, ends) form: one fused kernel instead of top-k, gathers and a sort (docs/VSA_NOTES.md). slots: words
+    hold the tile's slot row (64 · tile) instead of its start row (the FP8 forward's layout)."""
     B, H, N, _ = scores.shape
     scores = scores.detach().float().contiguous()
     rank = box_rank(tile_offsets[1:] - tile_offsets[:-1], _check_boxes(boxes)).to(torch.int32)
     packed = torch.empty(B, H, N, topk, device=scores.device, dtype=torch.int32)
     ends = torch.empty(B, H, N, 2, device=scores.device, dtype=torch.int32)
     _select_kernel[(B * H * N,)](scores, rank, tile_offsets, packed, ends, N, topk, NP2=triton.next_power_of_2(N),
-                                 num_warps=2)
+                                 SLOT=BLOCK if slots else 0, num_warps=2)
     return packed, ends
 
 
@@ -509,6 +641,73 @@ def _use_tma(tma: bool | None, *xs: torch.Tensor) -> bool:
     if tma and not tma_available(*xs):
         raise ValueError("tma=True needs tensors tma_available() accepts (sm90+ or the interpreter, contiguous)")
     return tma
+
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+# FP8 products take K >= 32: the P·V product's K is the kv box, so no 16-row boxes.
+FP8_BOXES: Boxes = (64, 32, 32)
+FP8_CONFIG: dict[int, Config] = {64: (4, 3), 128: (4, 3)}  # H100, 1.3B-480p ρ=0.8: (4, 3) 2.89 ms, (4, 2) 3.07-3.12
+
+
+def quantize_qkv_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     tile_offsets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(B, L, H, D) q, k, v -> e4m3 slots (layout: "FP8 inference forward" above) and fp32 scales:
+    (q8, qs, k8, ks, vt8, vs) with q8, k8 (B, H, N·64, D), qs (B, H, N·64), ks (B, H, N), vt8 (B, H, D, N·64),
+    vs (B, H, D); row r of tile t dequantizes as q8[:, :, 64 t + r] * qs[:, :, 64 t + r, None],
+    k8[:, :, 64 t + r] * ks[:, :, t, None] and vt8[..., 64 t + r] * vs."""
+    q, k, v = _same_strides(q, k, v)
+    B, L, H, D = q.shape
+    N = tile_offsets.shape[0] - 1
+    # max |v| over the tokens, per (batch, head, channel), in one pass (no |v| temporary)
+    vs = torch.linalg.vector_norm(v, float("inf"), dim=1, dtype=torch.float32)  # (B, H, D)
+    vs = (vs.clamp(min=1e-12) / E4M3_MAX).contiguous()
+    q8 = torch.empty(B, H, N * BLOCK, D, device=q.device, dtype=torch.float8_e4m3fn)
+    k8 = torch.empty_like(q8)
+    vt8 = torch.empty(B, H, D, N * BLOCK, device=q.device, dtype=torch.float8_e4m3fn)
+    qs = torch.empty(B, H, N * BLOCK, device=q.device, dtype=torch.float32)
+    ks = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    _quantize_qkv_kernel[(N, B * H)](
+        q, k, v, q8, k8, vt8, qs, ks, vs, tile_offsets, q.stride(0), q.stride(1), q.stride(2), H, N,
+        HEAD_DIM=D, BLOCK=BLOCK, E4M3_MAX=E4M3_MAX,
+    )
+    return q8, qs, k8, ks, vt8, vs
+
+
+def fine_forward_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: torch.Tensor, ends: torch.Tensor,
+                     tile_offsets: torch.Tensor, gate: torch.Tensor | None = None, coarse: torch.Tensor | None = None,
+                     config: Config | None = None, boxes: Boxes = FP8_BOXES) -> torch.Tensor:
+    """`fine_forward` with e4m3 q, k, v (quantized here) and FP8 tensor-core products: inference only, TMA (Hopper+).
+
+    (packed, ends): the selection as slot words, grouped by boxes of at least 32 rows
+    (`select_by_box(..., boxes=FP8_BOXES, slots=True)`). Returns the output (B, L, H, D) in q's dtype
+    (+ gate * coarse when given); it differs from the bf16 kernel's by e4m3 rounding (3 mantissa bits).
+    """
+    B, L, H, D = q.shape
+    N, topk = packed.shape[2], packed.shape[3]
+    boxes = _check_boxes(boxes)
+    if min(boxes) < 32:
+        raise ValueError(f"fine_forward_fp8 needs boxes of at least 32 rows (FP8 products take K >= 32), got {boxes}")
+    if not tma_available(q):
+        raise ValueError("fine_forward_fp8 needs TMA (a Hopper GPU, sm90+): use fine_forward (bf16) here")
+    num_warps, num_stages = config or FP8_CONFIG[D]
+    q8, qs, k8, ks, vt8, vs = quantize_qkv_fp8(q, k, v, tile_offsets)
+    rows = B * H * N * BLOCK
+    k_descs = [TensorDescriptor(k8.view(rows, D), shape=[rows, D], strides=[D, 1], block_shape=[box, D])
+               for box in boxes]
+    vt_descs = [TensorDescriptor(vt8.view(B * H * D, N * BLOCK), shape=[B * H * D, N * BLOCK], strides=[N * BLOCK, 1],
+                                 block_shape=[D, box]) for box in boxes]
+    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+    has_gate = gate is not None
+    gate = gate.contiguous() if has_gate else out
+    coarse = coarse.contiguous() if has_gate else out
+    _fine_fwd_fp8_kernel[(N, B * H)](
+        q8, qs, ks, vs, out, packed, ends, tile_offsets, gate, coarse,
+        *[d for pair in zip(k_descs, vt_descs) for d in pair],
+        H, L, N, topk, D ** -0.5 * LOG2E,
+        HEAD_DIM=D, BLOCK=BLOCK, BOX1=boxes[1], BOX2=boxes[2], HAS_GATE=has_gate, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
 
 
 def fine_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fine: torch.Tensor,

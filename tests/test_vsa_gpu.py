@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attention import vsa_triton
-from attention.vsa import vsa_attention, vsa_meta, vsa_reference
+from attention.vsa import vsa_attention, vsa_fp8_attention, vsa_meta, vsa_reference
 
 pytestmark = pytest.mark.gpu
 
@@ -110,3 +110,41 @@ def test_two_block_vsa_model_compiles_without_graph_breaks():
     eager = model(latents, t, context, meta)
     compiled = torch.compile(model, fullgraph=True)(latents, t, context, meta)
     assert rel_err(compiled, eager) <= 2e-2
+
+
+@pytest.mark.parametrize("grid, H, D, sparsity", [((21, 30, 52), 2, 128, 0.8), ((31, 22, 40), 2, 64, 0.9)])
+def test_fp8_inference_matches_bf16(grid, H, D, sparsity):
+    """The FP8 inference op at real grids == the bf16 op up to e4m3 rounding (3 mantissa bits); compiles whole;
+    refuses to run where gradients are wanted."""
+    meta = vsa_meta(grid, sparsity, "cuda")
+    q, k, v, gate = (x.detach() for x in make_inputs(1, math.prod(grid), H, D, torch.bfloat16, seed=5))
+    gate = gate * 0.3
+    with torch.no_grad():
+        out = vsa_fp8_attention(q, k, v, meta, gate)
+        bf16 = vsa_attention(q, k, v, meta, gate)
+        ref = vsa_reference(q.float(), k.float(), v.float(), meta, gate.float())
+        compiled = torch.compile(vsa_fp8_attention, fullgraph=True)(q, k, v, meta, gate)
+    assert out.dtype == torch.bfloat16
+    # ~5 % on random q, k: flat attention puts P in [0.1, 1], where e4m3 rounds every weight by up to 2^-4
+    assert rel_err(out, ref) <= 0.06 and rel_err(bf16, ref) <= 1e-2
+    assert torch.equal(compiled, out)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        vsa_fp8_attention(q.requires_grad_(), k, v, meta, gate)
+
+
+def test_fp8_quantization_rounds_to_nearest():
+    """quantize_qkv_fp8 on the GPU: every q, k, v value within half an e4m3 step (2^-4 relative; 2^-10 of the scale
+    among the subnormals) of its dequantized slot, at a ragged real grid."""
+    meta = vsa_meta((21, 30, 52), 0.8, "cuda")
+    L, N = math.prod(meta.grid), meta.num_tiles
+    q, k, v, _ = (x.detach() * torch.rand(1, L, 1, 1, device="cuda") * 4
+                  for x in make_inputs(1, L, 2, 128, torch.bfloat16, seed=7))
+    q8, qs, k8, ks, vt8, vs = vsa_triton.quantize_qkv_fp8(q, k, v, meta.tile_offsets)
+    slot_of = meta.token_tile * 64 + torch.arange(L, device="cuda") - meta.tile_offsets.long()[meta.token_tile]
+    for x, deq, scale in (
+        (q, q8.float()[:, :, slot_of] * qs[:, :, slot_of, None], qs[:, :, slot_of, None]),
+        (k, k8.float()[:, :, slot_of] * ks[:, :, meta.token_tile, None], ks[:, :, meta.token_tile, None]),
+        (v, (vt8.float() * vs[..., None])[..., slot_of].transpose(2, 3), vs[:, :, None, :]),
+    ):
+        x = x.float().transpose(1, 2)  # (B, H, L, D)
+        assert ((deq - x).abs() <= 2 ** -4 * x.abs() + 2 ** -10 * scale + 1e-12).all()

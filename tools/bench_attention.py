@@ -3,6 +3,7 @@
     python tools/bench_attention.py            # all shapes, ρ ∈ {0.8, 0.9}
     python tools/bench_attention.py --sweep    # first sweep the kernel launch configs at 1.3B-480p ρ=0.9
     python tools/bench_attention.py --shapes 1.3B-480p --sparsity 0.9
+    python tools/bench_attention.py --fp8      # also the FP8 inference forward (vsa_fp8_attention)
 
 For each shape and sparsity: ms of the forward and forward+backward of (a) cuDNN SDPA dense on the same q/k/v,
 (b) the whole VSA op (tile means, coarse attention, top-k, fine kernels, gate), (c) the fine kernels alone (the
@@ -12,6 +13,8 @@ FLOPs_fwd = 4·B·H·D·Σ_q-tiles(q tokens × selected kv tokens), backward 2.5
 selection of `topk` tiles per row (as the public VSA benchmark does): on random q/k the top-k of tile means favours
 the small edge tiles (a mean of fewer random vectors is longer), which would understate the sparse FLOPs. Kernel time
 does not depend on which tiles are selected. Medians of triton.testing.do_bench. The ratio table is printed last.
+--fp8 adds the inference forward on e4m3 q, k, v: the whole op and the fine kernel with its quantization pass, the
+same random selection grouped by FP8 boxes, against the bf16 forward and cuDNN of the same run.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention import vsa_triton
-from attention.vsa import select_tiles, vsa_attention, vsa_meta
+from attention.vsa import select_tiles, vsa_attention, vsa_fp8_attention, vsa_meta
 
 SHAPES = {  # name -> (token grid, heads); head dim 128
     "1.3B-480p": ((21, 30, 52), 12),
@@ -62,8 +65,8 @@ def random_selection(heads: int, meta, seed: int = 0) -> torch.Tensor:
     return select_tiles(scores, meta.topk)
 
 
-def grouped(q2k: torch.Tensor, meta, boxes=vsa_triton.BOXES) -> tuple[torch.Tensor, torch.Tensor]:
-    return vsa_triton.sort_by_box(q2k, meta.tile_offsets, boxes)
+def grouped(q2k: torch.Tensor, meta, boxes=vsa_triton.BOXES, slots: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return vsa_triton.sort_by_box(q2k, meta.tile_offsets, boxes, slots)
 
 
 def make_qkv(grid, heads, seed=0):
@@ -153,7 +156,7 @@ def _bound_probe_kernel(Q, K, KD, VD, SEL, OFFS, OUT, H, L, TOPK, qk_scale,
             k = (k0 * one).to(k0.dtype)
             v = k
         if COMPUTE:
-            acc, m_i, l_i = vsa_triton.online_softmax_step(acc, m_i, l_i, q, k, v, all_rows, qk_scale)
+            acc, m_i, l_i = vsa_triton.online_softmax_step(acc, m_i, l_i, q, k, v, all_rows, qk_scale, False)
         else:
             acc += k.to(tl.float32) + v.to(tl.float32)
     tl.store(OUT + (bh * tl.num_programs(0) + q_tile) * HEAD_DIM + dims, tl.sum(acc, 0) + tl.sum(l_i, 0))
@@ -203,7 +206,19 @@ def profile_op(name: str, sparsity: float) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
 
 
-def run_shape(name: str, sparsities: list[float]) -> list[dict]:
+def time_fp8(q, k, v, gate, q2k, meta) -> dict:
+    """Inference forward on e4m3 q, k, v: whole op, fine kernel incl. its quantization pass, the quantization alone."""
+    offs = meta.tile_offsets
+    sel = grouped(q2k, meta, vsa_triton.FP8_BOXES, slots=True)
+    with torch.no_grad():
+        return dict(
+            op=bench(lambda: vsa_fp8_attention(q, k, v, meta, gate)),
+            fine=bench(lambda: vsa_triton.fine_forward_fp8(q, k, v, *sel, offs)),
+            quant=bench(lambda: vsa_triton.quantize_qkv_fp8(q, k, v, offs)),
+        )
+
+
+def run_shape(name: str, sparsities: list[float], fp8: bool = False) -> list[dict]:
     grid, heads = SHAPES[name]
     q, k, v, gate = make_qkv(grid, heads)
     gate.mul_(0.1)
@@ -233,6 +248,9 @@ def run_shape(name: str, sparsities: list[float]) -> list[dict]:
                    tfs_fwd=flops / fine_fwd / 1e9, tfs_fb=3.5 * flops / fine_fb / 1e9,
                    tile_fwd=tile_flops / fine_fwd / 1e9, tile_fb=3.5 * tile_flops / fine_fb / 1e9,
                    full_fwd=full_fwd, full_fb=full_fb)
+        if fp8:
+            row["fp8"] = time_fp8(q.detach(), k.detach(), v.detach(), gate.detach(), q2k, meta)
+            row["fp8"]["tfs"] = flops / row["fp8"]["fine"] / 1e9
         print(f"  ρ={sparsity} topk={meta.topk}/{meta.num_tiles}: VSA op fwd {op_fwd:.3f} ms, fwd+bwd {op_fb:.3f} ms;"
               f" fine fwd {fine_fwd:.3f} ms ({row['tfs_fwd']:.0f} sparse, {row['tile_fwd']:.0f} tile TF/s),"
               f" fwd+bwd {fine_fb:.3f} ms ({row['tfs_fb']:.0f} sparse, {row['tile_fb']:.0f} tile TF/s);"
@@ -248,6 +266,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs at 1.3B-480p ρ=0.9 first")
     parser.add_argument("--profile", action="store_true", help="profile the whole op at 1.3B-480p ρ=0.9 first")
     parser.add_argument("--bound", action="store_true", help="time the forward loop's loads and compute apart first")
+    parser.add_argument("--fp8", action="store_true", help="also time the FP8 inference forward")
     args = parser.parse_args()
     tma = "TMA" if vsa_triton.tma_available(torch.empty(1, 64, 1, 128, device="cuda")) else "pointer"
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, VSA tile loads: "
@@ -259,7 +278,7 @@ def main() -> None:
     if args.bound:
         for name in args.shapes:
             bound_probe(name, 0.9)
-    rows = [row for name in args.shapes for row in run_shape(name, args.sparsity)]
+    rows = [row for name in args.shapes for row in run_shape(name, args.sparsity, args.fp8)]
     print("\nshape       ρ    dense fwd/f+b ms   VSA op fwd/f+b ms   speedup fwd/f+b   fine fwd/f+b ms   "
           "fine sparse TF/s fwd/f+b  (tile TF/s)")
     for r in rows:
@@ -272,6 +291,15 @@ def main() -> None:
         print(f"{r['shape']:<10} {r['sparsity']:.1f}  fwd {r['full_fwd']:.3f} -> {r['fine_fwd']:.3f} ms "
               f"({r['full_fwd'] / r['fine_fwd']:.2f}x), fwd+bwd {r['full_fb']:.3f} -> {r['fine_fb']:.3f} ms "
               f"({r['full_fb'] / r['fine_fb']:.2f}x)")
+    if args.fp8:
+        print("\nFP8 inference forward (e4m3 q, k, v; fine includes its quantization pass) vs bf16, same run:")
+        print("shape       ρ    op bf16 -> fp8 ms          fine bf16 -> fp8 ms (quant ms)   fine fp8 sparse TF/s   "
+              "dense / fp8 op")
+        for r in rows:
+            f = r["fp8"]
+            print(f"{r['shape']:<10} {r['sparsity']:.1f}  {r['op_fwd']:6.3f} -> {f['op']:6.3f} ({r['op_fwd'] / f['op']:.2f}x)"
+                  f"   {r['fine_fwd']:6.3f} -> {f['fine']:6.3f} ({f['quant']:.3f})   {f['tfs']:5.0f}"
+                  f"                  {r['dense_fwd'] / f['op']:5.2f}x")
 
 
 if __name__ == "__main__":
