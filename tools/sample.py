@@ -8,7 +8,8 @@ r"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled st
     # Wan2.2 TI2V-5B: text-to-video, or image-to-video with --image (dense attention by default for the 5B)
     python tools/sample.py --model FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers --prompts prompts.txt \
         --image cat.png
-    # FP8 (e4m3) linear layers in the DiT blocks: faster GEMMs on H100-class GPUs, slightly different numerics
+    # FP8 (e4m3) linear layers in the DiT blocks and, on Hopper, FP8 sparse attention: faster, slightly different
+    # numerics
     python tools/sample.py --model FastVideo/FastWan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --fp8 \
         --compile
     # tiny CPU run (tests/test_sample.py)
@@ -40,12 +41,13 @@ import torch
 from tqdm import tqdm
 
 from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_meta
+from attention.vsa import vsa_attention, vsa_fp8_attention, vsa_meta
 from components.metrics import write_video
 from data.encode import encode_prompts, latent_stats, load_text_encoder, load_vae, normalize_latents, vae_decode, \
     vae_encode
 from losses.flow import add_noise, x0_from_velocity
 from models.fp8 import fp8_device_problem, quantize_linears_fp8
+from models.fused_rows import enable_fused_rows
 from models.wan import WanModel
 from models.wan_weights import load_pretrained
 from parallel.compile import apply_compile
@@ -62,7 +64,7 @@ NEGATIVE_PROMPT = (
     "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
     "legs, many people in the background, walking backwards"
 )
-ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention}
+ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "vsa_fp8": vsa_fp8_attention}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Fetched first to validate the request (configs and tokenizer, no weights), then the rest.
 HUB_CONFIGS = ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
@@ -116,8 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT and VAE-decode precision")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT")
-    p.add_argument("--fp8", action="store_true", help="FP8 (e4m3, row-wise scaled) linear layers in the DiT blocks; "
-                   "GPU with FP8 tensor cores (sm89+), changes numerics slightly (models/fp8.py)")
+    p.add_argument("--fp8", action="store_true", help="FP8 (e4m3, row-wise scaled) linear layers in the DiT blocks "
+                   "(models/fp8.py; GPU with FP8 tensor cores, sm89+) and, on sm90+, the student's VSA on e4m3 q, k, v "
+                   "(vsa_fp8_attention); changes numerics slightly")
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--vae-channels-last", action="store_true", help="channels-last conv weights for the VAE decode")
     return p.parse_args(argv)
@@ -471,16 +474,19 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if args.vae_compile:
         vae.decoder.compile()
     attn = "sdpa" if args.teacher else plan.attn
+    if attn == "vsa" and args.fp8 and (device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9):
+        attn = "vsa_fp8"  # Hopper+: TMA and FP8 tensor cores; CPU runs the same reference as "vsa"
     model = load_pretrained(model_dir, attn_fn=ATTN[attn], dtype=dtype, device=device)
     model.eval().requires_grad_(False)
     fp8_layers = quantize_linears_fp8(model) if args.fp8 else 0  # after the weights are placed, before compile
+    enable_fused_rows(model)  # one-sample blocks through the fused row kernels (models/fused_rows.py)
     load["DiT + VAE load"] = time.perf_counter() - t0
     attn_meta = None
-    if attn == "vsa":
+    if attn in ("vsa", "vsa_fp8"):
         attn_meta = vsa_meta(model.token_grid(plan.latent_shape), args.sparsity, device)  # once per shape
     if args.compile:  # per block: one graph serves every block (seconds to compile, not minutes for the 14B)
         apply_compile(model)
-    print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn == 'vsa' else ''}, "
+    print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn != 'sdpa' else ''}, "
           f"{plan.num_frames}x{plan.height}x{plan.width} -> latents {plan.latent_shape}, {args.dtype}"
           f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}")
     for name, s in load.items():
