@@ -95,7 +95,7 @@ def gelu_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = torch.empty(M, 1, device=x.device, dtype=torch.float32)
         block = triton.next_power_of_2(C)
         _gelu_quant_rows_kernel[(M,)](x, xq, scale, C, x.stride(0), BLOCK=block, GELU_C=GELU_C, E4M3_MAX=E4M3_MAX,
-                                      num_warps=min(16, max(4, block // 1024)))
+                                      num_warps=min(16, max(4, block // 2048)))  # H100: 8 warps 336 us, 16: 378
         return xq, scale
     y = torch.nn.functional.gelu(x.float(), approximate="tanh")
     scale = row_scales(y)
