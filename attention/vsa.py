@@ -15,7 +15,8 @@ index tiles by offset and mask rows past each tile's size, so nothing is padded,
 
 On CPU tensors `vsa_attention` runs `vsa_reference` (plain torch with masks); on CUDA the Triton kernels of
 `attention/vsa_triton.py`, wrapped as `torch.library` custom ops (namespace `sparse_distill`) with fake
-implementations so `torch.compile` traces attention without graph breaks.
+implementations so `torch.compile` traces attention without graph breaks. `vsa_fp8_attention` is the same contract
+for inference on Hopper GPUs: the fine stage on e4m3 q, k, v (`sample.py --fp8`), no backward.
 """
 
 from __future__ import annotations

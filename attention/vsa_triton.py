@@ -124,8 +124,8 @@ def online_softmax_step(acc, m_i, l_i, q, k, v, kv_ok, qk_scale, LAZY: tl.conste
     qk_scale: a scalar or a (BLOCK, 1) column. LAZY (the FP8 forward): the reference max moves, and acc and l_i are
     rescaled, only when some row's max grew by more than RESCALE_SLACK; meanwhile p = 2^(logit - reference) stays
     below 2^RESCALE_SLACK = 256 (e4m3-safe), and most steps skip the (BLOCK, D) rescale of acc. The loop is bound by
-    its non-MMA work once FP8 halves the kv bytes: 15 % faster there, but 13 % slower in the bf16 kernel, whose
-    pipelining the branch disturbs (H100, docs/VSA_NOTES.md).
+    its non-MMA work once FP8 halves the kv bytes: 3.47 -> 2.89 ms there (1.3B-480p, ρ=0.8), but 13 % slower in the
+    bf16 kernel, whose pipelining the branch disturbs (H100, docs/VSA_NOTES.md).
     """
     qk = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK q, BN kv), base-2 logits
     qk = tl.where(kv_ok[None, :], qk, float("-inf"))
