@@ -127,13 +127,7 @@ def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
                           gate: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel path (custom ops). Runs on CPU tensors only under TRITON_INTERPRET=1 (tests)."""
     _check_inputs(q, k, v, meta, gate)
-    D = q.shape[-1]
-    if D not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"VSA kernels support head dim 64 or 128, got {D}")
-    if math.prod(meta.tile) > 64:
-        raise ValueError(f"VSA kernels support tiles of at most 64 tokens, got tile {meta.tile}")
-    if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"VSA kernels on CUDA take bfloat16 or float16, got {q.dtype}")
+    _check_kernel_inputs(q, meta)
     if gate is None:  # the coarse output is unused: only the (non-differentiable) selection needs the tile means
         qm, km, vm = torch.ops.sparse_distill.vsa_tile_means(q.detach(), k.detach(), v.detach(), meta.tile_offsets)
         _, scores = coarse_attention(qm, km, vm)
@@ -146,22 +140,31 @@ def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     return torch.ops.sparse_distill.vsa_gated(q, k, v, gate, meta.tile_offsets, meta.topk)[0]
 
 
+def _check_kernel_inputs(q: torch.Tensor, meta: VSAMeta) -> None:
+    """What the Triton kernels need beyond `_check_inputs`: head dim 64 / 128, tiles of at most 64 tokens (one
+    BLOCK-row slot), bf16 / fp16 on CUDA."""
+    D = q.shape[-1]
+    if D not in KERNEL_HEAD_DIMS:
+        raise ValueError(f"VSA kernels support head dim 64 or 128, got {D}")
+    if math.prod(meta.tile) > 64:
+        raise ValueError(f"VSA kernels support tiles of at most 64 tokens, got tile {meta.tile}")
+    if q.is_cuda and q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"VSA kernels on CUDA take bfloat16 or float16, got {q.dtype}")
+
+
 def vsa_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
                       gate: torch.Tensor | None = None) -> torch.Tensor:
     """Inference VSA with the fine stage on e4m3 q, k, v (FP8 tensor cores, half the kv bytes): same contract as
     `vsa_attention`, no backward. Tile means, coarse attention and the selection stay in bf16/fp32. Output differs
-    from `vsa_attention` by FP8 rounding (~3 % relative). Hopper+ GPUs; on CPU it runs `vsa_reference` (no FP8)."""
+    from `vsa_attention` by FP8 rounding (~5 % relative on random q, k). Hopper+ GPUs; on CPU it runs
+    `vsa_reference` (no FP8)."""
     _check_inputs(q, k, v, meta, gate)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate)):
         raise RuntimeError("vsa_fp8_attention is inference-only (no backward): run it under torch.no_grad() or "
                            "torch.inference_mode(), or train with vsa_attention")
     if q.device.type == "cpu":
         return vsa_reference(q, k, v, meta, gate)
-    D = q.shape[-1]
-    if D not in KERNEL_HEAD_DIMS:
-        raise ValueError(f"VSA kernels support head dim 64 or 128, got {D}")
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"vsa_fp8_attention takes bfloat16 or float16, got {q.dtype}")
+    _check_kernel_inputs(q, meta)
     if torch.cuda.get_device_capability(q.device)[0] < 9:
         raise ValueError(f"vsa_fp8_attention needs a Hopper GPU (sm90+, TMA and FP8); {q.device} is "
                          f"sm{''.join(map(str, torch.cuda.get_device_capability(q.device)))}: use vsa_attention")
@@ -303,15 +306,24 @@ def _fine_backward(ctx, do, dlse):
 torch.library.register_autograd("sparse_distill::vsa_fine", _fine_backward, setup_context=_fine_setup)
 
 
+def _coarse_and_selection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tile_offsets: torch.Tensor, topk: int,
+                          boxes: tuple[int, int, int], slots: bool) -> tuple[torch.Tensor, ...]:
+    """The coarse stage of a whole-op forward on the kernel path: (qm, km, vm, coarse, sel, ends), the selection
+    grouped by `boxes` (as `select_by_box`, slot words with `slots`)."""
+    from attention import vsa_triton
+    qm, km, vm = vsa_triton.tile_means(q, k, v, tile_offsets)
+    coarse, scores = coarse_attention(qm, km, vm)
+    sel, ends = vsa_triton.select_by_box(scores, topk, tile_offsets, boxes, slots)
+    return qm, km, vm, coarse, sel, ends
+
+
 @torch.library.custom_op("sparse_distill::vsa_gated", mutates_args=())
 def _gated_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, tile_offsets: torch.Tensor,
               topk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                   torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole gated VSA op: (out, fine, lse, qm, km, vm, coarse, sel, ends); all but `out` feed the backward."""
     from attention import vsa_triton
-    qm, km, vm = vsa_triton.tile_means(q, k, v, tile_offsets)
-    coarse, scores = coarse_attention(qm, km, vm)
-    sel, ends = vsa_triton.select_by_box(scores, topk, tile_offsets)
+    qm, km, vm, coarse, sel, ends = _coarse_and_selection(q, k, v, tile_offsets, topk, vsa_triton.BOXES, False)
     out, fine, lse = vsa_triton.fine_forward(q, k, v, sel, ends, tile_offsets, gate=gate, coarse=coarse)
     return out, fine, lse, qm, km, vm, coarse, sel, ends
 
@@ -367,9 +379,7 @@ def _fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tenso
             topk: int) -> torch.Tensor:
     """Tile means, coarse attention, selection (boxes of >= 32 rows) and the e4m3 fine kernel; no autograd."""
     from attention import vsa_triton
-    qm, km, vm = vsa_triton.tile_means(q, k, v, tile_offsets)
-    coarse, scores = coarse_attention(qm, km, vm)
-    sel, ends = vsa_triton.select_by_box(scores, topk, tile_offsets, boxes=vsa_triton.FP8_BOXES, slots=True)
+    coarse, sel, ends = _coarse_and_selection(q, k, v, tile_offsets, topk, vsa_triton.FP8_BOXES, True)[3:]
     return vsa_triton.fine_forward_fp8(q, k, v, sel, ends, tile_offsets, gate=gate,
                                        coarse=coarse if gate is not None else None)
 

@@ -156,7 +156,7 @@ def _selection(Q2K, ENDS, row, TOPK):
 
 
 @triton.jit
-def _softmax_init(BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+def softmax_init(BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """(acc, row max, row sum) before the first online-softmax step."""
     return (tl.zeros([BLOCK, HEAD_DIM], tl.float32), tl.full([BLOCK], float("-inf"), tl.float32),
             tl.zeros([BLOCK], tl.float32))
@@ -184,7 +184,7 @@ def _fine_fwd_kernel(
     q_rows = tl.minimum(q_start + rows, L - 1)
     q = tl.load(Q + base + q_rows[:, None] * stride_l + dims[None, :])
 
-    acc, m_i, l_i = _softmax_init(BLOCK, HEAD_DIM)
+    acc, m_i, l_i = softmax_init(BLOCK, HEAD_DIM)
     sel, end0, end1 = _selection(Q2K, ENDS, bh * N + q_tile, TOPK)
     acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, KD0, VD0, sel, 0, end0, b, h, base, L, stride_l, qk_scale,
                               HEAD_DIM, BLOCK, TMA)
@@ -453,7 +453,7 @@ def _fine_fwd_fp8_kernel(
     q8 = tl.load(Q8 + q_slot[:, None] * HEAD_DIM + dims[None, :])
     row_scale = (tl.load(QS + q_slot) * qk_scale)[:, None]  # logits = q8·k8 × this × the kv tile's k scale
 
-    acc, m_i, l_i = _softmax_init(BLOCK, HEAD_DIM)
+    acc, m_i, l_i = softmax_init(BLOCK, HEAD_DIM)
     sel, end0, end1 = _selection(Q2K, ENDS, bh * N + q_tile, TOPK)
     acc, m_i, l_i = _fp8_loop(acc, m_i, l_i, q8, row_scale, KD0, VTD0, KS, sel, 0, end0, bh, N, HEAD_DIM, BLOCK, BLOCK)
     acc, m_i, l_i = _fp8_loop(acc, m_i, l_i, q8, row_scale, KD1, VTD1, KS, sel, end0, end1, bh, N, HEAD_DIM, BLOCK, BOX1)

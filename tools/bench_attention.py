@@ -141,9 +141,7 @@ def _bound_probe_kernel(Q, K, KD, VD, SEL, OFFS, OUT, H, L, TOPK, qk_scale,
     base = b.to(tl.int64) * L * H * HEAD_DIM + h * HEAD_DIM
     q = tl.load(Q + base + rows[:, None] * H * HEAD_DIM + dims[None, :])
     k0 = tl.load(K + base + rows[:, None] * H * HEAD_DIM + dims[None, :])
-    m_i = tl.full([BLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK], tl.float32)
-    acc = tl.zeros([BLOCK, HEAD_DIM], tl.float32)
+    acc, m_i, l_i = vsa_triton.softmax_init(BLOCK, HEAD_DIM)
     sel = SEL + (bh * tl.num_programs(0) + q_tile) * TOPK
     all_rows = tl.arange(0, BLOCK) < BLOCK
     for s in range(0, TOPK):
@@ -185,7 +183,7 @@ def bound_probe(name: str, sparsity: float) -> None:
     for label, loads, compute in (("probe: loads + compute", True, True), ("probe: loads only", True, False),
                                   ("probe: compute only", False, True)):
         ms = bench(lambda: _bound_probe_kernel[(N, heads)](
-            q, k, kd, vd, packed, meta.tile_offsets, out, heads, L, meta.topk, HEAD_DIM ** -0.5 * 1.4427,
+            q, k, kd, vd, packed, meta.tile_offsets, out, heads, L, meta.topk, HEAD_DIM ** -0.5 * vsa_triton.LOG2E,
             HEAD_DIM=HEAD_DIM, BLOCK=64, LOADS=loads, COMPUTE=compute, num_warps=fwd_cfg[0], num_stages=fwd_cfg[1]))
         print(f"  {label:<30} {ms:.3f} ms  ({kv_bytes / ms / 1e9:.2f} TB/s, {tile_flops / ms / 1e9:.0f} tile TF/s)")
 

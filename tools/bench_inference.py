@@ -305,7 +305,8 @@ KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
     ("GEMM", ("gemm", "nvjet", "xmma", "cutlass")),
     ("VSA fine kernel (bf16 or fp8)", ("fine_fwd",)),
     ("VSA tile means + selection", ("tile_means", "select_kernel", "topk", "sort")),
-    ("VSA fp8 quantization of q, k, v", ("quantize_qkv", "vector_norm", "reduce_kernel")),
+    # the per-channel max |v| (torch.linalg.vector_norm, ord inf) is a reduce kernel named after its AbsMaxOps
+    ("VSA fp8 quantization of q, k, v", ("quantize_qkv", "absmaxops")),
     ("cross-attention (cuDNN SDPA)", ("sdpa", "flash", "fmha", "attention")),
 )
 
