@@ -146,8 +146,9 @@ def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-def rollout(student: WanModel, meta, x_data: torch.Tensor, context: torch.Tensor, dmd: DmdConfig,
-            generator: torch.Generator) -> tuple[torch.Tensor, float]:
+def rollout(
+    student: WanModel, meta, x_data: torch.Tensor, context: torch.Tensor, dmd: DmdConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, float]:
     """Student x0 at a random step of its list (SPEC §1.4); grad follows the caller's grad mode."""
     student_fn = lambda x, t: student(x, t, context, attn_meta=meta)  # noqa: E731
     if dmd.rollout == "data":
@@ -155,9 +156,19 @@ def rollout(student: WanModel, meta, x_data: torch.Tensor, context: torch.Tensor
     return student_rollout_simulate(student_fn, x_data.shape, dmd.steps, generator)
 
 
-def student_step(student: WanModel, teacher: WanModel, critic: WanModel, opt: torch.optim.Optimizer, meta,
-                 x_data: torch.Tensor, context: torch.Tensor, dmd: DmdConfig, grad_clip: float, world: int,
-                 generator: torch.Generator) -> dict[str, torch.Tensor]:
+def student_step(
+    student: WanModel,
+    teacher: WanModel,
+    critic: WanModel,
+    opt: torch.optim.Optimizer,
+    meta,
+    x_data: torch.Tensor,
+    context: torch.Tensor,
+    dmd: DmdConfig,
+    grad_clip: float,
+    world: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """DMD2 student update: move the student's x0 along (critic − teacher) x0 predictions at a noised point."""
     x0, t_student = rollout(student, meta, x_data, context, dmd, generator)
     # One score timestep per clip: our batch stands for FastVideo's per-rank batch of 1 (SPEC §1.2).
@@ -173,13 +184,26 @@ def student_step(student: WanModel, teacher: WanModel, critic: WanModel, opt: to
     all_reduce_grads(student, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     opt.step()
-    return {"loss/dmd": loss.detach(), "grad_norm/student": grad_norm.detach(), **stats,
-            "dmd/student_t": torch.tensor(t_student)}
+    return {
+        "loss/dmd": loss.detach(),
+        "grad_norm/student": grad_norm.detach(),
+        **stats,
+        "dmd/student_t": torch.tensor(t_student),
+    }
 
 
-def critic_step(student: WanModel, critic: WanModel, opt: torch.optim.Optimizer, meta, x_data: torch.Tensor,
-                context: torch.Tensor, dmd: DmdConfig, grad_clip: float, world: int,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
+def critic_step(
+    student: WanModel,
+    critic: WanModel,
+    opt: torch.optim.Optimizer,
+    meta,
+    x_data: torch.Tensor,
+    context: torch.Tensor,
+    dmd: DmdConfig,
+    grad_clip: float,
+    world: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """Critic update: flow matching on fresh (no-grad) student samples, so it tracks the student's distribution."""
     with torch.no_grad():
         x0, _ = rollout(student, meta, x_data, context, dmd, generator)
@@ -207,12 +231,14 @@ def sample_student(student: WanModel, meta, context: torch.Tensor, shape, steps,
 
 
 @torch.no_grad()
-def sample_teacher(teacher: WanModel, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float,
-                   seed: int) -> torch.Tensor:
+def sample_teacher(
+    teacher: WanModel, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float, seed: int
+) -> torch.Tensor:
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
     negative = negative_context_like(context)
-    return teacher_sample(lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise,
-                          num_steps, shift, guidance + 1)  # DMD2 w -> standard CFG scale
+    return teacher_sample(
+        lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise, num_steps, shift, guidance + 1
+    )  # DMD2 w -> standard CFG scale
 
 
 def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, step: int, grid: bool):
@@ -222,8 +248,11 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
     ctx, shape = heldout.context[:n], heldout.latents[:n].shape
     student_x0 = sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed)
     scores = evaluate_samples(student_x0, heldout.factors[:n], heldout)
-    out = {"val/student_frechet": scores["frechet"], "val/student_cond_acc": scores["cond_acc"],
-           "val/student_motion": scores["motion"]}
+    out = {
+        "val/student_frechet": scores["frechet"],
+        "val/student_cond_acc": scores["cond_acc"],
+        "val/student_motion": scores["motion"],
+    }
     if grid:
         k = min(8, n)
         shape_k = (k, *shape[1:])
@@ -255,17 +284,20 @@ def main(cfg: RecipeConfig) -> Path:
     tokens = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))  # (T', H', W')
     meta = vsa_meta(tokens, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
     optim = cfg.optim
-    student_opt = torch.optim.AdamW(student.parameters(), lr=optim.student_lr, betas=optim.betas,
-                                    weight_decay=optim.weight_decay)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=optim.critic_lr, betas=optim.betas,
-                                   weight_decay=optim.weight_decay)
+    student_opt = torch.optim.AdamW(
+        student.parameters(), lr=optim.student_lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
+    critic_opt = torch.optim.AdamW(
+        critic.parameters(), lr=optim.critic_lr, betas=optim.betas, weight_decay=optim.weight_decay
+    )
     g = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches, noise and timesteps
 
     pool, pool_context = train.latents, train.context  # data-free mode uses only their shape and captions
     if cfg.dmd.rollout == "data" and cfg.data.source == "teacher":  # the same on every rank (fixed seeds)
-        t0, pool_context = time.perf_counter(), train.context[:cfg.data.num_teacher_clips]
-        pool = teacher_clips(teacher, pool_context, train.latents.shape[1:], cfg.dmd.shift, cfg.dmd.guidance + 1,
-                             cfg.run.seed + 11)
+        t0, pool_context = time.perf_counter(), train.context[: cfg.data.num_teacher_clips]
+        pool = teacher_clips(
+            teacher, pool_context, train.latents.shape[1:], cfg.dmd.shift, cfg.dmd.guidance + 1, cfg.run.seed + 11
+        )
         metrics.log(0, {"time/teacher_data_s": time.perf_counter() - t0})
 
     start, scalars = time.perf_counter(), {}
@@ -273,10 +305,14 @@ def main(cfg: RecipeConfig) -> Path:
         idx = torch.randint(pool.shape[0], (optim.batch_size,), generator=g)
         x_data, context = pool[idx], pool_context[idx]
         if step % cfg.dmd.student_every == 0:
-            scalars.update(student_step(student, teacher, critic, student_opt, meta, x_data, context, cfg.dmd,
-                                        optim.grad_clip, world, g))
-        scalars.update(critic_step(student, critic, critic_opt, meta, x_data, context, cfg.dmd, optim.grad_clip,
-                                   world, g))
+            scalars.update(
+                student_step(
+                    student, teacher, critic, student_opt, meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
+                )
+            )
+        scalars.update(
+            critic_step(student, critic, critic_opt, meta, x_data, context, cfg.dmd, optim.grad_clip, world, g)
+        )
         if rank == 0 and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < optim.steps:
             scalars.update(validate(student, teacher, meta, heldout, cfg, run_dir, step, grid=False))
         if step % cfg.run.log_every == 0 or step == optim.steps:

@@ -97,8 +97,13 @@ def toy_spec(data: DataConfig) -> ToySpec:
 
 
 def build_wan(model: ModelConfig) -> WanModel:
-    cfg = config_with(WAN_CONFIGS["tiny"], dim=model.dim, ffn_dim=model.ffn_dim, num_heads=model.num_heads,
-                      num_layers=model.num_layers)
+    cfg = config_with(
+        WAN_CONFIGS["tiny"],
+        dim=model.dim,
+        ffn_dim=model.ffn_dim,
+        num_heads=model.num_heads,
+        num_layers=model.num_layers,
+    )
     return WanModel(cfg)
 
 
@@ -123,8 +128,16 @@ def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- method
-def train_step(model: WanModel, opt: torch.optim.Optimizer, x0: torch.Tensor, context: torch.Tensor,
-               flow: FlowConfig, grad_clip: float, world: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def train_step(
+    model: WanModel,
+    opt: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    context: torch.Tensor,
+    flow: FlowConfig,
+    grad_clip: float,
+    world: int,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
     """One flow-matching step: noise the clips at shifted-uniform timesteps, regress the velocity noise − x0."""
     batch = x0.shape[0]
     t = shift_timestep(torch.rand(batch, generator=generator) * 1000, flow.shift)  # (B,) in [0, 1000)
@@ -147,13 +160,25 @@ def update_ema(ema: WanModel, model: WanModel, decay: float) -> None:
 
 
 @torch.no_grad()
-def sample(model: WanModel, context: torch.Tensor, shape: tuple[int, ...], flow: FlowConfig, num_steps: int,
-           generator: torch.Generator) -> torch.Tensor:
+def sample(
+    model: WanModel,
+    context: torch.Tensor,
+    shape: tuple[int, ...],
+    flow: FlowConfig,
+    num_steps: int,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Many-step Euler samples with standard CFG against the negative (zero) caption."""
     negative = torch.zeros_like(context)
     noise = torch.randn(shape, generator=generator)
-    return teacher_sample(lambda x, t: model(x, t, context), lambda x, t: model(x, t, negative), noise, num_steps,
-                          flow.shift, flow.guidance)
+    return teacher_sample(
+        lambda x, t: model(x, t, context),
+        lambda x, t: model(x, t, negative),
+        noise,
+        num_steps,
+        flow.shift,
+        flow.guidance,
+    )
 
 
 def validate(model: WanModel, heldout, cfg: RecipeConfig, run_dir: Path, metrics: MetricsLogger, step: int) -> None:
@@ -192,8 +217,9 @@ def main(cfg: RecipeConfig) -> Path:
     start = time.perf_counter()
     for step in range(1, cfg.optim.steps + 1):
         idx = torch.randint(cfg.data.num_train, (cfg.optim.batch_size,), generator=g)
-        scalars = train_step(model, opt, train.latents[idx], train.context[idx], cfg.flow, cfg.optim.grad_clip,
-                             world, g)
+        scalars = train_step(
+            model, opt, train.latents[idx], train.context[idx], cfg.flow, cfg.optim.grad_clip, world, g
+        )
         update_ema(ema, model, cfg.optim.ema_decay)
         if step % cfg.run.log_every == 0 or step == cfg.optim.steps:
             scalars["time/elapsed_s"] = time.perf_counter() - start

@@ -12,7 +12,10 @@ in `examples/distill/Wan2.2-TI2V-5B-Diffusers/Data-free/` at HEAD (SPEC §1.15�
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
-import math, os, sys, time
+import math
+import os
+import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -36,6 +39,7 @@ from parallel.checkpoint import Checkpointer, ModelState, export_student
 from parallel.mesh import ParallelDims, build_mesh, check_parallel_sizes, init_distributed
 from parallel.wan import load_sharded, parallelize_wan
 
+
 # ---- config: one dataclass per TOML table; the TOML holds the values and their provenance ----
 # Copied from recipes/wan21_1_3b_sparse_distill.py:ModelConfig..build_wan
 @dataclass
@@ -43,11 +47,13 @@ class ModelConfig:
     base: Path  # diffusers pipeline root: transformer/ (all three networks start from it) and vae/
     preset: str | None = None  # a WAN_CONFIGS name: seeded random weights of that size instead of base/transformer
 
+
 @dataclass
 class AttnConfig:
     student: Literal["vsa", "sdpa"]  # student self-attention; teacher and critic are always dense
     sparsity: float  # VSA ρ: the fraction of kv tiles each query tile skips
     sparsity_ramp: list[float]  # [] = constant ρ; [start, step, interval]: ρ_k = min(start + step·⌊k/interval⌋, ρ)
+
 
 @dataclass
 class VideoConfig:
@@ -57,6 +63,7 @@ class VideoConfig:
     vae_stride: list[int]  # (T, H, W): latent T = (frames − 1)/stride_t + 1, H = height/stride_h, W likewise
     fps: int  # of the validation mp4s
 
+
 @dataclass
 class DMDConfig:
     steps: list[int]  # the student's few-step schedule (timesteps on 0..1000)
@@ -65,6 +72,7 @@ class DMDConfig:
     flow_shift: float  # score-timestep sampler: t = clamp(shift(U{0..999}), t_min, t_max)
     t_min: float
     t_max: float
+
 
 @dataclass
 class OptimConfig:
@@ -79,6 +87,7 @@ class OptimConfig:
     min_lr_ratio: float  # cosine floor
     grad_accum: int  # micro-batches per update
 
+
 @dataclass
 class DataConfig:
     path: str  # latent parquet folder(s): "dirA:2,dirB" repeats dirA twice
@@ -87,6 +96,7 @@ class DataConfig:
     batch_size: int  # per SP group and micro-batch
     num_workers: int = 4
 
+
 @dataclass
 class ParallelConfig:
     dp_replicate: int  # HSDP replicas; each shards over world / (dp_replicate · sp) ranks (= 1: pure replication)
@@ -94,6 +104,7 @@ class ParallelConfig:
     mixed_precision: Literal["bf16", "fp32"]  # compute dtype; master weights and optimizer state stay fp32
     activation_checkpointing: Literal["none", "full", "selective", "attention"] = "full"
     compile: bool = False
+
 
 @dataclass
 class RunConfig:
@@ -109,6 +120,7 @@ class RunConfig:
     max_nonfinite_in_row: int = 3  # abort after this many consecutive steps with a skipped (non-finite) update
     out_dir: Path = Path("outputs")
 
+
 @dataclass
 class RecipeConfig:
     model: ModelConfig
@@ -120,12 +132,19 @@ class RecipeConfig:
     parallel: ParallelConfig
     run: RunConfig
 
+
 ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention}
+
 
 def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[int, ...]]:
     """Everything checkable without building a model; returns (model config, latent shape (C, T, H, W))."""
-    require_paths({"model.base": cfg.model.base / "vae", "data.negative_prompt": cfg.data.negative_prompt,
-                   "data.val_prompts": cfg.data.val_prompts})
+    require_paths(
+        {
+            "model.base": cfg.model.base / "vae",
+            "data.negative_prompt": cfg.data.negative_prompt,
+            "data.val_prompts": cfg.data.val_prompts,
+        }
+    )
     if cfg.model.preset is not None and cfg.model.preset not in WAN_CONFIGS:
         raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {sorted(WAN_CONFIGS)}")
     wan = WAN_CONFIGS[cfg.model.preset] if cfg.model.preset else WanConfig.from_diffusers(read_config(cfg.model.base))
@@ -137,15 +156,30 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
         v = cfg.video
         return wan, compute_latent_shape(wan.in_channels, v.num_frames, v.height, v.width, v.vae_stride)
 
-def build_wan(wan: WanConfig, attn: str, weights: Path, dims: ParallelDims, device: torch.device,
-              par: ParallelConfig, frozen: bool) -> WanModel:
+
+def build_wan(
+    wan: WanConfig,
+    attn: str,
+    weights: Path,
+    dims: ParallelDims,
+    device: torch.device,
+    par: ParallelConfig,
+    frozen: bool,
+) -> WanModel:
     """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
     with torch.device("meta"):
         model = WanModel(replace(wan, vsa_gate=attn == "vsa"), attn_fn=ATTN[attn])  # the student's gate starts at 0
-    parallelize_wan(model, dims, ac_mode=par.activation_checkpointing, compile=par.compile, frozen=frozen,
-                    param_dtype=torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32)
+    parallelize_wan(
+        model,
+        dims,
+        ac_mode=par.activation_checkpointing,
+        compile=par.compile,
+        frozen=frozen,
+        param_dtype=torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32,
+    )
     load_sharded(model, weights, device)
     return model
+
 
 # ---- data ----
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
@@ -155,10 +189,12 @@ def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> Latent
         check_first_row(dataset, text_dim)
     return dataset
 
+
 def prepare_batch(batch: dict, shape: tuple, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> dict:
     """Caption embeddings on the device, and zero latents (B, C, T, H, W): the rollout uses only their shape."""
     context = batch["context"].to(device)
     return {"latents": torch.zeros(len(context), *shape, device=device), "context": context}
+
 
 # ---- the method ----
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
@@ -166,9 +202,18 @@ def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.G
     student_fn = lambda x, t: student(x, t, batch["context"], meta)  # noqa: E731
     return student_rollout_simulate(student_fn, batch["latents"].shape, steps, gen)[0]
 
+
 # Copied from recipes/wan21_1_3b_sparse_distill.py:student_step..main
-def student_step(student: WanModel, teacher: WanModel, critic: WanModel, batches: list[dict], negative: torch.Tensor,
-                 meta, dmd: DMDConfig, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def student_step(
+    student: WanModel,
+    teacher: WanModel,
+    critic: WanModel,
+    batches: list[dict],
+    negative: torch.Tensor,
+    meta,
+    dmd: DMDConfig,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Accumulate the DMD2 gradient over the micro-batches (SPEC §1.5); returns detached (loss, normaliser)."""
     loss_sum, denom_sum = 0.0, 0.0
     for batch in batches:
@@ -187,8 +232,10 @@ def student_step(student: WanModel, teacher: WanModel, critic: WanModel, batches
         denom_sum = denom_sum + stats["dmd/denom"] / len(batches)
     return loss_sum, denom_sum
 
-def critic_step(student: WanModel, critic: WanModel, batches: list[dict], meta, dmd: DMDConfig,
-                gen: torch.Generator) -> torch.Tensor:
+
+def critic_step(
+    student: WanModel, critic: WanModel, batches: list[dict], meta, dmd: DMDConfig, gen: torch.Generator
+) -> torch.Tensor:
     """Accumulate the critic's flow-matching loss on fresh no-grad student samples (SPEC §1.6); returns it detached."""
     loss_sum = 0.0
     for batch in batches:
@@ -201,13 +248,16 @@ def critic_step(student: WanModel, critic: WanModel, batches: list[dict], meta, 
         loss_sum = loss_sum + loss.detach() / len(batches)
     return loss_sum
 
+
 @torch.no_grad()
-def validate(student: WanModel, contexts: torch.Tensor, meta, steps: list[int], latent_shape: tuple[int, ...],
-             seed: int) -> torch.Tensor:
+def validate(
+    student: WanModel, contexts: torch.Tensor, meta, steps: list[int], latent_shape: tuple[int, ...], seed: int
+) -> torch.Tensor:
     """The DMD sampler (SPEC §5.2) from fixed seeds on the fixed prompts: normalised latents (N, C, T, H, W)."""
     gen = torch.Generator(contexts.device).manual_seed(seed)
     noise = torch.randn((len(contexts), *latent_shape), generator=gen, device=contexts.device)
     return few_step_sample(lambda x, t: student(x, t, contexts, meta), noise, steps, gen)
+
 
 def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
@@ -234,18 +284,34 @@ def main(cfg: RecipeConfig) -> Path:
     grid = student.token_grid((1, *latent_shape))
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
     o = cfg.optim
-    opts = {m: ShardedAdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-            for m, net, lr in (("student", student, o.lr), ("critic", critic, o.critic_lr))}
-    scheds = {m: build_lr_scheduler(opts[m], kind, o.warmup_steps, cfg.run.max_steps, o.min_lr_ratio)
-              for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))}
+    opts = {
+        m: ShardedAdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        for m, net, lr in (("student", student, o.lr), ("critic", critic, o.critic_lr))
+    }
+    scheds = {
+        m: build_lr_scheduler(opts[m], kind, o.warmup_steps, cfg.run.max_steps, o.min_lr_ratio)
+        for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))
+    }
     ema = init_ema(student) if cfg.run.ema_decay > 0 else {}  # exported next to the student
     # ---- resume: relaunching a run.name continues from its latest checkpoint ----
     ckpt = Checkpointer(run_dir / "ckpt", keep_last=cfg.run.keep_ckpts)
-    state = {"student": ModelState(student, opts["student"], scheds["student"]),
-             "critic": ModelState(critic, opts["critic"], scheds["critic"]), "ema": ema}
+    state = {
+        "student": ModelState(student, opts["student"], scheds["student"]),
+        "critic": ModelState(critic, opts["critic"], scheds["critic"]),
+        "ema": ema,
+    }
     start = ckpt.load(state) or 0
-    loader = iter(make_loader(dataset, cfg.data.batch_size, dims.dp_rank, dims.dp_size, cfg.run.seed,
-                              start_step=start * o.grad_accum, num_workers=cfg.data.num_workers))
+    loader = iter(
+        make_loader(
+            dataset,
+            cfg.data.batch_size,
+            dims.dp_rank,
+            dims.dp_size,
+            cfg.run.seed,
+            start_step=start * o.grad_accum,
+            num_workers=cfg.data.num_workers,
+        )
+    )
     # ---- loop ----
     amp = torch.autocast(device.type, torch.bfloat16, enabled=cfg.parallel.mixed_precision == "bf16")
     gen = torch.Generator(device)
@@ -276,8 +342,15 @@ def main(cfg: RecipeConfig) -> Path:
         guard.record(step, skipped=(not ok_student) + (not ok_critic))  # raises after too many bad steps in a row
         step_s, last = time.perf_counter() - t0, step == cfg.run.max_steps
         if step % cfg.run.log_every == 0 or last:
-            metrics.log(step, {**reduce_for_log(logs, ("loss/", "dmd/")), "attn/vsa_sparsity": rho if meta else 0.0,
-                               "train/nonfinite": guard.total, **step_scalars(step_s, data_s, tokens_per_step, device)})
+            metrics.log(
+                step,
+                {
+                    **reduce_for_log(logs, ("loss/", "dmd/")),
+                    "attn/vsa_sparsity": rho if meta else 0.0,
+                    "train/nonfinite": guard.total,
+                    **step_scalars(step_s, data_s, tokens_per_step, device),
+                },
+            )
         if step % cfg.run.val_every == 0 or last:
             val_meta = vsa_meta(grid, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
             with amp:
@@ -295,6 +368,7 @@ def main(cfg: RecipeConfig) -> Path:
     metrics.close()
     torch.distributed.destroy_process_group()
     return run_dir
+
 
 if __name__ == "__main__":
     main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))
