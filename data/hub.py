@@ -27,6 +27,7 @@ KNOWN_REPOS = {
     "FastVideo/Wan-Syn_77x448x832_600k": ("dataset", "600k synthetic latents, 77x448x832, Wan2.1 VAE"),
 }
 ROOTS = {"model": Path("weights"), "dataset": Path("datasets")}
+DONE = ".download_complete"  # written into a folder once a whole repo is in it: a rerun needs no network
 
 
 def local_dir(repo_id: str, repo_type: str) -> Path:
@@ -53,16 +54,26 @@ def fetch(
 ) -> Path:
     """Download `repo_id` into `local` with progress bars; an interrupted download resumes when called again.
 
-    With `hub_dir`, the repo is `<hub_dir>/<owner>/<name>` on disk and its files are copied (same patterns).
+    With `hub_dir`, the repo is `<hub_dir>/<owner>/<name>` on disk and its files are copied (same patterns). A whole
+    repo (no `allow_patterns`) marks the folder as complete (`is_complete`).
     """
     if hub_dir is not None:
-        return copy_from_local_hub(Path(hub_dir) / repo_id, Path(local), allow_patterns)
-    import huggingface_hub  # looked up at call time, so tests can stand in for it
+        path = copy_from_local_hub(Path(hub_dir) / repo_id, Path(local), allow_patterns)
+    else:
+        import huggingface_hub  # looked up at call time, so tests can stand in for it
 
-    path = huggingface_hub.snapshot_download(
-        repo_id=repo_id, repo_type=repo_type, local_dir=str(local), allow_patterns=allow_patterns, revision=revision
-    )
+        path = huggingface_hub.snapshot_download(
+            repo_id=repo_id, repo_type=repo_type, local_dir=str(local), allow_patterns=allow_patterns, revision=revision
+        )
+    if allow_patterns is None:
+        Path(local).mkdir(parents=True, exist_ok=True)
+        (Path(local) / DONE).write_text(f"{repo_id}\n")
     return Path(path)
+
+
+def is_complete(local: Path) -> bool:
+    """Whether a whole repo was fetched into `local` (an interrupted download leaves no mark)."""
+    return (Path(local) / DONE).is_file()
 
 
 def copy_from_local_hub(source: Path, local: Path, allow_patterns: list[str] | None) -> Path:

@@ -193,10 +193,9 @@ def build_wan(
 # ---- data ----
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Wan-Syn-style latent parquet; its first row is read now, so a shape mismatch fails before any model is built."""
-    dataset = LatentDataset(
-        path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape, rank=int(os.environ.get("RANK", 0))
-    )
-    with as_config_error("data.path"):
+    with as_config_error("data.path"):  # a file without latent columns, or bad rows: one clean message
+        rank = int(os.environ.get("RANK", 0))
+        dataset = LatentDataset(path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape, rank=rank)
         check_first_row(dataset, text_dim)
     return dataset
 

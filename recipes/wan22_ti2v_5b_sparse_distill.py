@@ -193,8 +193,8 @@ def build_wan(
 # ---- data ----
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Captions only (text-only parquet, or any latent parquet): the student simulates its own inputs."""
-    dataset = LatentDataset(path, text_only=True, rank=int(os.environ.get("RANK", 0)))
-    with as_config_error("data.path"):
+    with as_config_error("data.path"):  # a file without caption columns, or bad rows: one clean message
+        dataset = LatentDataset(path, text_only=True, rank=int(os.environ.get("RANK", 0)))
         check_first_row(dataset, text_dim)
     return dataset
 

@@ -34,7 +34,7 @@ import torch
 
 from components.config import ConfigError, data_folders, load_table
 from data.encode import NEGATIVE_PROMPTS, compute_latent_shape, encode_prompts, load_text_encoder, trim_embedding
-from data.hub import fetch, known_repo
+from data.hub import fetch, is_complete, known_repo
 from data.latents import (
     DataError,
     LatentDataset,
@@ -97,11 +97,12 @@ def pipeline_missing(base: Path, parts: list[str]) -> list[str]:
 
 
 def fetch_model(base: Path, parts: list[str], hub_dir: Path | None) -> None:
+    """A known checkpoint is downloaded until complete (a rerun resumes it); any other folder must hold `parts`."""
     missing = pipeline_missing(base, parts)
-    if not missing:
+    repo = known_repo(base)
+    if not missing and (repo is None or is_complete(base)):
         print(f"model.base: reuse {base}")
         return
-    repo = known_repo(base)
     if repo is None:
         raise ConfigError(
             f"model.base: {base} lacks {', '.join(missing)} and its name is no known hub checkpoint; download one with "
@@ -116,11 +117,10 @@ def fetch_model(base: Path, parts: list[str], hub_dir: Path | None) -> None:
 
 def fetch_data(data_path: str, prompts: Path | None, encode: TextEncoder, hub_dir: Path | None) -> None:
     for folder in data_folders(data_path):
-        if any(folder.rglob("*.parquet")):
-            print(f"data.path: reuse {folder}")
-            continue
         repo = known_repo(folder)
-        if repo is not None and repo[1] == "dataset":
+        if is_complete(folder) or (repo is None and any(folder.rglob("*.parquet"))):
+            print(f"data.path: reuse {folder}")
+        elif repo is not None and repo[1] == "dataset":
             print(f"data.path: download {repo[0]} -> {folder}")
             fetch(*repo, folder, hub_dir=hub_dir)
         elif prompts is not None:
@@ -174,8 +174,10 @@ def write_prompts(folder: Path, prompts: list[str], encode: TextEncoder) -> None
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     writer = LatentParquetWriter(tmp, rows_per_file=8, text_only=True)
-    for i, (prompt, embedding) in enumerate(zip(prompts, encode(prompts))):
-        writer.write(f"prompt{i:06d}", prompt, embedding)
+    for start in range(0, len(prompts), 64):  # batches, so a long caption list never sits in memory as embeddings
+        batch = prompts[start : start + 64]
+        for i, (prompt, embedding) in enumerate(zip(batch, encode(batch)), start):
+            writer.write(f"prompt{i:06d}", prompt, embedding)
     writer.close()
     folder.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, folder)
