@@ -52,7 +52,8 @@ def fetch(
     allow_patterns: list[str] | None = None,
     revision: str | None = None,
 ) -> Path:
-    """Download `repo_id` into `local` with progress bars; an interrupted download resumes when called again.
+    """Download `repo_id` into `local` with progress bars; an interrupted download resumes when called again. A repo
+    that cannot be had now (offline, unknown, gated) is a ConnectionError with one line of reason.
 
     With `hub_dir`, the repo is `<hub_dir>/<owner>/<name>` on disk and its files are copied (same patterns). A whole
     repo (no `allow_patterns`) marks the folder as complete (`is_complete`).
@@ -61,10 +62,25 @@ def fetch(
         path = copy_from_local_hub(Path(hub_dir) / repo_id, Path(local), allow_patterns)
     else:
         import huggingface_hub  # looked up at call time, so tests can stand in for it
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-        path = huggingface_hub.snapshot_download(
-            repo_id=repo_id, repo_type=repo_type, local_dir=str(local), allow_patterns=allow_patterns, revision=revision
-        )
+        if Path(local).is_dir() and any(Path(local).iterdir()):
+            # snapshot_download quietly returns a non-empty folder as it is when the Hub is unreachable: check first,
+            # so a partial folder is never marked complete.
+            try:
+                huggingface_hub.HfApi().repo_info(repo_id, repo_type=repo_type, revision=revision)
+            except Exception as e:  # offline, unknown repo, gated: all mean "not downloaded now"
+                raise ConnectionError(f"cannot reach {repo_id} on the Hub to finish {local}: {e}") from None
+        try:
+            path = huggingface_hub.snapshot_download(
+                repo_id=repo_id,
+                repo_type=repo_type,
+                local_dir=str(local),
+                allow_patterns=allow_patterns,
+                revision=revision,
+            )
+        except (HfHubHTTPError, LocalEntryNotFoundError) as e:  # offline, unknown, private or gated repo
+            raise ConnectionError(f"cannot download {repo_id} ({repo_type}): {str(e).splitlines()[0]}") from None
     if allow_patterns is None:
         Path(local).mkdir(parents=True, exist_ok=True)
         (Path(local) / DONE).write_text(f"{repo_id}\n")
@@ -81,7 +97,7 @@ def copy_from_local_hub(source: Path, local: Path, allow_patterns: list[str] | N
     from tqdm import tqdm
 
     if not source.is_dir():
-        raise FileNotFoundError(f"{source} does not exist (the local hub holds <owner>/<name> folders)")
+        raise ConnectionError(f"{source} does not exist (the local hub holds <owner>/<name> folders)")
     names = sorted(p.relative_to(source).as_posix() for p in source.rglob("*") if p.is_file())
     if allow_patterns is not None:
         names = [n for n in names if any(fnmatch.fnmatch(n, pattern) for pattern in allow_patterns)]

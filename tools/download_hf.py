@@ -15,6 +15,7 @@ reads `DIR/<owner>/<name>` instead of the Hub (an offline stand-in, as the tests
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from data.hub import KNOWN_REPOS, fetch, local_dir
@@ -59,4 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConnectionError as e:
+        sys.exit(f"error: {e}")

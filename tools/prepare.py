@@ -221,12 +221,12 @@ def check_data(data: dict, latent_shape: tuple[int, ...], text_dim: int, val_cou
     except (DataError, OSError) as e:
         problems.append(f"data.negative_prompt: {e}")
     try:
-        contexts = load_contexts(data["val_prompts"], val_count)  # (N, 512, D)
+        contexts = load_contexts(data["val_prompts"], val_count)  # (N, 512, D): the first run.val_count rows
         if contexts.shape[-1] != text_dim:
             problems.append(
                 f"data.val_prompts: embedding width {contexts.shape[-1]} != the model's text_dim {text_dim}"
             )
-        print(f"  data.val_prompts      {len(contexts)} of run.val_count={val_count} prompts")
+        print(f"  data.val_prompts      {len(contexts)} prompts sampled at validation (run.val_count={val_count})")
     except (DataError, OSError) as e:
         problems.append(f"data.val_prompts: {e}")
     return problems
@@ -306,9 +306,10 @@ def launch_commands(name: str, table: dict, argv: list[str]) -> list[tuple[str, 
         one_node = 8 // sp if dp_replicate * sp == 8 * nodes else 1
     else:
         one_node = 1
-    extra = [] if any(a.startswith("parallel.dp_replicate=") for a in argv) else [f"parallel.dp_replicate={one_node}"]
+    one_node_argv = [a for a in argv if not a.startswith("parallel.dp_replicate=")]
+    one_node_argv.append(f"parallel.dp_replicate={one_node}")
     commands.append(
-        ("train on one 8-GPU node", shlex.join(["torchrun", "--nproc_per_node", "8", script, *argv, *extra]))
+        ("train on one 8-GPU node", shlex.join(["torchrun", "--nproc_per_node", "8", script, *one_node_argv]))
     )
     return commands
 
@@ -356,5 +357,5 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, ConnectionError) as e:
         sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
