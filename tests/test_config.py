@@ -277,7 +277,8 @@ def test_exit_on_config_error(tmp_path: Path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e, exit_on_config_error(recipe, ["--toml", "my overlay.toml", "run.name=x"]):
         require_paths({"model.base": [tmp_path / "nope", tmp_path / "nope" / "vae"], "data.path": [tmp_path]})
     fix = "python tools/prepare.py --recipe r --toml 'my overlay.toml' run.name=x"
-    assert e.value.code == 2 and capsys.readouterr().err == f"error: model.base: {tmp_path / 'nope'} does not exist; run: {fix}\n"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: model.base: {tmp_path / 'nope'} does not exist; run: {fix}\n"
     with pytest.raises(SystemExit), exit_on_config_error(recipe, []):
         raise ConfigError("unknown key 'a.b'\nwrong type for 'c.d'")
     assert capsys.readouterr().err == "error: unknown key 'a.b'\nerror: wrong type for 'c.d'\n"
