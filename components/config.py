@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import json
 import math
+import os
+import shlex
 import sys
 import types
 import typing
@@ -76,6 +78,23 @@ def load_config(schema: type[T], argv: list[str], default_toml: Path | None = No
     if errors:
         raise ConfigError("\n".join(errors))
     return cfg
+
+
+def load_table(argv: list[str], default_toml: Path | None = None) -> dict:
+    """The merged table a recipe would see (default TOML, `--toml` overlays, `key=value` overrides), unvalidated.
+
+    For tools that read a recipe's paths without importing the recipe (tools/prepare.py); `key=none` gives None.
+    """
+    toml_paths, overrides = _parse_argv(argv)
+    layers = ([read_toml(Path(default_toml))] if default_toml is not None else []) + [read_toml(p) for p in toml_paths]
+    merged: dict = {}
+    for layer in layers + overrides:
+        _merge(merged, layer, "", "", {})
+
+    def plain(table: dict) -> dict:
+        return {k: plain(v) if isinstance(v, dict) else (None if v is _NONE else v) for k, v in table.items()}
+
+    return plain(merged)
 
 
 def read_toml(path: Path) -> dict:
@@ -333,11 +352,61 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
 
 
-def require_paths(paths: dict[str, Path]) -> None:
-    """One ConfigError naming the key of every path in {config key: path} that does not exist (checked before work)."""
-    missing = [f"{key}: {path} does not exist" for key, path in paths.items() if not Path(path).exists()]
+class MissingPathError(ConfigError):
+    """Config paths that do not exist, as {config key: path}; the message has one line per key."""
+
+    def __init__(self, missing: dict[str, Path]):
+        self.missing = missing
+        super().__init__("\n".join(f"{key}: {path} does not exist" for key, path in missing.items()))
+
+
+def require_paths(paths: dict[str, Path | list[Path]]) -> None:
+    """One MissingPathError naming the key of every path in {config key: path or paths} that does not exist (checked
+    before any work)."""
+    missing = {}
+    for key, value in paths.items():
+        absent = [p for p in (value if isinstance(value, list) else [value]) if not Path(p).exists()]
+        if absent:
+            missing[key] = absent[0]
     if missing:
-        raise ConfigError("\n".join(missing))
+        raise MissingPathError(missing)
+
+
+def data_folders(data_path: str) -> list[Path]:
+    """The folders a data-path value names: 'dirA:2,dirB' -> [dirA, dirB] (repeat counts dropped), for existence
+    checks before the dataset is opened."""
+    folders = []
+    for item in filter(None, (s.strip() for s in data_path.split(","))):
+        head, sep, tail = item.rpartition(":")
+        folders.append(Path(head if sep and tail.isdigit() else item))
+    return folders
+
+
+def prepare_command(recipe: Path, argv: list[str]) -> str:
+    """The tools/prepare.py command that writes the paths of `recipe` launched with `argv` (same overlays/overrides)."""
+    return shlex.join(["python", "tools/prepare.py", "--recipe", Path(recipe).stem, *argv])
+
+
+@contextmanager
+def exit_on_config_error(recipe: Path, argv: list[str]) -> Iterator[None]:
+    """Around a recipe's entry point: a ConfigError exits the process (status 2) with its message and no traceback; a
+    missing path's line names the command that creates it. Every other exception propagates with its traceback.
+
+    Under torchrun only local rank 0 prints, so a node shows the message once.
+    """
+    try:
+        yield
+    except MissingPathError as e:
+        fix = prepare_command(recipe, argv)
+        _exit_with([f"{key}: {path} does not exist; run: {fix}" for key, path in e.missing.items()])
+    except ConfigError as e:
+        _exit_with(str(e).splitlines())
+
+
+def _exit_with(lines: list[str]) -> None:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print("\n".join(f"error: {line}" for line in lines), file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 @contextmanager

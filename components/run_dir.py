@@ -1,5 +1,7 @@
 """The run directory's files besides metrics and checkpoints (STYLE "Run directory"): `config.toml`, a copy of the
-recipe, `env.txt`, and the validation samples `samples/step-NNNNNN/promptNN.mp4` (with frame strips in TensorBoard)."""
+recipe, `env.txt`, the validation samples `samples/step-NNNNNN/promptNN.mp4` (with frame strips in TensorBoard), and
+the frozen parts of the exported pipeline (`export/` = the student's `transformer/` + links to the base's VAE, text
+encoder, tokenizer and scheduler, so `tools/sample.py --model <run>/export` samples from it)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch.distributed as dist
 
 from components.metrics import MetricsLogger, write_video
 from data.encode import vae_decode
+
+PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "vae")  # all but the transformer
 
 
 def write_run_files(run_dir: Path, config_toml: str, recipe: Path) -> None:
@@ -37,3 +41,14 @@ def save_samples(vae: torch.nn.Module, latents: torch.Tensor, out: Path, metrics
     for i, clip in enumerate(frames):
         write_video(out / f"prompt{i:02d}.mp4", clip, fps)
         metrics.video(f"val/prompt{i:02d}", step, clip, fps)
+
+
+def link_pipeline_parts(base: Path, export: Path) -> None:
+    """Complete `export` (which holds the student's transformer/) into a diffusers pipeline folder: a symlink to each
+    of the base pipeline's other parts that exists (links, not copies: the UMT5-XXL encoder alone is ~11 GB)."""
+    export.mkdir(parents=True, exist_ok=True)
+    for part in PIPELINE_PARTS:
+        source, link = Path(base).resolve() / part, export / part
+        if source.exists() and not link.exists():
+            link.unlink(missing_ok=True)  # a dangling link from an earlier base
+            link.symlink_to(source, target_is_directory=source.is_dir())

@@ -20,6 +20,21 @@ from typing import Sequence
 import torch
 
 TEXT_LEN = 512
+# Wan's default negative prompts, the unconditional branch of teacher CFG: the reference encodes the English one for the
+# Wan2.1 models and the Chinese original for Wan2.2-TI2V-5B (FastVideo `fastvideo/pipelines/basic/wan/presets.py`).
+NEGATIVE_PROMPTS = {
+    "en": (
+        "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+        "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+        "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+        "background, three legs, many people in the background, walking backwards"
+    ),
+    "zh": (
+        "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，"
+        "丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，"
+        "静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+    ),
+}
 
 
 def load_text_encoder(pipeline_dir: str | Path, device: str | torch.device = "cpu",

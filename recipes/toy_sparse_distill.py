@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
-from components.config import dump_toml, load_config
+from components.config import dump_toml, exit_on_config_error, load_config, require_paths
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
@@ -266,6 +266,7 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
 
 # ------------------------------------------------------------------------------------------------------------ main
 def main(cfg: RecipeConfig) -> Path:
+    require_paths({"model.teacher": cfg.model.teacher})  # written by recipes/toy_teacher.py
     rank, world = init_distributed()
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
@@ -333,4 +334,5 @@ def main(cfg: RecipeConfig) -> Path:
 
 
 if __name__ == "__main__":
-    main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))
+    with exit_on_config_error(Path(__file__), sys.argv[1:]):  # one line per bad key and its fix, no traceback
+        main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from components.config import dump_toml, load_config
+from components.config import dump_toml, exit_on_config_error, load_config
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, negative_context
 from losses.flow import add_noise, flow_matching_loss, shift_timestep, teacher_sample
@@ -237,4 +237,5 @@ def main(cfg: RecipeConfig) -> Path:
 
 
 if __name__ == "__main__":
-    main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))
+    with exit_on_config_error(Path(__file__), sys.argv[1:]):  # one line per bad key and its fix, no traceback
+        main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))

@@ -8,7 +8,7 @@ in `examples/distill/Wan2.2-TI2V-5B-Diffusers/Data-free/` at HEAD (SPEC ยง1.15โ€
     sbatch recipes/slurm/wan22_ti2v_5b_sparse_distill.sbatch                          # 8 nodes
     torchrun --nproc_per_node 8 recipes/wan22_ti2v_5b_sparse_distill.py parallel.dp_replicate=8 attn.student=sdpa
     python tools/make_tiny_data.py --out outputs/tiny_data                            # CPU, tiny random models:
-    python recipes/wan22_ti2v_5b_sparse_distill.py --toml tests/assets/tiny.toml
+    python recipes/wan22_ti2v_5b_sparse_distill.py --toml tests/assets/tiny.toml --toml tests/assets/tiny_data.toml
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
@@ -24,10 +24,18 @@ import torch
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
-from components.config import ConfigError, as_config_error, dump_toml, load_config, require_paths
+from components.config import (
+    ConfigError,
+    as_config_error,
+    data_folders,
+    dump_toml,
+    exit_on_config_error,
+    load_config,
+    require_paths,
+)
 from components.metrics import MetricsLogger, reduce_for_log, step_scalars
 from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_ema, load_ema, update_ema
-from components.run_dir import save_samples, write_run_files
+from components.run_dir import link_pipeline_parts, save_samples, write_run_files
 from components.schedule import build_lr_scheduler, sparsity_at
 from data.encode import compute_latent_shape, latent_stats_from_config, load_vae
 from data.latents import LatentDataset, check_first_row, load_contexts, load_negative_context, make_loader
@@ -140,7 +148,8 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
     """Everything checkable without building a model; returns (model config, latent shape (C, T, H, W))."""
     require_paths(
         {
-            "model.base": cfg.model.base / "vae",
+            "model.base": [cfg.model.base, cfg.model.base / "vae"],
+            "data.path": data_folders(cfg.data.path),
             "data.negative_prompt": cfg.data.negative_prompt,
             "data.val_prompts": cfg.data.val_prompts,
         }
@@ -184,8 +193,8 @@ def build_wan(
 # ---- data ----
 def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> LatentDataset:
     """Captions only (text-only parquet, or any latent parquet): the student simulates its own inputs."""
-    dataset = LatentDataset(path, text_only=True, rank=int(os.environ.get("RANK", 0)))
-    with as_config_error("data.path"):
+    with as_config_error("data.path"):  # a file without caption columns, or bad rows: one clean message
+        dataset = LatentDataset(path, text_only=True, rank=int(os.environ.get("RANK", 0)))
         check_first_row(dataset, text_dim)
     return dataset
 
@@ -359,16 +368,20 @@ def main(cfg: RecipeConfig) -> Path:
                 save_samples(vae, samples, run_dir / "samples" / f"step-{step:06d}", metrics, step, cfg.video.fps)
         if cfg.run.ckpt_every and (step % cfg.run.ckpt_every == 0 or last):
             ckpt.save(step, state)
-    # ---- save: the student (and its EMA) in diffusers format ----
+    # ---- save: the student (and its EMA) as diffusers pipelines: tools/sample.py --model <run>/export ----
     ckpt.wait()
-    export_student(student, run_dir / "export")
+    export_student(student, run_dir / "export" / "transformer")
     if ema:
         load_ema(student, ema)
-        export_student(student, run_dir / "export_ema")
+        export_student(student, run_dir / "export_ema" / "transformer")
+    if rank == 0:  # the frozen parts are links to the base pipeline's
+        for export in ("export", "export_ema") if ema else ("export",):
+            link_pipeline_parts(cfg.model.base, run_dir / export)
     metrics.close()
     torch.distributed.destroy_process_group()
     return run_dir
 
 
 if __name__ == "__main__":
-    main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))
+    with exit_on_config_error(Path(__file__), sys.argv[1:]):  # one line per bad key and its fix, no traceback
+        main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))

@@ -1,4 +1,6 @@
-"""components/config.py: layering order, validation errors (key, closest key, source), Literal/Optional, round-trip."""
+"""components/config.py: layering order, validation errors (key, closest key, source), Literal/Optional, round-trip;
+the unvalidated merged table tools read (== load_config's values); data-path folders; a recipe entry point's error exit
+(one line per problem, the prepare command for a missing path, other exceptions untouched)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,16 @@ from typing import Literal
 
 import pytest
 
-from components.config import ConfigError, config_to_dict, dump_toml, load_config
+from components.config import (
+    ConfigError,
+    config_to_dict,
+    data_folders,
+    dump_toml,
+    exit_on_config_error,
+    load_config,
+    load_table,
+    require_paths,
+)
 
 
 @dataclass(frozen=True)
@@ -243,3 +254,37 @@ def test_nested_table_depth_three(tmp_path: Path):
     assert load_config(CfgN, [], write(tmp_path, "d.toml", dump_toml(cfg))) == cfg
     with pytest.raises(ConfigError, match=r"unknown key 'optim.schedule.warmpu' \(did you mean 'optim.schedule.warmup'"):
         load_config(CfgN, ["optim.schedule.warmpu=1"], path)
+
+
+def test_load_table_is_the_merged_config_unvalidated(base: Path, tmp_path: Path):
+    overlay = write(tmp_path, "o.toml", "[attn]\nsparsity = 0.5\n")
+    argv = ["--toml", str(overlay), "optim.lr=3e-4", "run.name=my run", "run.resume=none"]
+    cfg, table = load_config(Cfg, argv, base), load_table([*argv, "extra.key=1"], base)
+    for section, values in table.items():  # what the table holds equals the validated config (defaults aside)
+        if section != "extra":
+            assert values == {k: v for k, v in config_to_dict(getattr(cfg, section)).items() if k in values}
+    assert table["attn"]["sparsity"] == 0.5 and table["optim"]["lr"] == 3e-4 and table["run"]["resume"] is None
+    assert table["extra"] == {"key": 1}  # not validated
+
+
+def test_data_folders():
+    assert data_folders("a/b:2, c ,d:e") == [Path("a/b"), Path("c"), Path("d:e")]
+
+
+def test_exit_on_config_error(tmp_path: Path, capsys, monkeypatch):
+    recipe = Path("recipes/r.py")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(SystemExit) as e, exit_on_config_error(recipe, ["--toml", "my overlay.toml", "run.name=x"]):
+        require_paths({"model.base": [tmp_path / "nope", tmp_path / "nope" / "vae"], "data.path": [tmp_path]})
+    fix = "python tools/prepare.py --recipe r --toml 'my overlay.toml' run.name=x"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: model.base: {tmp_path / 'nope'} does not exist; run: {fix}\n"
+    with pytest.raises(SystemExit), exit_on_config_error(recipe, []):
+        raise ConfigError("unknown key 'a.b'\nwrong type for 'c.d'")
+    assert capsys.readouterr().err == "error: unknown key 'a.b'\nerror: wrong type for 'c.d'\n"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # other ranks of a node exit quietly
+    with pytest.raises(SystemExit), exit_on_config_error(recipe, []):
+        raise ConfigError("x")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError, match="not a config problem"), exit_on_config_error(recipe, []):
+        raise RuntimeError("not a config problem")

@@ -253,4 +253,4 @@ def test_preprocessed_data_trains_in_the_tiny_recipe(workspace, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(np.isfinite(r["loss/critic"]) for r in rows) and np.isfinite(rows[1]["loss/dmd"])
-    assert (run_dir / "export" / "config.json").is_file()
+    assert (run_dir / "export" / "transformer" / "config.json").is_file()

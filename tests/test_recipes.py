@@ -103,7 +103,7 @@ def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monk
     assert "val/prompt00" in events.Tags()["images"]
     from diffusers import WanTransformer3DModel
 
-    exported = WanTransformer3DModel.from_pretrained(full / "export")
+    exported = WanTransformer3DModel.from_pretrained(full / "export" / "transformer")
     assert exported.config.num_layers == 2 and exported.config.in_channels == 4
 
     # Same config, killed during step 3 (after the step-2 checkpoint), relaunched: steps 3-4 equal the full run.

@@ -1,0 +1,361 @@
+"""Put everything a recipe's TOML names in place, check it, and print the launch command.
+
+    python tools/prepare.py --recipe wan21_1_3b_sparse_distill      # then run the command it prints
+    python tools/prepare.py --recipe wan21_14b_sparse_distill
+    python tools/prepare.py --recipe wan22_ti2v_5b_sparse_distill --prompts my_prompts.txt  # data-free: your captions
+    python tools/prepare.py --recipe wan21_1_3b_sparse_distill --toml my.toml run.name=x  # the recipe's own arguments
+
+Reads the recipe's sibling TOML, then `--toml` overlays and `section.key=value` overrides (the arguments the recipe
+takes), and for each path the TOML names:
+    model.base            reused if present; else the known hub checkpoint of that folder name is downloaded there
+    data.path             reused if present; else the known hub dataset of that name is downloaded there, or, with
+                          --prompts FILE (data-free recipes), a text-only parquet of those captions' embeddings
+    data.negative_prompt  reused if present; else Wan's default negative prompt (English for Wan2.1, Chinese for
+                          Wan2.2-TI2V; --negative-prompt to choose) through the pipeline's UMT5 -> .safetensors
+    data.val_prompts      reused if present; else VALIDATION_PROMPTS (or --val-prompts FILE) -> text-only parquet
+Then every path is checked against the model (latent shape from [video], caption-embedding width, VAE channels) and
+the launch and sampling commands are printed. A second run reuses everything and only checks. Checkpoints live in
+weights/, datasets in datasets/. `--hub-dir DIR` resolves hub ids to DIR/<owner>/<name> (an offline stand-in: see
+tests/test_newcomer.py). The toy recipes need no downloads: toy_teacher makes its own data, toy_sparse_distill needs
+the toy teacher's export (the script says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from components.config import ConfigError, data_folders, load_table
+from data.encode import NEGATIVE_PROMPTS, compute_latent_shape, encode_prompts, load_text_encoder, trim_embedding
+from data.hub import fetch, is_complete, known_repo
+from data.latents import (
+    DataError,
+    LatentDataset,
+    LatentParquetWriter,
+    check_first_row,
+    load_contexts,
+    load_negative_context,
+)
+from models.wan import WAN_CONFIGS, WanConfig
+from models.wan_weights import read_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Validation prompts (ours): varied subjects, motion and camera, so the samples show what the student learned.
+VALIDATION_PROMPTS = [
+    "A red fox runs through fresh snow in a pine forest, its breath visible in the cold morning air.",
+    "A slow dolly shot along a rainy neon-lit city street at night, reflections shimmering on wet asphalt.",
+    "Waves crash against black volcanic rocks at sunset, spray glowing orange in the low sun.",
+    "A golden retriever puppy chases a soap bubble across a sunlit lawn.",
+    "Close-up of hands kneading bread dough on a floured wooden table, warm kitchen light.",
+    "An aerial view of a winding river through autumn hills, the camera slowly moving forward.",
+    "A hummingbird hovers beside a pink flower, wings blurred, background softly out of focus.",
+    "A steam train crosses a stone viaduct in the mountains, white smoke trailing behind it.",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", required=True, help="recipe name: recipes/<name>.py and its TOML")
+    p.add_argument("--toml", action="append", default=[], help="TOML overlay, as for the recipe (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, as for the recipe")
+    p.add_argument("--hub-dir", type=Path, help="resolve hub ids to DIR/<owner>/<name> instead of downloading")
+    p.add_argument("--prompts", type=Path, help="captions, one per line, for a data-free recipe's data.path")
+    p.add_argument("--val-prompts", type=Path, help="validation prompts, one per line (default: built in)")
+    p.add_argument("--negative-prompt", help="negative prompt text (default: Wan's, by model family)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="text encoder device")
+    return p.parse_intermixed_args(argv)
+
+
+def recipe_argv(args: argparse.Namespace) -> list[str]:
+    """The recipe arguments among ours: overlays and overrides, in their order."""
+    return [x for path in args.toml for x in ("--toml", path)] + args.overrides
+
+
+# ---------------------------------------------------------------------------------------------------- downloads
+
+
+def pipeline_missing(base: Path, parts: list[str]) -> list[str]:
+    """The `parts` a pipeline folder lacks (each needs config.json and a weight file; tokenizer/ is a folder)."""
+    missing = []
+    for part in parts:
+        folder = base / part
+        complete = (
+            folder.is_dir()
+            if part == "tokenizer"
+            else (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+        )
+        if not complete:
+            missing.append(f"{part}/")
+    return missing
+
+
+def fetch_model(base: Path, parts: list[str], hub_dir: Path | None) -> None:
+    """A known checkpoint is downloaded until complete (a rerun resumes it); any other folder must hold `parts`."""
+    missing = pipeline_missing(base, parts)
+    repo = known_repo(base)
+    if not missing and (repo is None or is_complete(base)):
+        print(f"model.base: reuse {base}")
+        return
+    if repo is None:
+        raise ConfigError(
+            f"model.base: {base} lacks {', '.join(missing)} and its name is no known hub checkpoint; download one with "
+            f"python tools/download_hf.py --repo OWNER/NAME --local-dir {base}"
+        )
+    print(f"model.base: download {repo[0]} -> {base}")
+    fetch(*repo, base, hub_dir=hub_dir)  # resumes a partial folder
+    missing = pipeline_missing(base, parts)
+    if missing:
+        raise ConfigError(f"model.base: {base} still lacks {', '.join(missing)} after the download of {repo[0]}")
+
+
+def fetch_data(data_path: str, prompts: Path | None, encode: TextEncoder, hub_dir: Path | None) -> None:
+    for folder in data_folders(data_path):
+        repo = known_repo(folder)
+        if is_complete(folder) or (repo is None and any(folder.rglob("*.parquet"))):
+            print(f"data.path: reuse {folder}")
+        elif repo is not None and repo[1] == "dataset":
+            print(f"data.path: download {repo[0]} -> {folder}")
+            fetch(*repo, folder, hub_dir=hub_dir)
+        elif prompts is not None:
+            captions = read_lines(prompts, "--prompts")
+            print(f"data.path: encode {len(captions)} captions of {prompts} -> {folder} (text only, data-free)")
+            write_prompts(folder, captions, encode)
+        else:
+            raise ConfigError(
+                f"data.path: {folder} does not exist and its name is no known hub dataset; for a data-free recipe "
+                "give --prompts FILE (captions, one per line), for latents see tools/preprocess.py"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- encodings
+
+
+class TextEncoder:
+    """The pipeline's UMT5, loaded on first use (nothing to encode: nothing loaded)."""
+
+    def __init__(self, base: Path, text_dim: int, device: str) -> None:
+        self.base, self.text_dim, self.device, self.model = base, text_dim, device, None
+
+    def __call__(self, prompts: list[str], batch_size: int = 8) -> list[torch.Tensor]:
+        """Each prompt's valid embedding rows (L_i, D), float32 on the CPU."""
+        if self.model is None:
+            print(f"load the text encoder of {self.base} ({self.device})")
+            self.model = load_text_encoder(self.base, self.device, torch.float32)
+            width = self.model[1].config.d_model
+            if width != self.text_dim:
+                raise ConfigError(
+                    f"model.base: text encoder width {width} != the transformer's text_dim {self.text_dim}"
+                )
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            context, mask, _ = encode_prompts(*self.model, prompts[start : start + batch_size])
+            out += [trim_embedding(c, m).cpu() for c, m in zip(context, mask)]
+        return out
+
+
+def read_lines(path: Path, flag: str) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path} is not a file")
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{flag} {path} holds no prompt")
+    return lines
+
+
+def write_prompts(folder: Path, prompts: list[str], encode: TextEncoder) -> None:
+    """A text-only parquet of `prompts`, written next to `folder` and renamed into place (never half-written)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = LatentParquetWriter(tmp, rows_per_file=8, text_only=True)
+    for start in range(0, len(prompts), 64):  # batches, so a long caption list never sits in memory as embeddings
+        batch = prompts[start : start + 64]
+        for i, (prompt, embedding) in enumerate(zip(batch, encode(batch)), start):
+            writer.write(f"prompt{i:06d}", prompt, embedding)
+    writer.close()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def write_negative_prompt(path: Path, text: str, encode: TextEncoder) -> None:
+    from safetensors.torch import save_file
+
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"data.negative_prompt: {path} does not exist; prepare writes .safetensors files only")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"text_embedding": encode([text])[0].contiguous()}, str(tmp), metadata={"caption": text})
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def check_data(data: dict, latent_shape: tuple[int, ...], text_dim: int, val_count: int) -> list[str]:
+    """One line per problem (empty: the recipe will accept its data); prints what it found."""
+    problems = []
+    try:
+        with_latents = all(any(f.rglob("*.parquet")) and has_latents(f) for f in data_folders(data["path"]))
+        dataset = LatentDataset(
+            data["path"],
+            text_only=not with_latents,
+            num_latent_t=latent_shape[1] if with_latents else None,
+            expect_latent_shape=latent_shape if with_latents else None,
+        )
+        check_first_row(dataset, text_dim)
+        kind = f"latents {tuple(latent_shape)}" if with_latents else "text only"
+        print(f"  data.path             {len(dataset)} rows, {kind}, captions {text_dim} wide")
+    except (DataError, OSError) as e:
+        problems.append(f"data.path: {e}")
+    try:
+        width = load_negative_context(data["negative_prompt"])[0].shape[-1]  # (512, D)
+        if width != text_dim:
+            problems.append(f"data.negative_prompt: embedding width {width} != the model's text_dim {text_dim}")
+        print(f"  data.negative_prompt  {width} wide")
+    except (DataError, OSError) as e:
+        problems.append(f"data.negative_prompt: {e}")
+    try:
+        contexts = load_contexts(data["val_prompts"], val_count)  # (N, 512, D): the first run.val_count rows
+        if contexts.shape[-1] != text_dim:
+            problems.append(
+                f"data.val_prompts: embedding width {contexts.shape[-1]} != the model's text_dim {text_dim}"
+            )
+        print(f"  data.val_prompts      {len(contexts)} prompts sampled at validation (run.val_count={val_count})")
+    except (DataError, OSError) as e:
+        problems.append(f"data.val_prompts: {e}")
+    return problems
+
+
+def has_latents(folder: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    return "vae_latent_bytes" in pq.read_schema(next(iter(sorted(folder.rglob("*.parquet"))))).names
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+
+def prepare_wan(table: dict, args: argparse.Namespace) -> None:
+    model, data, video = table["model"], table["data"], table["video"]
+    base, preset = Path(model["base"]), model.get("preset")
+    negative, val_prompts = Path(data["negative_prompt"]), Path(data["val_prompts"])
+    data_missing = not all(any(f.rglob("*.parquet")) for f in data_folders(data["path"]))
+    needs_encoder = not negative.exists() or not val_prompts.exists() or (data_missing and args.prompts is not None)
+    parts = ["vae"] + ([] if preset else ["transformer"]) + (["text_encoder", "tokenizer"] if needs_encoder else [])
+    fetch_model(base, parts, args.hub_dir)
+
+    if preset is not None and preset not in WAN_CONFIGS:
+        raise ConfigError(f"model.preset={preset!r}; choose one of {sorted(WAN_CONFIGS)}")
+    wan = WAN_CONFIGS[preset] if preset else WanConfig.from_diffusers(read_config(base))
+    z_dim = int(json.loads((base / "vae" / "config.json").read_text()).get("z_dim", 16))
+    encode = TextEncoder(base, wan.text_dim, args.device)
+    fetch_data(data["path"], args.prompts, encode, args.hub_dir)
+    if negative.exists():
+        print(f"data.negative_prompt: reuse {negative}")
+    else:
+        text = args.negative_prompt or NEGATIVE_PROMPTS["zh" if z_dim == 48 else "en"]  # Wan2.2-TI2V: Chinese
+        print(f"data.negative_prompt: encode {text[:40]!r}... -> {negative}")
+        write_negative_prompt(negative, text, encode)
+    if val_prompts.exists():
+        print(f"data.val_prompts: reuse {val_prompts}")
+    else:
+        prompts = read_lines(args.val_prompts, "--val-prompts") if args.val_prompts else VALIDATION_PROMPTS
+        print(f"data.val_prompts: encode {len(prompts)} prompts -> {val_prompts}")
+        write_prompts(val_prompts, prompts, encode)
+
+    print("check:")
+    try:
+        latent_shape = compute_latent_shape(
+            wan.in_channels, video["num_frames"], video["height"], video["width"], video["vae_stride"]
+        )
+    except ValueError as e:
+        raise ConfigError(f"video: {e}") from None
+    problems = (
+        [] if z_dim == wan.in_channels else [f"model.base: VAE z_dim {z_dim} != DiT in_channels {wan.in_channels}"]
+    )
+    print(f"  model.base            {'preset ' + preset if preset else 'DiT'} {wan.dim} wide, VAE z_dim {z_dim}")
+    problems += check_data(data, latent_shape, wan.text_dim, table["run"].get("val_count", 4))
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+def launch_commands(name: str, table: dict, argv: list[str]) -> list[tuple[str, str]]:
+    """(what, command) to train: one process for a 1-GPU mesh, else the TOML's multi-node launch and one node's."""
+    script = f"recipes/{name}.py"
+    parallel = table.get("parallel", {})
+    dp_replicate, sp = parallel.get("dp_replicate", 1), parallel.get("sp", 1)
+    if dp_replicate * sp == 1:
+        return [("train", shlex.join(["python", script, *argv]))]
+    commands = []
+    sbatch = ROOT / "recipes" / "slurm" / f"{name}.sbatch"
+    if sbatch.is_file():
+        nodes = next(int(x.split("=")[1]) for x in sbatch.read_text().split() if x.startswith("--nodes="))
+        commands.append(
+            (
+                f"train on {nodes} nodes x 8 GPUs (the TOML's mesh)",
+                "mkdir -p outputs/slurm && " + shlex.join(["sbatch", str(sbatch.relative_to(ROOT)), *argv]),
+            )
+        )
+        # A TOML that replicates over every GPU of the cluster replicates over one node's too; others shard in it.
+        one_node = 8 // sp if dp_replicate * sp == 8 * nodes else 1
+    else:
+        one_node = 1
+    one_node_argv = [a for a in argv if not a.startswith("parallel.dp_replicate=")]
+    one_node_argv.append(f"parallel.dp_replicate={one_node}")
+    commands.append(
+        ("train on one 8-GPU node", shlex.join(["torchrun", "--nproc_per_node", "8", script, *one_node_argv]))
+    )
+    return commands
+
+
+def sample_command(name: str, table: dict) -> str:
+    """tools/sample.py on the run's exported student, at the size and schedule it was trained for."""
+    run, video, dmd, attn = table["run"], table["video"], table["dmd"], table["attn"]
+    export = Path(run.get("out_dir", "outputs")) / name / run["name"] / "export"
+    dtype = "fp32" if table["parallel"].get("mixed_precision") == "fp32" else "bf16"
+    steps = ",".join(map(str, dmd["steps"]))
+    args = ["--model", str(export), "--prompt", VALIDATION_PROMPTS[0], "--num-frames", str(video["num_frames"])]
+    args += ["--height", str(video["height"]), "--width", str(video["width"]), "--steps", steps]
+    args += ["--attn", attn["student"], "--sparsity", str(attn["sparsity"]), "--dtype", dtype]
+    return shlex.join(["python", "tools/sample.py", *args])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    recipe = ROOT / "recipes" / f"{args.recipe}.py"
+    if not recipe.is_file():
+        names = sorted(p.stem for p in (ROOT / "recipes").glob("*.py"))
+        raise ConfigError(f"--recipe {args.recipe!r}: no recipes/{args.recipe}.py; choose one of {names}")
+    rargv = recipe_argv(args)
+    table = load_table(rargv, recipe.with_suffix(".toml"))
+    model = table.get("model", {})
+    if "base" in model:
+        prepare_wan(table, args)
+    elif "teacher" in model:  # the toy sparse-distill: its teacher is the toy teacher recipe's export
+        teacher = Path(model["teacher"])
+        if not (teacher / "config.json").is_file():
+            raise ConfigError(
+                f"model.teacher: {teacher} does not exist; it is the toy teacher's export: run "
+                "python recipes/toy_teacher.py (run.name=demo writes outputs/toy_teacher/demo/teacher)"
+            )
+        print(f"model.teacher: reuse {teacher}")
+    else:
+        print(f"{args.recipe}: nothing to download; its data are synthetic (data/synthetic.py)")
+    print("ready:")
+    for what, command in launch_commands(args.recipe, table, rargv):
+        print(f"  {what}:\n    {command}")
+    if "base" in model:
+        print(f"  sample from the student:\n    {sample_command(args.recipe, table)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ConnectionError) as e:
+        sys.exit("\n".join(f"error: {line}" for line in str(e).splitlines()))
