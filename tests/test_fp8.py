@@ -1,4 +1,4 @@
-"""models/fp8.py: Float8Linear is exactly row-wise-scaled e4m3 math, and quantize_linears_fp8 swaps the DiT blocks."""
+"""inference/fp8.py: Float8Linear is exactly row-wise-scaled e4m3 math, and quantize_linears_fp8 swaps the DiT blocks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.fp8 import Float8Linear, quantize_linears_fp8
+from inference.fp8 import Float8Linear, quantize_linears_fp8
 from models.wan import WAN_CONFIGS, WanModel, config_with
 
 
@@ -108,7 +108,7 @@ def test_quantize_linears_fp8_skips_layers_not_multiple_of_16():
 def test_gelu_quant_kernel_matches_torch_on_gpu():
     """The fused GELU + row-quantization kernel == the torch form (F.gelu tanh, amax / 448, e4m3 round-to-nearest)
     at the 14B FFN width, and the fp8 FFN stays close to the bf16 one."""
-    from models.fp8 import gelu_quant_rows, quantize_rows, row_scales
+    from inference.fp8 import gelu_quant_rows, quantize_rows, row_scales
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(512, 13824, device="cuda", generator=gen, dtype=torch.bfloat16) * 3
