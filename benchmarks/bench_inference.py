@@ -226,6 +226,7 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
         bench.free()
     if args.pipeline:
         through_pipeline = pipeline_s(bench, args, shape)
+        bench.free()
         reference, label = (student_fp8, FP8_LABEL) if args.fp8 else (student, "bf16")
         bench.row("a", f"1.3B 81x480x832 student 3-step VSA 0.8 denoise through VideoPipeline, {label}",
                   through_pipeline, "s")
@@ -260,10 +261,7 @@ def pipeline_s(bench: Bench, args: argparse.Namespace, shape: tuple[int, ...]) -
         return pipe.denoise(context, height=height, width=width, num_frames=frames, seed=0, steps=DMD_STEPS,
                             sparsity=0.8, progress=False)
 
-    seconds = bench.time_s(run, warmup=2 if bench.compile_dit else 1)
-    del pipe
-    bench.free()
-    return seconds
+    return bench.time_s(run, warmup=2 if bench.compile_dit else 1)  # the pipeline is freed on return
 
 
 def case_b(bench: Bench, args: argparse.Namespace) -> None:

@@ -29,8 +29,15 @@ from torch import nn
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_fp8_attention, vsa_meta
-from data.encode import denormalize_latents, encode_prompts, latent_stats, load_text_encoder, load_vae, \
-    normalize_latents, vae_encode
+from data.encode import (
+    denormalize_latents,
+    encode_prompts,
+    latent_stats,
+    load_text_encoder,
+    load_vae,
+    normalize_latents,
+    vae_encode,
+)
 from inference.fp8 import fp8_device_problem
 from inference.prepare import prepare_for_inference
 from inference.samplers import denoise_student, denoise_teacher

@@ -1,4 +1,4 @@
-"""inference/fp8.py: Float8Linear is exactly row-wise-scaled e4m3 math, and quantize_linears_fp8 swaps the DiT blocks."""
+"""inference/fp8.py: Float8Linear is exactly row-wise-scaled e4m3 math; quantize_linears_fp8 swaps the block linears."""
 
 from __future__ import annotations
 

@@ -16,9 +16,22 @@ from inference.fused_rows import FusedWanBlock
 from inference.pipeline import InputError, inspect_pipeline
 from inference.samplers import denoise_student
 from models.wan_weights import load_pretrained
-from tests.sampling_reference import (DMD, LATENT_SHAPE, NEGATIVE, PROMPT, SIZE, SMALL, SMALL_SHAPE, diffusers_dit,
-                                      pipe_dir, reference_context, reference_dmd, reference_teacher, rel_error,
-                                      ti2v_dir)
+from tests.sampling_reference import (
+    DMD,
+    LATENT_SHAPE,
+    NEGATIVE,
+    PROMPT,
+    SIZE,
+    SMALL,
+    SMALL_SHAPE,
+    diffusers_dit,
+    pipe_dir,
+    reference_context,
+    reference_dmd,
+    reference_teacher,
+    rel_error,
+    ti2v_dir,
+)
 
 __all__ = ["pipe_dir", "ti2v_dir"]  # fixtures
 

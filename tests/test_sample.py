@@ -16,9 +16,22 @@ import torch
 
 from components.metrics import read_video_info
 from inference import VideoPipeline
-from tests.sampling_reference import (DMD, LATENT_SHAPE, NEGATIVE, PROMPT, SIZE, SMALL, SMALL_SHAPE, cli_args,
-                                      diffusers_dit, pipe_dir, reference_context, reference_dmd, reference_teacher,
-                                      rel_error)
+from tests.sampling_reference import (
+    DMD,
+    LATENT_SHAPE,
+    NEGATIVE,
+    PROMPT,
+    SIZE,
+    SMALL,
+    SMALL_SHAPE,
+    cli_args,
+    diffusers_dit,
+    pipe_dir,
+    reference_context,
+    reference_dmd,
+    reference_teacher,
+    rel_error,
+)
 
 __all__ = ["pipe_dir"]  # fixture
 

@@ -35,8 +35,15 @@ import torch
 
 from components.metrics import write_video
 from inference.fp8 import Float8Linear
-from inference.pipeline import ATTN, NEGATIVE_PROMPT, InputError, VideoPipeline, check_device, encode_text, \
-    inspect_pipeline
+from inference.pipeline import (
+    ATTN,
+    NEGATIVE_PROMPT,
+    InputError,
+    VideoPipeline,
+    check_device,
+    encode_text,
+    inspect_pipeline,
+)
 from inference.timer import StageTimer, timing_table
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
