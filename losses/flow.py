@@ -8,7 +8,6 @@ A `model_fn(x_t, t) -> v` is any callable with that signature (conditioning alre
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +74,9 @@ def teacher_sample(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, noise: torc
                    shift: float, guidance: float) -> torch.Tensor:
     """Many-step Euler flow sampling on diffusers' shifted σ grid with standard classifier-free guidance
     `v = v_uncond + guidance · (v_cond − v_uncond)` (guidance = 1 is the plain conditional model)."""
+    # Imported here: inference/ imports this module, also on GPU hosts without diffusers.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
     scheduler.set_timesteps(num_steps, device=noise.device)
     x = noise

@@ -18,9 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.fp8 import Float8Linear, QuantizedRows
-from models.fused_rows import layer_norm_modulate, qk_norm_rope, rows_for
-
 AttnFn = Callable[..., torch.Tensor]
 
 
@@ -199,18 +196,6 @@ class SelfAttention(nn.Module):
         out = self.attn_fn(q, k, v, meta=attn_meta, gate=gate)  # (B, L, H, Dh)
         return self.to_out(out.flatten(2))
 
-    def forward_fused(self, u: torch.Tensor | QuantizedRows, cos: torch.Tensor, sin: torch.Tensor,
-                      attn_meta: Any) -> torch.Tensor:
-        """`forward` with models/fused_rows.py's kernels: u (B, L, D), or quantized once for fp8 linears."""
-        q, k = qk_norm_rope(self.to_q(u), self.to_k(u), self.norm_q.weight, self.norm_k.weight, self.norm_q.eps,
-                            cos, sin)
-        q, k, v = (y.unflatten(-1, (self.num_heads, -1)) for y in (q, k, self.to_v(u)))  # (B, L, H, Dh)
-        gate = None
-        if self.to_gate_compress is not None and attn_meta is not None:
-            gate = self.to_gate_compress(u).unflatten(-1, (self.num_heads, -1))  # (B, L, H, Dh)
-        out = self.attn_fn(q, k, v, meta=attn_meta, gate=gate).flatten(2)  # (B, L, D)
-        return self.to_out(rows_for(self.to_out, out))
-
 
 class CrossAttention(nn.Module):
     """Queries from video tokens, keys/values from the text; always dense (the text is short)."""
@@ -229,15 +214,6 @@ class CrossAttention(nn.Module):
         v = self.to_v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
         return self.to_out(out.transpose(1, 2).flatten(2))
-
-    def forward_fused(self, u: torch.Tensor | QuantizedRows, context: torch.Tensor) -> torch.Tensor:
-        """`forward` for models/fused_rows.py: u may come quantized for an fp8 to_q; an fp8 to_out's input is
-        quantized in one kernel."""
-        q = self.norm_q(self.to_q(u)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
-        k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L_txt, Dh)
-        v = self.to_v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, H, L, Dh) -> (B, L, D)
-        return self.to_out(rows_for(self.to_out, out))
 
 
 class FeedForward(nn.Module):
@@ -260,7 +236,6 @@ class WanBlock(nn.Module):
         self.ffn = FeedForward(cfg)
         # shift/scale/gate for self-attention and FFN, added to the timestep modulation.
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
-        self.fused_rows = False  # inference through models/fused_rows.py's kernels: set by enable_fused_rows
 
     def forward(
         self,
@@ -271,10 +246,6 @@ class WanBlock(nn.Module):
         sin: torch.Tensor,
         attn_meta: Any = None,
     ) -> torch.Tensor:
-        # The row kernels take one (D,) shift/scale: one sample at one timestep. Batches and per-token timesteps
-        # (TI2V) take this code.
-        if self.fused_rows and x.shape[0] == 1 and tmod.ndim == 3:
-            return self.forward_fused(x, context, tmod, cos, sin, attn_meta)
         # Modulation in fp32 (as Wan does): (B, 1 or L, 6, D) -> six (B, 1 or L, D).
         mod = tmod.float() if tmod.ndim == 4 else tmod.float().unsqueeze(1)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table.unsqueeze(0) + mod).unbind(2)
@@ -289,26 +260,6 @@ class WanBlock(nn.Module):
         x = x + self.attn2(u.type_as(x), context)
 
         u = (F.layer_norm(x.float(), (dim,), eps=self.eps) * (1 + scale2) + shift2).type_as(x)
-        return (x.float() + self.ffn(u).float() * gate2).type_as(x)
-
-    def forward_fused(self, x: torch.Tensor, context: torch.Tensor, tmod: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, attn_meta: Any) -> torch.Tensor:
-        """`forward` with models/fused_rows.py's row kernels, for x (1, L, D) and tmod (1, 6, D). Each LayerNorm's
-        rows go to their linears quantized once when those are fp8 (models/fp8.py)."""
-        mod = (self.scale_shift_table + tmod.float())[0]  # (1, 6, D) -> (6, D), fp32 as in `forward`
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(0)  # six (D,)
-
-        u = layer_norm_modulate(x, scale1, shift1, None, None, self.eps, isinstance(self.attn1.to_q, Float8Linear))
-        x = (x.float() + self.attn1.forward_fused(u, cos, sin, attn_meta) * gate1).type_as(x)
-
-        if self.norm2 is not None:
-            u = layer_norm_modulate(x, None, None, self.norm2.weight, self.norm2.bias, self.eps,
-                                    isinstance(self.attn2.to_q, Float8Linear))
-        else:
-            u = rows_for(self.attn2.to_q, x)
-        x = x + self.attn2.forward_fused(u, context)
-
-        u = layer_norm_modulate(x, scale2, shift2, None, None, self.eps, isinstance(self.ffn.fc1, Float8Linear))
         return (x.float() + self.ffn(u).float() * gate2).type_as(x)
 
 

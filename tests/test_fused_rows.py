@@ -1,7 +1,7 @@
-"""models/fused_rows.py: each row kernel against the torch math, and the fused blocks against the plain ones.
+"""inference/fused_rows.py: each row kernel against the torch math, and the fused blocks against the plain ones.
 
 The kernels run on CPU under the Triton interpreter, which must be on before `triton.jit` decorates them, i.e. before
-models.fused_rows is first imported; other test modules import it in the main pytest process (through models.wan),
+inference.fused_rows is first imported; other test modules import it in the main pytest process (through inference),
 so the kernel checks run in a child pytest process with TRITON_INTERPRET=1, as in tests/test_vsa_triton.py.
 
 The interpreter's float casts are not the GPU's: fp32 -> bf16 truncates, and fp32 -> e4m3 rounds half up but drops
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models import fused_rows
+from inference import fused_rows
 from tests.interpreter import run_under_interpreter
 
 BF16_STEP = 2.0**-7  # spacing of bf16 relative to a value's leading power of two (8 significant bits)
@@ -70,9 +70,9 @@ def qk_inputs(B, L, D, H, device, seed):
 
 
 if os.environ.get("TRITON_INTERPRET") != "1":
-    from models.fp8 import quantize_linears_fp8
-    from models.fused_rows import enable_fused_rows
-    from models.wan import WAN_CONFIGS, WanModel, config_with
+    from inference.fp8 import quantize_linears_fp8
+    from inference.fused_rows import FusedWanBlock, enable_fused_rows
+    from models.wan import WAN_CONFIGS, WanBlock, WanModel, config_with
 
     def test_kernels_under_triton_interpreter():
         run_under_interpreter(__file__)
@@ -165,7 +165,18 @@ if os.environ.get("TRITON_INTERPRET") != "1":
         model = WanModel(WAN_CONFIGS["tiny"])
         with pytest.raises(RuntimeError, match=r"for inference.*requires_grad_\(False\)"):
             enable_fused_rows(model)
-        assert not any(block.fused_rows for block in model.blocks)
+        assert not any(isinstance(block, FusedWanBlock) for block in model.blocks)
+
+    def test_fused_blocks_share_the_plain_blocks_parameters():
+        """The swap copies nothing: the same parameter objects under the same state-dict keys, and a second call swaps
+        nothing."""
+        model = tiny_model(torch.float32)
+        before = dict(model.named_parameters())
+        assert enable_fused_rows(model) == 2 and enable_fused_rows(model) == 0
+        assert all(type(block) is FusedWanBlock and isinstance(block, WanBlock) for block in model.blocks)
+        after = dict(model.named_parameters())
+        assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+        assert model.state_dict().keys() == tiny_model(torch.float32).state_dict().keys()
 
     @pytest.mark.gpu
     @pytest.mark.parametrize("D", [1536, 5120])  # Wan2.1-1.3B and 14B widths, 128 channels per head
@@ -235,7 +246,7 @@ else:
     import triton
     import triton.language as tl
 
-    from models.fp8 import E4M3_MAX, row_scales
+    from inference.fp8 import E4M3_MAX, row_scales
 
     def interpreter_bf16(x: torch.Tensor) -> torch.Tensor:
         """fp32 -> bf16 as the interpreter casts (truncation), kept in fp32."""
@@ -253,7 +264,7 @@ else:
         return out
 
     def quantized_like_fp8(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """models/fp8.py's quantization of the rows y, with the interpreter's e4m3 cast at the end."""
+        """inference/fp8.py's quantization of the rows y, with the interpreter's e4m3 cast at the end."""
         scale = row_scales(y.reshape(-1, y.shape[-1])).view(*y.shape[:-1], 1)
         return interpreter_e4m3((y.float() / scale).clamp(-E4M3_MAX, E4M3_MAX)), scale
 

@@ -1,12 +1,13 @@
 """Inference speed at real size with random bf16 weights (speed does not depend on weight values), one GPU, one run.
 
-    python tools/bench_inference.py                    # cases a, b, c (~5 min on an H100, no compile)
-    python tools/bench_inference.py --cases a --compile --profile
-    python tools/bench_inference.py --cases b --diffusers    # also time diffusers' dense teacher
-    python tools/bench_inference.py --cases a,b --fp8        # also time the students in FP8 (sample.py --fp8)
-    python tools/bench_inference.py --smoke            # every code path at toy size, CPU is fine (tests use it)
+    python benchmarks/bench_inference.py                    # cases a, b, c (~5 min on an H100, no compile)
+    python benchmarks/bench_inference.py --cases a --compile --profile
+    python benchmarks/bench_inference.py --cases b --diffusers    # also time diffusers' dense teacher
+    python benchmarks/bench_inference.py --cases a,b --fp8        # also time the students in FP8 (sample.py --fp8)
+    python benchmarks/bench_inference.py --cases a --compile --fp8 --pipeline   # + the same through VideoPipeline
+    python benchmarks/bench_inference.py --smoke            # every code path at toy size, CPU is fine (tests use it)
 
-Cases (text embeddings are random and cached; denoising uses tools/sample.py's own loops):
+Cases (text embeddings are random and cached; denoising uses inference/samplers.py, the loops tools/sample.py runs):
   a  Wan2.1-1.3B, 81x480x832: 3-step VSA (sparsity 0.8) denoise; VAE decode (plain / channels-last / compiled);
      end to end = denoise + VAE decode -> frames/s.
   b  Wan2.1-14B at 81x480x832 and 81x720x1280: the 50-step dense CFG teacher (2 steps of cond + uncond timed,
@@ -14,32 +15,33 @@ Cases (text embeddings are random and cached; denoising uses tools/sample.py's o
      (cuDNN SDPA); --diffusers also times diffusers' WanTransformer3DModel as the teacher.
   c  Wan2.2-TI2V-5B, 121x704x1280: 3-step student, dense and VSA (sparsity 0.8).
 --compile compiles each DiT per block (parallel/compile.py: one graph per shape and attention, reused by all blocks).
---fp8 (cases a, b): the student again as `sample.py --fp8` runs it: FP8 (e4m3, row-wise scaled) block linears
-(models/fp8.py) and VSA on e4m3 q, k, v (vsa_fp8_attention), on a second model built after the bf16 one is freed;
+--fp8 (cases a, b): the student again as `tools/sample.py --fp8` runs it: FP8 (e4m3, row-wise scaled) block linears
+(inference/fp8.py) and VSA on e4m3 q, k, v (vsa_fp8_attention), on a second model built after the bf16 one is freed;
 extra rows, the bf16 rows stay.
+--pipeline (case a): the same 3-step denoise through `inference.VideoPipeline` (built from a random DiT with the
+run's --fp8 / --compile, cached text context), timed right after case a's matching row, and its ratio to that row
+(the pipeline adds only Python around the same sampler: ~1.00).
+--json PATH writes the result rows as JSON (tests read it).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/ is not a package: reuse sample.py's loops
-
-from sample import ATTN, channels_last, denoise  # noqa: E402
-
-from attention.vsa import vsa_meta  # noqa: E402
-from models.fp8 import fp8_device_problem, quantize_linears_fp8  # noqa: E402
-from models.fused_rows import enable_fused_rows  # noqa: E402
-from parallel.compile import apply_compile  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
+from attention.vsa import vsa_meta
+from inference import VideoPipeline, prepare_for_inference
+from inference.fp8 import fp8_device_problem
+from inference.pipeline import ATTN, VAE_TEMPORAL_RATIO, channels_last
+from inference.samplers import denoise_student
+from models.wan import WAN_CONFIGS, WanModel, config_with
 
 DMD_STEPS = [1000.0, 757.0, 522.0]
 FP8_ATTN, FP8_LABEL = "vsa_fp8", "fp8 linears + fp8 attention"  # the student as `sample.py --fp8` runs it
@@ -95,10 +97,9 @@ class Bench:
     def latent(self, shape: str, channels: int) -> tuple[int, int, int, int, int]:
         return (1, channels, *(SMOKE_SHAPE if self.smoke else SHAPES[shape]))
 
-    def build(self, preset: str, fp8: bool = False) -> WanModel:
+    def random_model(self, preset: str) -> WanModel:
         """Meta -> bf16 -> to_empty -> random init: peak memory is one bf16 copy (14B: 28 GB). With the VSA gate, as
-        the distilled checkpoints have it; dense runs (attn_meta None) skip the gate. fp8: block linears quantized
-        (layer by layer: the peak stays about one bf16 copy), before the compile."""
+        the distilled checkpoints have it; dense runs (attn_meta None) skip the gate."""
         cfg = config_with(WAN_CONFIGS[self.preset(preset)], vsa_gate=True)
         if self.smoke:  # head dim 64, the VSA kernels' smallest: --smoke also runs on a GPU
             cfg = config_with(cfg, dim=128, ffn_dim=256, num_heads=2)
@@ -106,13 +107,13 @@ class Bench:
             model = WanModel(cfg)
         model = model.to(self.dtype).to_empty(device=self.device)
         model.init_weights()
-        model.eval().requires_grad_(False)
-        if fp8:
-            quantize_linears_fp8(model)
-        enable_fused_rows(model)  # as sample.py runs it
-        if self.compile_dit:  # per block: one graph per (shape, attention) serves all blocks
-            apply_compile(model)
         return model
+
+    def build(self, preset: str, fp8: bool = False) -> WanModel:
+        """A random model readied as tools/sample.py readies it (`prepare_for_inference`): fp8 block linears
+        (quantized layer by layer: the peak stays about one bf16 copy), fused row kernels, per-block compile (one graph
+        per (shape, attention) serves all blocks)."""
+        return prepare_for_inference(self.random_model(preset), fp8=fp8, compile=self.compile_dit)
 
     @staticmethod
     def set_attention(model: WanModel, attn: str) -> None:
@@ -134,7 +135,7 @@ class Bench:
         def run() -> torch.Tensor:
             with torch.no_grad():
                 g = torch.Generator(self.device).manual_seed(0)
-                return denoise(model, context, shape, DMD_STEPS, g, attn_meta=meta, progress=False)
+                return denoise_student(model, context, shape, DMD_STEPS, g, attn_meta=meta, progress=False)
 
         return self.time_s(run, warmup=2 if self.compile_dit else 1)
 
@@ -223,6 +224,13 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
         bench.row("a", f"1.3B student denoise speedup, {FP8_LABEL} vs bf16", student / student_fp8, "x")
         del model
         bench.free()
+    if args.pipeline:
+        through_pipeline = pipeline_s(bench, args, shape)
+        bench.free()
+        reference, label = (student_fp8, FP8_LABEL) if args.fp8 else (student, "bf16")
+        bench.row("a", f"1.3B 81x480x832 student 3-step VSA 0.8 denoise through VideoPipeline, {label}",
+                  through_pipeline, "s")
+        bench.row("a", f"VideoPipeline / sampler denoise time, {label}", through_pipeline / reference, "x")
     try:
         import diffusers  # noqa: F401
     except ImportError:
@@ -239,6 +247,21 @@ def case_a(bench: Bench, args: argparse.Namespace) -> None:
         total_fp8 = student_fp8 + times[best]
         bench.row("a", f"end to end, {FP8_LABEL}: denoise + decode ({best})", total_fp8, "s")
         bench.row("a", f"end to end frames/s, {FP8_LABEL} (81 frames / end to end)", frames / total_fp8, "frames/s")
+
+
+def pipeline_s(bench: Bench, args: argparse.Namespace, shape: tuple[int, ...]) -> float:
+    """Seconds of case a's 3-step denoise through `VideoPipeline.denoise`: a pipeline built from a fresh random 1.3B
+    DiT, readied by the pipeline itself (--fp8: FP8 linears and, on Hopper, FP8 VSA; --compile), text context cached."""
+    pipe = VideoPipeline(bench.random_model("wan21_1.3b"), attn="vsa", fp8=args.fp8, compile=bench.compile_dit)
+    context = bench.context(pipe.dit)
+    _, _, t, h, w = shape  # latent sizes -> the video's
+    frames, height, width = (t - 1) * VAE_TEMPORAL_RATIO + 1, h * pipe.spec.vae_ratio, w * pipe.spec.vae_ratio
+
+    def run() -> torch.Tensor:
+        return pipe.denoise(context, height=height, width=width, num_frames=frames, seed=0, steps=DMD_STEPS,
+                            sparsity=0.8, progress=False)
+
+    return bench.time_s(run, warmup=2 if bench.compile_dit else 1)  # the pipeline is freed on return
 
 
 def case_b(bench: Bench, args: argparse.Namespace) -> None:
@@ -356,7 +379,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
                    help="case a: GPU time per forward by kernel kind and the top kernels of the student denoise")
     p.add_argument("--fp8", action="store_true", help="cases a, b: also time the students as sample.py --fp8 runs "
                    "them: FP8 (e4m3, row-wise scaled) block linears and VSA on e4m3 q, k, v; Hopper GPU (sm90+)")
+    p.add_argument("--pipeline", action="store_true", help="case a: also time the denoise through VideoPipeline "
+                   "(with this run's --fp8 / --compile) and its ratio to the sampler's time")
     p.add_argument("--smoke", action="store_true", help="toy sizes (tiny DiT, tiny VAE) on any device")
+    p.add_argument("--json", metavar="PATH", help="also write the result rows to PATH as JSON")
     args = p.parse_args(argv)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
@@ -380,6 +406,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     width = max(len(w) for _, w, _, _ in bench.rows)
     for case, what, value, unit in bench.rows:
         print(f"{case}  {what:{width}s}  {value:10.3f} {unit}")
+    if args.json:
+        rows = [{"case": case, "what": what, "value": value, "unit": unit} for case, what, value, unit in bench.rows]
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return bench.rows
 
 

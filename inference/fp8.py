@@ -10,10 +10,13 @@ Scaling, row-wise (one fp32 scale per row, `torch._scaled_mm`'s row-wise mode); 
                     the other tokens down into e4m3's subnormals;
   y = (x_q * scale_a) @ (w_q * scale_b).T + bias, accumulated in fp32 and rounded once to x's dtype.
 This changes numerics: outputs differ from the bf16 model by FP8 rounding (about 4 % relative error per layer on
-Gaussian inputs), which is why it is opt-in (`--fp8` in tools/sample.py and tools/bench_inference.py).
+Gaussian inputs), which is why it is opt-in (`prepare_for_inference(model, fp8=True)`, `--fp8` in tools/sample.py and
+benchmarks/bench_inference.py).
 
 A `Float8Linear` also takes rows that the kernel producing them already quantized (`QuantizedRows`): with
-`models.fused_rows.enable_fused_rows` each LayerNorm quantizes its output once for all the linears it feeds.
+`inference.fused_rows.enable_fused_rows` each LayerNorm quantizes its output once for all the linears it feeds.
+The model file knows nothing of this: `quantize_linears_fp8` swaps modules from outside, as torchtitan's float8
+converter does (torchtitan/components/quantization/float8.py).
 
 Inference only: the weights are buffers, and `_scaled_mm` has no backward. Every feature count must be a multiple
 of 16 (`_scaled_mm`'s requirement); the token count is free.
@@ -28,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import nn
+
+from models.wan import FeedForward
 
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Hopper FP8 MMAs accumulate in reduced precision; without fast accumulation cuBLAS promotes partial sums to fp32
@@ -44,7 +49,7 @@ def fp8_device_problem(device: str | torch.device) -> str | None:
         return None
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
-        return (f"--fp8 needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100); "
+        return (f"fp8 (--fp8) needs FP8 tensor cores (compute capability 8.9+: L4, L40, H100); "
                 f"{torch.cuda.get_device_name(device)} is {capability[0]}.{capability[1]}")
     return None
 
@@ -192,8 +197,6 @@ def quantize_linears_fp8(model: nn.Module) -> int:
     `torch.compile`. Layers whose feature counts are not multiples of 16 stay as they are. Returns how many were
     swapped.
     """
-    from models.wan import FeedForward  # not at the top: models.wan imports models.fused_rows, which imports this
-
     swapped = 0
     for block in model.blocks:
         ffn = getattr(block, "ffn", None)

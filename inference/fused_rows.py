@@ -15,18 +15,22 @@ What is fused (each a `torch.library` custom op: the Triton kernel on CUDA, the 
       norm feeds (self-attention q/k/v/gate, cross-attention q, FFN fc1), passed as `QuantizedRows`;
   `qk_norm_rope`: nn.RMSNorm of q and of k over the whole dim, then RoPE on interleaved pairs;
   `quantize_rows_op`: row amax + e4m3 quantization of the attention outputs for fp8 `to_out`s.
-The FFN's GELU + fc2 quantization is `models.fp8.gelu_quant_rows`.
+The FFN's GELU + fc2 quantization is `inference.fp8.gelu_quant_rows`.
 
-Use (inference only; the ops have no backward):
+Applied from outside: `enable_fused_rows(model)` replaces each `WanBlock` by a `FusedWanBlock` that shares its
+parameters and submodules (no copies, the same state-dict keys) and adds the fused forward; models/wan.py knows nothing
+of it. Use (inference only; the ops have no backward), or let `inference.prepare_for_inference` do all of it:
     model = WanModel(cfg).to(device, torch.bfloat16).eval().requires_grad_(False)  # weights loaded
-    quantize_linears_fp8(model)  # optional (models/fp8.py); before or after enable_fused_rows
+    quantize_linears_fp8(model)  # optional (inference/fp8.py); before or after enable_fused_rows
     enable_fused_rows(model)
     apply_compile(model)  # optional (parallel/compile.py), last
 The kernels serve one sample with one timestep (x (1, L, D), tmod (1, 6, D)), the few-step student's case; other
-batches (B > 1, per-token timesteps) take the blocks' plain code.
+batches (B > 1, per-token timesteps) take the plain `WanBlock.forward`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +38,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from models.fp8 import E4M3_MAX, Float8Linear, QuantizedRows, quantize_rows, row_scales
+from inference.fp8 import E4M3_MAX, Float8Linear, QuantizedRows, quantize_rows, row_scales
+from models.wan import CrossAttention, SelfAttention, WanBlock, apply_rope
 
 
 def _num_warps(block: int, per_thread: int) -> int:
@@ -46,7 +51,7 @@ def _num_warps(block: int, per_thread: int) -> int:
 
 @triton.jit
 def _quantize_row(y, YQ, SCALE, row, cols, ok, D, E4M3_MAX: tl.constexpr):
-    """Store row y (fp32, 0 past D) as e4m3 with scale max(amax, 1e-12) / 448, as models/fp8.py quantizes.
+    """Store row y (fp32, 0 past D) as e4m3 with scale max(amax, 1e-12) / 448, as inference/fp8.py quantizes.
     Round-to-nearest divisions: torch's `/` is, and the scales then equal `row_scales` exactly."""
     scale = tl.div_rn(tl.maximum(tl.max(tl.abs(y), 0), 1e-12), E4M3_MAX)
     q = tl.div_rn(y, tl.broadcast_to(scale, y.shape))
@@ -198,8 +203,6 @@ def qk_norm_rope_triton(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor
 def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                        eps: float, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SelfAttention's `apply_rope(norm_q(q), cos, sin)` and the same for k, in q's dtype."""
-    from models.wan import apply_rope  # not at the top: models.wan imports this module
-
     head_dim, out = 2 * cos.shape[1], []
     for x, weight in ((q, weight_q), (k, weight_k)):
         x = F.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(-1, (-1, head_dim))  # (B, L, H, Dh)
@@ -246,7 +249,7 @@ def quantize_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float8Linear's activation quantization (models/fp8.py), keeping x's leading dims."""
+    """Float8Linear's activation quantization (inference/fp8.py), keeping x's leading dims."""
     rows = x.reshape(-1, x.shape[-1]).float()  # (..., D) -> (M, D)
     scale = row_scales(rows)
     return quantize_rows(rows, scale).view(x.shape), scale.view(*x.shape[:-1], 1)
@@ -274,18 +277,86 @@ def rows_for(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | QuantizedRows
     return x
 
 
+def self_attention_fused(attn: SelfAttention, u: torch.Tensor | QuantizedRows, cos: torch.Tensor, sin: torch.Tensor,
+                         attn_meta: Any) -> torch.Tensor:
+    """`SelfAttention.forward` through the q/k RMSNorm + RoPE kernel: u (B, L, D), or quantized once for fp8 linears."""
+    q, k = qk_norm_rope(attn.to_q(u), attn.to_k(u), attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin)
+    q, k, v = (y.unflatten(-1, (attn.num_heads, -1)) for y in (q, k, attn.to_v(u)))  # (B, L, H, Dh)
+    gate = None
+    if attn.to_gate_compress is not None and attn_meta is not None:
+        gate = attn.to_gate_compress(u).unflatten(-1, (attn.num_heads, -1))  # (B, L, H, Dh)
+    out = attn.attn_fn(q, k, v, meta=attn_meta, gate=gate).flatten(2)  # (B, L, H, Dh) -> (B, L, D)
+    return attn.to_out(rows_for(attn.to_out, out))
+
+
+def cross_attention_fused(attn: CrossAttention, u: torch.Tensor | QuantizedRows, context: torch.Tensor) -> torch.Tensor:
+    """`CrossAttention.forward` taking u quantized for an fp8 to_q; an fp8 to_out's input is quantized in one kernel."""
+    q = attn.norm_q(attn.to_q(u)).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
+    k = attn.norm_k(attn.to_k(context)).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)  # (B, H, L_txt, Dh)
+    v = attn.to_v(context).unflatten(-1, (attn.num_heads, -1)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, H, L, Dh) -> (B, L, D)
+    return attn.to_out(rows_for(attn.to_out, out))
+
+
+class FusedWanBlock(WanBlock):
+    """A `WanBlock` whose one-sample, one-timestep forward runs the fused row kernels; built from a plain block whose
+    parameters and submodules it shares (no copies: same objects, same state-dict keys).
+
+    Each LayerNorm's rows go to their linears quantized once when those are fp8 (`quantize_linears_fp8`, before or
+    after this swap: the linears are looked at on each call). Batches and per-token timesteps (TI2V) take
+    `WanBlock.forward`: the row kernels take one (D,) shift/scale.
+    """
+
+    def __init__(self, block: WanBlock) -> None:
+        nn.Module.__init__(self)  # not WanBlock.__init__: it would allocate new parameters
+        self.eps = block.eps
+        self.attn1, self.norm2, self.attn2, self.ffn = block.attn1, block.norm2, block.attn2, block.ffn
+        self.scale_shift_table = block.scale_shift_table
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, L, D)
+        context: torch.Tensor,  # (B, L_txt, D)
+        tmod: torch.Tensor,  # (B, 6, D) or per-token (B, L, 6, D)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_meta: Any = None,
+    ) -> torch.Tensor:
+        if x.shape[0] != 1 or tmod.ndim != 3:
+            return super().forward(x, context, tmod, cos, sin, attn_meta)
+        mod = (self.scale_shift_table + tmod.float())[0]  # (1, 6, D) -> (6, D), fp32 as in WanBlock.forward
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(0)  # six (D,)
+
+        u = layer_norm_modulate(x, scale1, shift1, None, None, self.eps, isinstance(self.attn1.to_q, Float8Linear))
+        x = (x.float() + self_attention_fused(self.attn1, u, cos, sin, attn_meta) * gate1).type_as(x)
+
+        if self.norm2 is not None:
+            u = layer_norm_modulate(x, None, None, self.norm2.weight, self.norm2.bias, self.eps,
+                                    isinstance(self.attn2.to_q, Float8Linear))
+        else:
+            u = rows_for(self.attn2.to_q, x)
+        x = x + cross_attention_fused(self.attn2, u, context)
+
+        u = layer_norm_modulate(x, scale2, shift2, None, None, self.eps, isinstance(self.ffn.fc1, Float8Linear))
+        return (x.float() + self.ffn(u).float() * gate2).type_as(x)
+
+
 def enable_fused_rows(model: nn.Module) -> int:
-    """Run every block of `model` (a `models.wan.WanModel`) through the fused row kernels; returns how many.
+    """Replace every `model.blocks[i]` (a `models.wan.WanModel`'s `WanBlock`) by its `FusedWanBlock`, in place;
+    returns how many blocks were swapped (0 when already done).
 
     Inference only: raises if a parameter requires grad. Works with or without `quantize_linears_fp8`, applied
-    before or after (the blocks look at their linears on each call); compile afterwards. On CPU the ops run their
-    torch math, the same as the plain blocks.
+    before or after; compile afterwards (a compiled block swapped out would lose its compilation). On CPU the ops run
+    their torch math, the same as the plain blocks.
     """
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     if trainable:
         raise RuntimeError(
             f"enable_fused_rows is for inference: its kernels have no backward, but {len(trainable)} parameters "
             f"require grad (e.g. {trainable[0]!r}); call model.requires_grad_(False) first")
-    for block in model.blocks:
-        block.fused_rows = True
-    return len(model.blocks)
+    swapped = 0
+    for i, block in enumerate(model.blocks):
+        if not isinstance(block, FusedWanBlock):
+            model.blocks[i] = FusedWanBlock(block)
+            swapped += 1
+    return swapped

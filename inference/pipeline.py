@@ -1,0 +1,447 @@
+"""VideoPipeline: the Python API for sampling videos from a Wan checkpoint (what tools/sample.py runs).
+
+    from inference import VideoPipeline
+    pipe = VideoPipeline.from_pretrained("FastVideo/FastWan2.1-T2V-1.3B-Diffusers", device="cuda", fp8=True,
+                                         compile=True)
+    video = pipe("a cat walks on the grass", seed=1024)                # uint8 (81, 480, 832, 3), 3 DMD steps, VSA
+    video = pipe("a cat walks on the grass", teacher=True, guidance=3.0, shift=3.0)   # 50-step dense CFG (UniPC)
+    pipe = VideoPipeline.from_pretrained("FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers", device="cuda")
+    video = pipe("a cat walks on the grass", image="cat.png")          # TI2V: the image is the first frame
+
+`from_pretrained` takes a diffusers pipeline folder (transformer/, vae/, text_encoder/, tokenizer/) or a hub id: it
+checks the config files first (a hub id downloads those alone), so bad input fails before any weights move. The
+constructor takes components already built (a DiT, optionally a VAE and a tokenizer + text encoder), e.g. random
+weights for benchmarks; `denoise(context, ...)` then samples from precomputed text embeddings. Samplers:
+inference/samplers.py; the DiT is readied by `prepare_for_inference` (FP8, fused row kernels, compile).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_fp8_attention, vsa_meta
+from data.encode import (
+    denormalize_latents,
+    encode_prompts,
+    latent_stats,
+    load_text_encoder,
+    load_vae,
+    normalize_latents,
+    vae_encode,
+)
+from inference.fp8 import fp8_device_problem
+from inference.prepare import prepare_for_inference
+from inference.samplers import denoise_student, denoise_teacher
+from inference.timer import StageTimer
+from losses.flow import DMD_STEPS
+from models.wan import WanModel
+from models.wan_weights import load_pretrained
+
+AttnFn = Callable[..., torch.Tensor]
+ImageInput = Any  # a file path (str / Path) or a PIL image
+
+# Defaults per VAE latent width (z_dim 16: Wan2.1; 48: Wan2.2 TI2V-5B, whose FastWan release is full attention).
+DEFAULTS: dict[int, dict[str, Any]] = {
+    16: {"height": 480, "width": 832, "num_frames": 81, "fps": 16, "vae_ratio": 8, "attn": "vsa"},
+    48: {"height": 704, "width": 1280, "num_frames": 121, "fps": 24, "vae_ratio": 16, "attn": "sdpa"},
+}
+# Wan's English default negative prompt (the unconditional branch of teacher CFG).
+NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
+    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
+    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
+    "legs, many people in the background, walking backwards"
+)
+ATTN: dict[str, AttnFn] = {"sdpa": sdpa_attention, "vsa": vsa_attention, "vsa_fp8": vsa_fp8_attention}
+STUDENT_STEPS = tuple(float(t) for t in DMD_STEPS)  # 1000, 757, 522
+# Fetched first to validate the request (configs and tokenizer, no weights), then the rest.
+HUB_CONFIGS = ["model_index.json", "transformer/config.json", "vae/config.json", "text_encoder/config.json",
+               "tokenizer/*"]
+HUB_FILES = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "tokenizer/*"]
+VAE_TEMPORAL_RATIO = 4
+
+
+class InputError(ValueError):
+    """Bad input (model, sizes, steps, device), reported before any weights load or any sampling starts."""
+
+
+# ---------------------------------------------------------------- what a pipeline's config files fix
+
+class VideoSize(NamedTuple):
+    height: int
+    width: int
+    num_frames: int
+    latent_shape: tuple[int, int, int, int, int]  # (1, C, T, H, W)
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """The sizes a Wan pipeline accepts: latent channels, VAE spatial ratio, the DiT's spatial patch, TI2V or not."""
+
+    z_dim: int
+    vae_ratio: int
+    patch: tuple[int, int]  # (h, w)
+    ti2v: bool
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return DEFAULTS.get(self.z_dim, {})
+
+    def size(self, height: int | None, width: int | None, num_frames: int | None) -> VideoSize:
+        """Sizes (None: this model's default) checked against the VAE and the patch, and the latent shape."""
+        sizes = {"height": height, "width": width, "num_frames": num_frames}
+        for name, value in sizes.items():
+            sizes[name] = self.defaults.get(name) if value is None else value
+            if sizes[name] is None:
+                raise InputError(f"no default {name} for a VAE with z_dim {self.z_dim}; pass it")
+        for name, patch in zip(("height", "width"), self.patch):
+            multiple = self.vae_ratio * patch
+            if sizes[name] <= 0 or sizes[name] % multiple:
+                raise InputError(f"{name} {sizes[name]} must be a positive multiple of {multiple} for this model "
+                                 f"(VAE spatial ratio {self.vae_ratio} x patch {patch})")
+        frames = sizes["num_frames"]
+        if frames < 1 or (frames - 1) % VAE_TEMPORAL_RATIO:
+            raise InputError(f"num_frames {frames} must be = 1 mod {VAE_TEMPORAL_RATIO} (e.g. 81 or 121): the Wan VAE "
+                             "keeps the first frame and compresses the rest 4x in time")
+        latent_shape = (1, self.z_dim, (frames - 1) // VAE_TEMPORAL_RATIO + 1, sizes["height"] // self.vae_ratio,
+                        sizes["width"] // self.vae_ratio)
+        return VideoSize(sizes["height"], sizes["width"], frames, latent_shape)
+
+    def check_sampling(self, steps: Sequence[float], sparsity: float, teacher: bool, teacher_steps: int,
+                       image: ImageInput | None) -> None:
+        """The sampler's arguments, before any text encoding or denoising."""
+        steps = list(steps)
+        if not steps or not all(0 < s <= 1000 for s in steps) or any(a <= b for a, b in zip(steps, steps[1:])):
+            raise InputError(f"steps {steps} must be strictly decreasing timesteps in (0, 1000], e.g. 1000,757,522")
+        if not 0.0 <= sparsity < 1.0:
+            raise InputError(f"sparsity {sparsity} must be in [0, 1) (fraction of key tiles skipped)")
+        if teacher and teacher_steps < 1:
+            raise InputError(f"teacher_steps {teacher_steps} must be >= 1")
+        if image is None:
+            return
+        if not self.ti2v:
+            raise InputError(f"image conditioning needs a TI2V model (Wan2.2 TI2V-5B: VAE z_dim 48 / "
+                             f"expand_timesteps); this one is text-to-video only (VAE z_dim {self.z_dim})")
+        if isinstance(image, (str, Path)) and not Path(image).is_file():
+            raise InputError(f"image {str(image)!r} is not a file")
+
+
+@dataclass(frozen=True)
+class PipelineFiles:
+    """A diffusers Wan pipeline located and its config files checked; weights not yet read (nor downloaded)."""
+
+    name: str  # as the user gave it
+    folder: Path | None  # None for a hub id until `download`
+    hub_id: str | None
+    spec: VideoSpec
+
+    def download(self) -> Path:
+        """The local folder with every component (a hub id: downloaded, or reused from the HF cache)."""
+        return self.folder if self.folder is not None else fetch(self.hub_id, HUB_FILES)
+
+
+def inspect_pipeline(model: str | Path) -> PipelineFiles:
+    """Locate a pipeline folder or hub id and check its config files agree; raise InputError naming the first bad
+    one. A hub id downloads only the config files and the tokenizer here."""
+    folder, hub_id = locate_model(str(model))
+    configs = read_configs(folder if folder is not None else fetch(hub_id, HUB_CONFIGS), str(model))
+    dit, vae, text, index = configs["transformer"], configs["vae"], configs["text_encoder"], configs["model_index"]
+    z_dim = int(vae.get("z_dim", 16))
+    if dit.get("in_channels") != z_dim:
+        raise InputError(f"{model}: transformer in_channels={dit.get('in_channels')} != vae z_dim={z_dim}")
+    if dit.get("text_dim", 4096) != text.get("d_model"):
+        raise InputError(f"{model}: transformer text_dim={dit.get('text_dim')} != text encoder "
+                         f"d_model={text.get('d_model')}")
+    vae_ratio = int(vae.get("scale_factor_spatial") or DEFAULTS.get(z_dim, {}).get("vae_ratio") or 0)
+    if vae_ratio <= 0:
+        raise InputError(f"{model}: vae config has no scale_factor_spatial and z_dim {z_dim} is unknown")
+    _, patch_h, patch_w = dit.get("patch_size", (1, 2, 2))
+    ti2v = bool(index.get("expand_timesteps", z_dim == 48))
+    return PipelineFiles(str(model), folder, hub_id, VideoSpec(z_dim, vae_ratio, (patch_h, patch_w), ti2v))
+
+
+def locate_model(model: str) -> tuple[Path | None, str | None]:
+    """(local folder, None) or (None, hub id); a path that exists wins over a hub id of the same spelling."""
+    path = Path(model)
+    if path.exists():
+        return path, None
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not model.startswith("."):
+        return None, model
+    raise InputError(f"model {model!r}: folder does not exist (and it is not a hub id of the form owner/name)")
+
+
+def fetch(hub_id: str, patterns: list[str]) -> Path:
+    """Download (or reuse from the HF cache) the files matching `patterns` of a hub repo, with progress bars."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise InputError(f"model {hub_id!r}: no such hub repository (nor local folder); check the id, or log in "
+                         "(`hf auth login`) if it is private or gated") from None
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        raise InputError(f"model {hub_id!r}: no local folder of that name, and the hub repo could not be fetched "
+                         f"(nor found in the cache): {str(e).splitlines()[0]}") from None
+
+
+def read_configs(folder: Path, name: str) -> dict[str, dict[str, Any]]:
+    """model_index.json (optional) and the transformer, vae and text_encoder config.json of a pipeline folder."""
+    configs: dict[str, dict[str, Any]] = {"model_index": {}}
+    index = folder / "model_index.json"
+    if index.is_file():
+        configs["model_index"] = json.loads(index.read_text())
+    missing = [f"{sub}/config.json" for sub in ("transformer", "vae", "text_encoder")
+               if not (folder / sub / "config.json").is_file()]
+    missing += [] if (folder / "tokenizer").is_dir() else ["tokenizer/"]
+    if missing:
+        raise InputError(f"model {name!r} is not a diffusers Wan pipeline: missing {', '.join(missing)}")
+    for sub in ("transformer", "vae", "text_encoder"):
+        configs[sub] = json.loads((folder / sub / "config.json").read_text())
+    return configs
+
+
+def check_device(device: torch.device | str, dtype: torch.dtype, fp8: bool) -> None:
+    """The device exists and runs what was asked of it (FP8 tensor cores for fp8)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device}: no CUDA GPU is visible; use device cpu")
+    if fp8 and device.type == "cuda":  # CPU runs it too (slowly): the tests use that
+        problem = fp8_device_problem(device)
+        if problem:
+            raise InputError(problem)
+        if dtype != torch.bfloat16:
+            # Row-wise _scaled_mm writes fp32 only on sm90 with cuBLAS 12.9+; bf16 is what FP8 is for anyway.
+            raise InputError(f"fp8 (--fp8) on a GPU needs dtype bf16 (got {dtype})")
+
+
+# ---------------------------------------------------------------- components
+
+def student_attention(name: str) -> AttnFn:
+    """Attention `name` when the DiT gets attention metadata (the VSA student), dense without it (the CFG teacher),
+    so one loaded DiT serves both modes."""
+    if name not in ATTN:
+        raise InputError(f"attention {name!r}; choose one of {sorted(ATTN)}")
+    sparse = ATTN[name]
+    if sparse is sdpa_attention:
+        return sdpa_attention
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Any = None,
+                  gate: torch.Tensor | None = None) -> torch.Tensor:
+        return sdpa_attention(q, k, v) if meta is None else sparse(q, k, v, meta, gate)
+
+    return attention
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Channels-last weights for every conv (3D and 2D convs need different formats, so Module.to can't do it)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        elif isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
+def load_image(image: ImageInput, height: int, width: int) -> torch.Tensor:
+    """An image (path or PIL) resized to cover (height, width) and centre-cropped -> (1, 3, 1, H, W) in [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    image = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    image = image.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image).copy()).float() / 127.5 - 1  # (H, W, 3)
+    return pixels.permute(2, 0, 1)[None, :, None]  # (1, 3, 1, H, W)
+
+
+def encode_text(folder: Path, prompts: list[str], device: torch.device | str,
+                timer: StageTimer | None = None) -> torch.Tensor:
+    """Load UMT5 (fp32), encode `prompts` -> context (N, 512, D) float32 on `device`, free the encoder: for callers
+    that encode once and want the memory back before the DiT loads (UMT5-XXL in fp32 is ~23 GB)."""
+    tokenizer, encoder = load_text_encoder(folder, device, torch.float32)
+    with (timer or StageTimer(device)).stage("text encode"):
+        context, _, _ = encode_prompts(tokenizer, encoder, prompts)
+    del tokenizer, encoder
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return context
+
+
+# ---------------------------------------------------------------- the pipeline
+
+class VideoPipeline:
+    """Text (or image + text) to video with a Wan DiT: few-step DMD student or many-step CFG teacher, VAE decode.
+
+    Build with `from_pretrained`, or from components: `dit` a loaded `WanModel` (readied here by
+    `prepare_for_inference`; its blocks get attention `attn`), `vae` a diffusers `AutoencoderKLWan` (its decoder is
+    cast to the DiT's dtype, the encoder stays as given: fp32 for the TI2V image encode), `tokenizer` + `text_encoder`
+    (UMT5) for prompts. Without a VAE, `denoise` still samples latents; without a text encoder, pass `context`.
+    """
+
+    def __init__(self, dit: WanModel, vae: nn.Module | None = None, tokenizer: Any = None,
+                 text_encoder: nn.Module | None = None, *, attn: str | None = None, ti2v: bool | None = None,
+                 fp8: bool = False, compile: bool = False, fused_rows: bool = True, vae_channels_last: bool = False,
+                 vae_compile: bool = False) -> None:
+        z_dim = dit.cfg.in_channels
+        self.device, self.dtype = dit.patch_embedding.weight.device, dit.patch_embedding.weight.dtype
+        check_device(self.device, self.dtype, fp8)
+        vae_ratio = DEFAULTS.get(z_dim, {}).get("vae_ratio", 8) if vae is None else vae.config.scale_factor_spatial
+        self.spec = VideoSpec(z_dim, vae_ratio, tuple(dit.cfg.patch_size[1:]), z_dim == 48 if ti2v is None else ti2v)
+        self.fps = self.spec.defaults.get("fps", 16)
+        attn = attn or self.spec.defaults.get("attn", "vsa")
+        hopper = self.device.type != "cuda" or torch.cuda.get_device_capability(self.device)[0] >= 9
+        if attn == "vsa" and fp8 and hopper:
+            attn = "vsa_fp8"  # Hopper+: TMA and FP8 tensor cores; CPU runs the same reference as "vsa"
+        self.attn = attn
+        attn_fn = student_attention(attn)
+        for block in dit.blocks:  # before compile: the attention is part of each block's graph
+            block.attn1.attn_fn = attn_fn
+        self.dit = prepare_for_inference(dit, fp8=fp8, compile=compile, fused_rows=fused_rows)
+        self.vae = vae
+        if vae is not None:
+            vae.eval().requires_grad_(False)
+            vae.post_quant_conv.to(self.dtype)  # decode in the DiT's dtype (bf16), as the reference decodes
+            vae.decoder.to(self.dtype)
+            if vae_channels_last:
+                channels_last(vae)
+            if vae_compile:
+                vae.decoder.compile()
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path, *, device: torch.device | str | None = None,
+                        dtype: torch.dtype = torch.bfloat16, attn: str | None = None, fp8: bool = False,
+                        compile: bool = False, fused_rows: bool = True, text_encoder: bool = True,
+                        vae_channels_last: bool = False, vae_compile: bool = False) -> "VideoPipeline":
+        """A diffusers Wan pipeline folder or hub id -> VideoPipeline on `device` (default: cuda if available).
+
+        dtype: DiT and VAE-decode precision (UMT5 and the VAE encoder run in fp32). attn: the student's attention,
+        "vsa" (default; "sdpa" for TI2V-5B), "sdpa" or "vsa_fp8"; fp8: FP8 block linears (sm89+ GPU, or CPU) and,
+        with VSA on sm90+, FP8 sparse attention; compile: per-block torch.compile; text_encoder=False skips UMT5
+        (pass `context` to `denoise`). Configs are checked, and the device, before any weights are read.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_device(device, dtype, fp8)
+        files = inspect_pipeline(model)
+        if attn is not None and attn not in ATTN:
+            raise InputError(f"attention {attn!r}; choose one of {sorted(ATTN)}")
+        folder = files.download()
+        tokenizer, encoder = load_text_encoder(folder, device, torch.float32) if text_encoder else (None, None)
+        vae = load_vae(folder, device, torch.float32)
+        dit = load_pretrained(folder, dtype=dtype, device=device)
+        return cls(dit, vae, tokenizer, encoder, attn=attn, ti2v=files.spec.ti2v, fp8=fp8, compile=compile,
+                   fused_rows=fused_rows, vae_channels_last=vae_channels_last, vae_compile=vae_compile)
+
+    # ---- stages ----
+    def encode_prompts(self, prompts: list[str], timer: StageTimer | None = None) -> torch.Tensor:
+        """Prompts -> UMT5 context (N, 512, D) float32 on the pipeline's device."""
+        if self.text_encoder is None:
+            raise InputError("this pipeline has no text encoder (built with text_encoder=False): pass context= to "
+                             "denoise, e.g. from inference.pipeline.encode_text")
+        with (timer or StageTimer(self.device)).stage("text encode"):
+            return encode_prompts(self.tokenizer, self.text_encoder, prompts)[0]
+
+    def encode_image(self, image: ImageInput, height: int, width: int) -> torch.Tensor:
+        """The first frame for TI2V -> normalised latents (1, C, 1, h, w) float32."""
+        if self.vae is None:
+            raise InputError("image conditioning needs the VAE; this pipeline was built without one")
+        # vae_encode casts to the VAE's first parameter: the encoder's, kept in its loaded precision (fp32).
+        z = vae_encode(self.vae, load_image(image, height, width))
+        return normalize_latents(z, *latent_stats(self.vae)).to(self.device)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        context: torch.Tensor,  # (1, L_txt, D_txt)
+        *,
+        negative_context: torch.Tensor | None = None,  # (1, L_txt, D_txt), teacher CFG's unconditional branch
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        seed: int = 1024,
+        steps: Sequence[float] = STUDENT_STEPS,
+        sparsity: float = 0.8,
+        teacher: bool = False,
+        teacher_steps: int = 50,
+        guidance: float = 5.0,
+        shift: float = 5.0,
+        image: ImageInput | None = None,
+        timer: StageTimer | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """Sample normalised latents (1, C, T, H, W) float32 from text embeddings: the student (`steps`, VSA at
+        `sparsity` if the pipeline's attention is sparse) or, with teacher=True, `teacher_steps` of CFG UniPC with
+        `guidance` and flow `shift` (dense). Sizes default to the model's (81x480x832 Wan2.1, 121x704x1280 TI2V-5B)."""
+        size = self.spec.size(height, width, num_frames)
+        self.spec.check_sampling(steps, sparsity, teacher, teacher_steps, image)
+        if teacher and negative_context is None:
+            raise InputError("teacher sampling needs negative_context (the encoded negative prompt)")
+        image_latent = None if image is None else self.encode_image(image, size.height, size.width)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        context = context.to(self.device)
+        if teacher:
+            return denoise_teacher(self.dit, context, negative_context.to(self.device), size.latent_shape, generator,
+                                   num_steps=teacher_steps, guidance=guidance, shift=shift, image_latent=image_latent,
+                                   timer=timer, progress=progress)
+        meta = None
+        if self.attn != "sdpa":
+            meta = vsa_meta(self.dit.token_grid(size.latent_shape), sparsity, self.device)  # cached per shape
+        return denoise_student(self.dit, context, size.latent_shape, list(steps), generator, attn_meta=meta,
+                               image_latent=image_latent, timer=timer, progress=progress)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, timer: StageTimer | None = None) -> torch.Tensor:
+        """Normalised latents (1, C, T, H, W) -> uint8 frames (F, H, W, 3) on the CPU."""
+        if self.vae is None:
+            raise InputError("decoding needs the VAE; this pipeline was built without one")
+        with (timer or StageTimer(self.device)).stage("VAE decode"):
+            weight = self.vae.post_quant_conv.weight  # the decoder's dtype and device
+            z = denormalize_latents(latents.to(weight.device, weight.dtype), *latent_stats(self.vae))
+            video = self.vae.decode(z).sample.float().clamp(-1, 1)[0]  # (3, F, H, W) in [-1, 1]
+            frames = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+            return frames.permute(1, 2, 3, 0).cpu()  # (F, H, W, 3)
+
+    def __call__(
+        self,
+        prompt: str,
+        *,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        seed: int = 1024,
+        steps: Sequence[float] = STUDENT_STEPS,
+        sparsity: float = 0.8,
+        teacher: bool = False,
+        teacher_steps: int = 50,
+        negative_prompt: str = NEGATIVE_PROMPT,
+        guidance: float = 5.0,
+        shift: float = 5.0,
+        image: ImageInput | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """prompt -> video, uint8 (frames, H, W, 3) on the CPU. See `denoise` for the arguments; negative_prompt is
+        the teacher's unconditional prompt (Wan's default)."""
+        if not prompt or not prompt.strip():
+            raise InputError("empty prompt")
+        self.spec.size(height, width, num_frames)  # bad input fails before the text encoder runs
+        self.spec.check_sampling(steps, sparsity, teacher, teacher_steps, image)
+        context = self.encode_prompts([prompt.strip()] + ([negative_prompt] if teacher else []))
+        latents = self.denoise(context[:1], negative_context=context[1:] if teacher else None, height=height,
+                               width=width, num_frames=num_frames, seed=seed, steps=steps, sparsity=sparsity,
+                               teacher=teacher, teacher_steps=teacher_steps, guidance=guidance, shift=shift,
+                               image=image, progress=progress)
+        return self.decode(latents)

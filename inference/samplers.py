@@ -1,0 +1,114 @@
+"""Sampling loops over a Wan DiT: the few-step DMD student, the many-step CFG teacher, TI2V image conditioning.
+
+    x0 = denoise_student(model, context, (1, 16, 21, 60, 104), [1000, 757, 522], generator, attn_meta=meta)
+    x0 = denoise_teacher(model, context, negative, shape, generator, num_steps=50, guidance=5.0, shift=5.0)
+
+Student (DMD2, Yin et al. 2024; FastVideo's `DmdDenoisingStage` in fastvideo/pipelines/stages/denoising.py): one
+conditional forward per step, no CFG; x0 = x_t - sigma v; re-noise x0 to the next step with fresh noise from the seeded
+generator; return the last x0. Teacher (Wan's sampler, fastvideo/pipelines/basic/wan/wan_pipeline.py): diffusers' UniPC
+in flow mode with `uncond + g (cond - uncond)`. TI2V image conditioning (FastVideo's generic `DenoisingStage`): latent
+frame 0 is the encoded image and its tokens get t = 0; it is re-clamped every step. The flow arithmetic is
+losses/flow.py's; latents are normalised (B, C, T, H, W) in fp32 outside the model, which runs in its own dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from inference.timer import StageTimer
+from losses.flow import add_noise, x0_from_velocity
+from models.wan import WanModel
+
+
+def token_timesteps(t: torch.Tensor, grid: tuple[int, int, int], batch: int) -> torch.Tensor:
+    """Per-token timesteps (B, L) for image conditioning from t (1,) or (): t everywhere except the tokens of latent
+    frame 0 (t = 0)."""
+    nt, nh, nw = grid
+    keep = torch.ones(nt * nh * nw, device=t.device)
+    keep[: nh * nw] = 0  # raster order (t, h, w): frame 0 comes first
+    return (t * keep).expand(batch, -1)
+
+
+def with_image(x: torch.Tensor, image_latent: torch.Tensor | None) -> torch.Tensor:
+    """x (B, C, T, H, W) with latent frame 0 replaced by image_latent (B, C, 1, H, W); x itself when None."""
+    return x if image_latent is None else torch.cat([image_latent, x[:, :, 1:]], dim=2)
+
+
+def model_dtype(model: WanModel) -> torch.dtype:
+    """The DiT runs in plain bf16 (or fp32) without autocast: its inputs are cast to its weights' dtype."""
+    return model.patch_embedding.weight.dtype
+
+
+def denoise_student(
+    model: WanModel,
+    context: torch.Tensor,  # (B, L_txt, D_txt)
+    latent_shape: tuple[int, ...],  # (B, C, T, H, W)
+    steps: Sequence[float],
+    generator: torch.Generator,
+    *,
+    attn_meta: Any = None,
+    image_latent: torch.Tensor | None = None,  # (B, C, 1, H, W) normalised; TI2V image conditioning
+    timer: StageTimer | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Few-step DMD sampling -> normalised x0 latents (B, C, T, H, W) float32.
+
+    Draws from `generator`, in this order: the starting noise, then one fresh noise per re-noise step.
+    One conditional forward per step in the model's dtype; the sampler's arithmetic stays in fp32/fp64.
+    Nothing in the loop waits for the GPU.
+    """
+    device, batch, dtype = context.device, latent_shape[0], model_dtype(model)
+    context = context.to(dtype)
+    timer = timer or StageTimer(device)
+    grid = model.token_grid(latent_shape)
+    x = torch.randn(latent_shape, generator=generator, device=device)
+    for i in tqdm(range(len(steps)), desc="denoise", disable=not progress):
+        with timer.stage(f"denoise step {i + 1} (t={steps[i]:g})"):
+            t = torch.full((batch,), steps[i], device=device)  # a fill kernel: no host->device copy, no sync
+            x = with_image(x, image_latent)
+            t_model = t if image_latent is None else token_timesteps(t[:1], grid, batch)
+            v = model(x.to(dtype), t_model, context, attn_meta=attn_meta)
+            x0 = with_image(x0_from_velocity(x, v.float(), t), image_latent)
+            if i + 1 < len(steps):
+                fresh = torch.randn(latent_shape, generator=generator, device=device)
+                x = add_noise(x0, fresh, torch.full((batch,), steps[i + 1], device=device))
+    return x0
+
+
+def denoise_teacher(
+    model: WanModel,
+    context: torch.Tensor,  # (B, L_txt, D_txt)
+    negative: torch.Tensor,  # (B, L_txt, D_txt)
+    latent_shape: tuple[int, ...],  # (B, C, T, H, W)
+    generator: torch.Generator,
+    *,
+    num_steps: int,
+    guidance: float,
+    shift: float,
+    image_latent: torch.Tensor | None = None,  # (B, C, 1, H, W) normalised; TI2V image conditioning
+    timer: StageTimer | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Many-step flow sampling with CFG `uncond + g (cond - uncond)` and diffusers' UniPC (Wan's teacher sampler)
+    -> normalised latents (B, C, T, H, W) float32. Dense attention: the model gets no attention metadata."""
+    from diffusers import UniPCMultistepScheduler
+
+    device, batch, dtype = context.device, latent_shape[0], model_dtype(model)
+    context, negative = context.to(dtype), negative.to(dtype)
+    timer = timer or StageTimer(device)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                                        num_train_timesteps=1000)
+    scheduler.set_timesteps(num_steps, device=device)
+    grid = model.token_grid(latent_shape)
+    x = torch.randn(latent_shape, generator=generator, device=device)
+    for i, step in enumerate(tqdm(scheduler.timesteps, desc="teacher", disable=not progress)):
+        with timer.stage(f"denoise step {i + 1}"):
+            x = with_image(x, image_latent)
+            t = step.float().expand(batch) if image_latent is None else token_timesteps(step.float(), grid, batch)
+            cond = model(x.to(dtype), t, context).float()
+            uncond = model(x.to(dtype), t, negative).float()
+            x = scheduler.step(uncond + guidance * (cond - uncond), step, x).prev_sample
+    return with_image(x, image_latent)
