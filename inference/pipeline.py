@@ -30,6 +30,7 @@ from torch import nn
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_fp8_attention, vsa_meta
 from data.encode import (
+    NEGATIVE_PROMPTS,
     denormalize_latents,
     encode_prompts,
     latent_stats,
@@ -54,13 +55,8 @@ DEFAULTS: dict[int, dict[str, Any]] = {
     16: {"height": 480, "width": 832, "num_frames": 81, "fps": 16, "vae_ratio": 8, "attn": "vsa"},
     48: {"height": 704, "width": 1280, "num_frames": 121, "fps": 24, "vae_ratio": 16, "attn": "sdpa"},
 }
-# Wan's English default negative prompt (the unconditional branch of teacher CFG).
-NEGATIVE_PROMPT = (
-    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, overall "
-    "gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly drawn hands, "
-    "poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy background, three "
-    "legs, many people in the background, walking backwards"
-)
+# Wan's English default negative prompt (the unconditional branch of teacher CFG), shared with tools/prepare.py.
+NEGATIVE_PROMPT = NEGATIVE_PROMPTS["en"]
 ATTN: dict[str, AttnFn] = {"sdpa": sdpa_attention, "vsa": vsa_attention, "vsa_fp8": vsa_fp8_attention}
 STUDENT_STEPS = tuple(float(t) for t in DMD_STEPS)  # 1000, 757, 522
 # Fetched first to validate the request (configs and tokenizer, no weights), then the rest.
