@@ -190,7 +190,8 @@ def dense_gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     _check_inputs(q, k, v, meta, gate)
     if meta.topk != meta.num_tiles:
         raise ValueError(f"dense_gated_attention runs VSA at sparsity 0, but meta keeps {meta.topk} of "
-                         f"{meta.num_tiles} kv tiles (sparsity {meta.sparsity}): build it with vsa_meta(grid, 0.0, ...)")
+                         f"{meta.num_tiles} kv tiles (sparsity {meta.sparsity}): build it with "
+                         "vsa_meta(grid, 0.0, ...)")
     fine = sdpa_attention(q, k, v)  # (B, L, H, D)
     if gate is None:
         return fine

@@ -1,8 +1,9 @@
 """Wan2.1-T2V-1.3B Sparse-distill: DMD2 distillation into a 3-step student with video sparse attention (VSA, ρ = 0.8).
 
 A *student* (VSA, zero-initialised gate), a frozen dense *teacher* (CFG "real score") and a *critic* ("fake score";
-dense + VSA's zero-initialised coarse gate, `attn.critic`): the critic learns every step, the student every `dmd.student_every`-th step along (critic − teacher) / mean|x0
-− teacher|, from Wan-Syn 77×448×832 latents noised to a random step of its [1000, 757, 522] schedule (SPEC §1, §8).
+dense + VSA's zero-initialised coarse gate, `attn.critic`): the critic learns every step, the student every
+`dmd.student_every`-th step along (critic − teacher) / mean|x0 − teacher|, from Wan-Syn 77×448×832 latents noised
+to a random step of its [1000, 757, 522] schedule (SPEC §1, §8).
 Hyperparameters: FastVideo `examples/distill/Wan2.1-T2V/Wan-Syn-Data-480P/distill_dmd_VSA_t2v_1.3B.slurm` at HEAD
 (SPEC §1.15; where the docs disagree, the TOML follows the script: §1.16). Hardware: 8 nodes × 8 H100/H200 as in the
 reference (HSDP pure replication); one H100 runs it too.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -42,11 +43,11 @@ def brute_force(q, k, v, gate, meta) -> torch.Tensor:
     fine = torch.einsum("blhd,bmhd->bhlm", q, k).mul(scale).softmax(-1)  # (B, H, L, L)
     fine = torch.einsum("bhlm,bmhd->blhd", fine, v)
     bounds = meta.tile_offsets.tolist()
-    means = [torch.stack([x[:, a:b].mean(1) for a, b in zip(bounds, bounds[1:])], 1) for x in (q, k, v)]
+    means = [torch.stack([x[:, a:b].mean(1) for a, b in pairwise(bounds)], 1) for x in (q, k, v)]
     coarse = torch.einsum("bnhd,bmhd->bhnm", means[0], means[1]).mul(scale).softmax(-1)  # (B, H, N, N)
     coarse = torch.einsum("bhnm,bmhd->bnhd", coarse, means[2])  # (B, N, H, D)
     per_token = torch.cat([coarse[:, i : i + 1].expand(-1, b - a, -1, -1) for i, (a, b) in
-                           enumerate(zip(bounds, bounds[1:]))], 1)  # (B, L, H, D)
+                           enumerate(pairwise(bounds))], 1)  # (B, L, H, D)
     return fine + gate * per_token
 
 
@@ -74,7 +75,7 @@ def test_gated_equals_vsa_at_sparsity_zero_and_brute_force(grid):
     coarse_part = out - sdpa_attention(q, k, v)
     assert coarse_part.abs().mean() > 1e-2  # the coarse branch is really on
     for name, a, b in zip(("q", "k", "v", "gate"), leaves, ref_leaves):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_sparse_metadata_is_refused():
@@ -124,7 +125,7 @@ def test_ulysses_equals_local():
     expected = {"out": out.detach(), "grad_q": q.grad, "grad_k": k.grad, "grad_v": v.grad, "grad_gate": gate.grad}
     for key, value in expected.items():
         got = torch.cat([r[key] for r in ranks], dim=1)[:, : value.shape[1]]  # rank chunks in sequence order
-        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
 # ---- the recipes ----
