@@ -17,6 +17,8 @@ On CPU tensors `vsa_attention` runs `vsa_reference` (plain torch with masks); on
 `attention/vsa_triton.py`, wrapped as `torch.library` custom ops (namespace `sparse_distill`) with fake
 implementations so `torch.compile` traces attention without graph breaks. `vsa_fp8_attention` is the same contract
 for inference on Hopper GPUs: the fine stage on e4m3 q, k, v (`sample.py --fp8`), no backward.
+`dense_gated_attention` is VSA at ρ = 0 run at dense speed (SDPA for the fine stage, these tile means and coarse
+attention for the gated branch): the critic of the released FastWan runs.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+
+from attention.sdpa import sdpa_attention
 
 KERNEL_HEAD_DIMS = (64, 128)
 
@@ -171,6 +175,48 @@ def vsa_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: V
     return torch.ops.sparse_distill.vsa_fp8(q, k, v, gate, meta.tile_offsets, meta.topk)
 
 
+def dense_gated_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+                          gate: torch.Tensor | None = None) -> torch.Tensor:
+    """VSA at ρ = 0 at dense speed: `sdpa_attention(q, k, v) + gate * coarse` (gate None -> dense only).
+
+    At ρ = 0 every query tile keeps every kv tile, so VSA's fine stage is plain full attention and runs through SDPA
+    (cuDNN on CUDA); the coarse branch is VSA's (tile means, `coarse_attention`, each tile's output on its tokens).
+    This is the critic ("fake score") of the runs that produced the released FastWan checkpoints: FastVideo builds
+    all three networks from the VSA block (`fastvideo/models/dits/wanvideo.py`, `WanTransformerBlock_VSA`) and runs
+    the critic at `VSA_sparsity = 0` with its `to_gate_compress` zero-initialised and trainable
+    (`fastvideo/training/distillation_pipeline.py`). q, k, v, gate: (B, L, H, D) tile-ordered tokens; `meta` from
+    `vsa_meta(grid, 0.0, device)` (for its tiles; metadata that drops kv tiles is refused).
+    """
+    _check_inputs(q, k, v, meta, gate)
+    if meta.topk != meta.num_tiles:
+        raise ValueError(f"dense_gated_attention runs VSA at sparsity 0, but meta keeps {meta.topk} of "
+                         f"{meta.num_tiles} kv tiles (sparsity {meta.sparsity}): build it with "
+                         "vsa_meta(grid, 0.0, ...)")
+    fine = sdpa_attention(q, k, v)  # (B, L, H, D)
+    if gate is None:
+        return fine
+    qm, km, vm = tile_means(q, k, v, meta)  # (B, N, H, D) fp32
+    coarse = coarse_attention(qm, km, vm)[0].transpose(1, 2)  # (B, H, N, D) -> (B, N, H, D)
+    coarse = coarse.index_select(1, meta.token_tile)  # (B, L, H, D): each tile's output on its tokens
+    return (fine.float() + gate.float() * coarse).to(q.dtype)  # fp32 sum, as the VSA kernels' epilogue
+
+
+def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: VSAMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Differentiable fp32 per-tile means of tile-ordered q, k, v: (B, L, H, D) -> three (B, N, H, D).
+
+    CUDA: the Triton kernel (the `vsa_tile_means` op; its backward spreads each tile's gradient / size over the
+    tile's rows); CPU: the same math in torch.
+    """
+    if q.device.type != "cpu":
+        _check_kernel_inputs(q, meta)
+        return torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets)
+    B, _, H, D = q.shape
+    sizes = meta.tile_sizes.to(torch.float32).view(1, -1, 1, 1)
+    return tuple(x.new_zeros(B, meta.num_tiles, H, D, dtype=torch.float32).index_add(1, meta.token_tile, x.float())
+                 / sizes for x in (q, k, v))
+
+
 def coarse_attention(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention between tile means, in fp32 (it is tiny: N ≤ ~1500 tiles).
 
@@ -250,6 +296,31 @@ def _(q, k, v, tile_offsets):
     B, L, H, D = q.shape
     N = tile_offsets.shape[0] - 1
     return tuple(q.new_empty(B, N, H, D, dtype=torch.float32) for _ in range(3))
+
+
+def _tile_means_setup(ctx, inputs, output):
+    q, k, v, tile_offsets = inputs
+    ctx.save_for_backward(tile_offsets)
+    ctx.length, ctx.dtypes = q.shape[1], (q.dtype, k.dtype, v.dtype)
+
+
+def _tile_means_backward(ctx, dqm, dkm, dvm):
+    # d mean_n / d x_l = 1 / size_n for the rows l of tile n: each tile's gradient / size, spread over its rows.
+    (tile_offsets,) = ctx.saved_tensors
+    sizes = tile_offsets[1:] - tile_offsets[:-1]  # (N,)
+    token_tile = torch.repeat_interleave(torch.arange(sizes.shape[0], device=sizes.device), sizes,
+                                         output_size=ctx.length)  # (L,)
+
+    def spread(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if grad is None:
+            return None
+        return (grad / sizes.view(1, -1, 1, 1)).index_select(1, token_tile).to(dtype)  # (B, N, ..) -> (B, L, ..)
+
+    return (*(spread(g, dt) for g, dt in zip((dqm, dkm, dvm), ctx.dtypes)), None)
+
+
+torch.library.register_autograd("sparse_distill::vsa_tile_means", _tile_means_backward,
+                                setup_context=_tile_means_setup)
 
 
 @torch.library.custom_op("sparse_distill::vsa_select", mutates_args=())

@@ -16,8 +16,19 @@ DMD_STEPS = (1000, 757, 522)
 
 
 def sigma_of(t: torch.Tensor) -> torch.Tensor:
-    """Noise level of timestep `t` (0..1000). FastVideo snaps to a 1000-point grid whose points are t_i = 1000 σ_i,
-    so σ = t / 1000 up to ≤ 0.5e-3 quantisation; we use the exact value."""
+    """Noise level of timestep `t` (0..1000): exactly t / 1000.
+
+    FastVideo's add_noise / x0 conversion instead snap t to the nearest point of the shifted 1000-point grid
+    t_i = 1000·σ_i, σ_i = shift(i / 1000) (`FlowMatchEulerDiscreteScheduler(shift=flow_shift)`) and use that σ_i.
+    Measured against diffusers' grid (2026-12-02): for arbitrary t in [20, 980] the difference is up to half the grid
+    spacing, 3.8e-3 at shift 8 (t ≈ 27), 2.4e-3 at shift 5, 1.5e-3 at shift 3. What the recipes feed it: a score
+    timestep clamp(shift(U{0..999}), 20, 980) with the grid's shift *is* a grid point (|Δσ| ≤ 1.2e-7), except at
+    the clamps: t = 20 (0.3 % / 0.5 % / 0.7 % of draws at shift 8 / 5 / 3) snaps to σ 0.0235 / 0.0197 / 0.0207,
+    |Δσ| 3.5e-3 / 3.2e-4 / 7.1e-4, and t = 980 (14 % / 9 % / 6 %) |Δσ| ≤ 1.1e-4; the student's steps 757 and 522
+    |Δσ| ≤ 4.4e-4 (t = 1000 is exact). The mean |Δσ| over score draws is ≤ 1.9e-5. The one large case changes
+    x_t = (1 − σ)·x0 + σ·ε by 3.5e-3·|ε − x0|, the size of bf16's rounding of x_t itself, on 0.3 % of the
+    score timesteps, so we keep the exact σ rather than copy the snapping.
+    """
     return t / NUM_TRAIN_TIMESTEPS
 
 

@@ -4,7 +4,8 @@ The same method as the Wan sparse-distill recipes (SPEC §1, §8), on `recipes/t
 synthetic moving-blob latents of `data/synthetic.py`. Three networks, all initialised from the teacher export:
 student (trainable, VSA at `attn.sparsity` over 16 tiles of the (2, 16, 16) token grid, zero-initialised gate),
 teacher (frozen, dense, CFG against the zero "negative" caption in the DMD2 form cond + w·(cond − uncond)) and critic
-(trainable, dense). The critic is updated every step, the student every `dmd.student_every`-th step. Rollouts:
+(trainable, dense attention + VSA's zero-initialised coarse gate with `attn.critic = "dense_gated"`, as FastVideo's
+critic). The critic is updated every step, the student every `dmd.student_every`-th step. Rollouts:
 `dmd.rollout = "data"` (noised data at a random step of the list) or `"simulate"` (data-free backward simulation).
 Data mode's "data" are clips the teacher generates for the training captions at start-up (`data.source`), as
 FastVideo's Wan recipes distill on teacher-generated latents: the toy teacher's samples differ visibly from the clips it
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_meta
+from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
 from components.config import dump_toml, exit_on_config_error, load_config, require_paths
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
@@ -54,8 +55,11 @@ class ModelConfig:
 
 @dataclass
 class AttnConfig:
-    student: Literal["vsa", "sdpa"]  # the teacher and the critic are always dense
+    student: Literal["vsa", "sdpa"]  # the teacher is always dense
     sparsity: float  # VSA: fraction of kv tiles each query tile skips
+    # critic: "dense_gated" = dense + VSA's coarse branch through a trainable zero-initialised gate (VSA at ρ = 0, the
+    # Wan recipes' default, as the released FastWan runs), "dense" = plain SDPA
+    critic: Literal["dense_gated", "dense"]
 
 
 @dataclass
@@ -115,12 +119,12 @@ class RecipeConfig:
 
 
 # --------------------------------------------------------------------------------------------- recipe-local choices
-ATTN = {"vsa": vsa_attention, "sdpa": sdpa_attention}
+ATTN = {"vsa": vsa_attention, "sdpa": sdpa_attention, "dense_gated": dense_gated_attention}
 
 
 def build_wan(path: Path, attn: str) -> WanModel:
-    """A role initialised from the teacher export; the student's VSA gate is new and starts at zero."""
-    return load_pretrained(path, attn_fn=ATTN[attn], vsa_gate=attn == "vsa")
+    """A role initialised from the teacher export; the VSA gate (student, gated critic) is new and starts at zero."""
+    return load_pretrained(path, attn_fn=ATTN[attn], vsa_gate=attn in ("vsa", "dense_gated"))
 
 
 # Copied from recipes/toy_teacher.py:init_distributed
@@ -162,6 +166,7 @@ def student_step(
     critic: WanModel,
     opt: torch.optim.Optimizer,
     meta,
+    critic_meta,
     x_data: torch.Tensor,
     context: torch.Tensor,
     dmd: DmdConfig,
@@ -175,7 +180,7 @@ def student_step(
     t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
     with torch.no_grad():
         x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator), t)
-        fake = x0_from_velocity(x_t, critic(x_t, t, context), t)
+        fake = x0_from_velocity(x_t, critic(x_t, t, context, attn_meta=critic_meta), t)
         real_cond = x0_from_velocity(x_t, teacher(x_t, t, context), t)
         real_uncond = x0_from_velocity(x_t, teacher(x_t, t, negative_context_like(context)), t)
     loss, stats = dmd_loss(x0, fake, real_cond, real_uncond, dmd.guidance)
@@ -197,6 +202,7 @@ def critic_step(
     critic: WanModel,
     opt: torch.optim.Optimizer,
     meta,
+    critic_meta,
     x_data: torch.Tensor,
     context: torch.Tensor,
     dmd: DmdConfig,
@@ -209,7 +215,7 @@ def critic_step(
         x0, _ = rollout(student, meta, x_data, context, dmd, generator)
     t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
     noise = torch.randn(x0.shape, generator=generator)
-    loss = critic_loss(critic(add_noise(x0, noise, t), t, context), noise, x0)
+    loss = critic_loss(critic(add_noise(x0, noise, t), t, context, attn_meta=critic_meta), noise, x0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     all_reduce_grads(critic, world)
@@ -281,9 +287,11 @@ def main(cfg: RecipeConfig) -> Path:
     train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
     student = build_wan(cfg.model.teacher, cfg.attn.student)
     teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
-    critic = build_wan(cfg.model.teacher, "sdpa")
+    critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
+    critic = build_wan(cfg.model.teacher, critic_attn)
     tokens = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))  # (T', H', W')
     meta = vsa_meta(tokens, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
+    critic_meta = vsa_meta(tokens, 0.0, "cpu") if critic_attn == "dense_gated" else None  # its tiles, for the gate
     optim = cfg.optim
     student_opt = torch.optim.AdamW(
         student.parameters(), lr=optim.student_lr, betas=optim.betas, weight_decay=optim.weight_decay
@@ -308,11 +316,24 @@ def main(cfg: RecipeConfig) -> Path:
         if step % cfg.dmd.student_every == 0:
             scalars.update(
                 student_step(
-                    student, teacher, critic, student_opt, meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
+                    student,
+                    teacher,
+                    critic,
+                    student_opt,
+                    meta,
+                    critic_meta,
+                    x_data,
+                    context,
+                    cfg.dmd,
+                    optim.grad_clip,
+                    world,
+                    g,
                 )
             )
         scalars.update(
-            critic_step(student, critic, critic_opt, meta, x_data, context, cfg.dmd, optim.grad_clip, world, g)
+            critic_step(
+                student, critic, critic_opt, meta, critic_meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
+            )
         )
         if rank == 0 and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < optim.steps:
             scalars.update(validate(student, teacher, meta, heldout, cfg, run_dir, step, grid=False))

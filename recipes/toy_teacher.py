@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from components.config import dump_toml, exit_on_config_error, load_config
 from components.metrics import MetricsLogger, write_video
-from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, negative_context
+from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split
 from losses.flow import add_noise, flow_matching_loss, shift_timestep, teacher_sample
 from models.wan import WAN_CONFIGS, WanModel, config_with
 from models.wan_weights import export_pretrained

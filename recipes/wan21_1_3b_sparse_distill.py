@@ -1,8 +1,9 @@
 """Wan2.1-T2V-1.3B Sparse-distill: DMD2 distillation into a 3-step student with video sparse attention (VSA, ρ = 0.8).
 
-A *student* (VSA, zero-initialised gate), a frozen dense *teacher* (CFG "real score") and a dense *critic* ("fake
-score"): the critic learns every step, the student every `dmd.student_every`-th step along (critic − teacher) / mean|x0
-− teacher|, from Wan-Syn 77×448×832 latents noised to a random step of its [1000, 757, 522] schedule (SPEC §1, §8).
+A *student* (VSA, zero-initialised gate), a frozen dense *teacher* (CFG "real score") and a *critic* ("fake score";
+dense + VSA's zero-initialised coarse gate, `attn.critic`): the critic learns every step, the student every
+`dmd.student_every`-th step along (critic − teacher) / mean|x0 − teacher|, from Wan-Syn 77×448×832 latents noised
+to a random step of its [1000, 757, 522] schedule (SPEC §1, §8).
 Hyperparameters: FastVideo `examples/distill/Wan2.1-T2V/Wan-Syn-Data-480P/distill_dmd_VSA_t2v_1.3B.slurm` at HEAD
 (SPEC §1.15; where the docs disagree, the TOML follows the script: §1.16). Hardware: 8 nodes × 8 H100/H200 as in the
 reference (HSDP pure replication); one H100 runs it too.
@@ -24,7 +25,7 @@ from typing import Literal
 import torch
 
 from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_meta
+from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
 from components.config import (
     ConfigError,
     as_config_error,
@@ -58,7 +59,10 @@ class ModelConfig:
 
 @dataclass
 class AttnConfig:
-    student: Literal["vsa", "sdpa"]  # student self-attention; teacher and critic are always dense
+    student: Literal["vsa", "sdpa"]  # student self-attention; the teacher is always dense
+    # critic self-attention: "dense_gated" = dense + VSA's coarse branch through a trainable zero-initialised gate
+    # (VSA at ρ = 0, as the released FastWan runs trained it), "dense" = plain SDPA
+    critic: Literal["dense_gated", "dense"]
     sparsity: float  # VSA ρ: the fraction of kv tiles each query tile skips
     sparsity_ramp: list[float]  # [] = constant ρ; [start, step, interval]: ρ_k = min(start + step·⌊k/interval⌋, ρ)
 
@@ -141,7 +145,7 @@ class RecipeConfig:
     run: RunConfig
 
 
-ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention}
+ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "dense_gated": dense_gated_attention}
 
 
 def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[int, ...]]:
@@ -177,7 +181,8 @@ def build_wan(
 ) -> WanModel:
     """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
     with torch.device("meta"):
-        model = WanModel(replace(wan, vsa_gate=attn == "vsa"), attn_fn=ATTN[attn])  # the student's gate starts at 0
+        # The VSA gate (student, gated critic) starts at 0 unless `weights` has one.
+        model = WanModel(replace(wan, vsa_gate=attn in ("vsa", "dense_gated")), attn_fn=ATTN[attn])
     parallelize_wan(
         model,
         dims,
@@ -218,6 +223,7 @@ def student_step(
     batches: list[dict],
     negative: torch.Tensor,
     meta,
+    critic_meta,
     dmd: DMDConfig,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +234,7 @@ def student_step(
         with torch.no_grad():
             t = sample_score_timesteps(x0.shape[0], dmd.flow_shift, dmd.t_min, dmd.t_max, gen).to(x0.device)
             x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=x0.device), t)
-            fake = x0_from_velocity(x_t, critic(x_t, t, batch["context"]), t)
+            fake = x0_from_velocity(x_t, critic(x_t, t, batch["context"], critic_meta), t)
             # Conditional and negative-prompt teacher passes as one batch of 2B.
             x_tt, tt = torch.cat([x_t, x_t]), torch.cat([t, t])
             v = teacher(x_tt, tt, torch.cat([batch["context"], negative.expand_as(batch["context"])]))
@@ -241,7 +247,13 @@ def student_step(
 
 
 def critic_step(
-    student: WanModel, critic: WanModel, batches: list[dict], meta, dmd: DMDConfig, gen: torch.Generator
+    student: WanModel,
+    critic: WanModel,
+    batches: list[dict],
+    meta,
+    critic_meta,
+    dmd: DMDConfig,
+    gen: torch.Generator,
 ) -> torch.Tensor:
     """Accumulate the critic's flow-matching loss on fresh no-grad student samples (SPEC §1.6); returns it detached."""
     loss_sum = 0.0
@@ -250,7 +262,7 @@ def critic_step(
             x0 = rollout(student, batch, meta, dmd.steps, gen)
         t = sample_score_timesteps(x0.shape[0], dmd.flow_shift, dmd.t_min, dmd.t_max, gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen, device=x0.device)
-        loss = critic_loss(critic(add_noise(x0, noise, t), t, batch["context"]), noise, x0)
+        loss = critic_loss(critic(add_noise(x0, noise, t), t, batch["context"], critic_meta), noise, x0)
         (loss / len(batches)).backward()
         loss_sum = loss_sum + loss.detach() / len(batches)
     return loss_sum
@@ -280,15 +292,17 @@ def main(cfg: RecipeConfig) -> Path:
     negative = load_negative_context(cfg.data.negative_prompt)[0][None].to(device)  # (1, 512, D)
     val_contexts = load_contexts(cfg.data.val_prompts, cfg.run.val_count).to(device)  # (N, 512, D), fixed noise each
     vae = load_vae(cfg.model.base, device) if rank == 0 else None  # decodes the validation samples
-    # ---- models: student (VSA + gate), frozen dense teacher, dense critic; all start from the same weights ----
+    # ---- models: student (VSA + gate), frozen dense teacher, critic (dense [+ gate]); all from the same weights ----
     weights = run_dir / "random_init" if cfg.model.preset else cfg.model.base  # preset: seeded random weights
     if cfg.model.preset and rank == 0:
         export_random_init(wan, weights, cfg.run.seed)
     torch.distributed.barrier()  # the weights exist before any rank reads them
     student = build_wan(wan, cfg.attn.student, weights, dims, device, cfg.parallel, frozen=False)
     teacher = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=True)
-    critic = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=False)
+    critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
+    critic = build_wan(wan, critic_attn, weights, dims, device, cfg.parallel, frozen=False)
     grid = student.token_grid((1, *latent_shape))
+    critic_meta = vsa_meta(grid, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
     o = cfg.optim
     opts = {
@@ -336,12 +350,12 @@ def main(cfg: RecipeConfig) -> Path:
         ok_student = True
         with amp:
             if step % cfg.dmd.student_every == 0:
-                loss, denom = student_step(student, teacher, critic, batches, negative, meta, cfg.dmd, gen)
+                loss, denom = student_step(student, teacher, critic, batches, negative, meta, critic_meta, cfg.dmd, gen)
                 norm, ok_student = apply_update(student, opts["student"], loss, o.grad_clip)
                 if ema and ok_student:
                     update_ema(ema, student, cfg.run.ema_decay)
                 logs.update({"loss/dmd": loss, "dmd/denom": denom, "grad_norm/student": norm})
-            loss = critic_step(student, critic, batches, meta, cfg.dmd, gen)
+            loss = critic_step(student, critic, batches, meta, critic_meta, cfg.dmd, gen)
             norm, ok_critic = apply_update(critic, opts["critic"], loss, o.grad_clip)
             logs.update({"loss/critic": loss, "grad_norm/critic": norm})
         for s in scheds.values():

@@ -23,7 +23,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 else:
     from attention import vsa_triton
-    from attention.vsa import (coarse_attention, select_tiles, vsa_attention_kernels, vsa_meta, vsa_reference)
+    from attention.vsa import (coarse_attention, select_tiles, tile_means, vsa_attention_kernels, vsa_meta,
+                               vsa_reference)
 
     def rel_err(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
@@ -229,6 +230,19 @@ else:
         with pytest.raises(ValueError, match="at least 32 rows"):
             vsa_triton.fine_forward_fp8(q, k, v, sel, ends, meta.tile_offsets, boxes=(64, 32, 16))
 
+    def test_tile_means_op_backward_equals_torch_tile_means():
+        # The gated critic's coarse branch on CUDA (dense_gated_attention) differentiates through this op.
+        meta = vsa_meta((3, 5, 9), 0.0, "cpu")  # tiles of 48, 12 and 3 tokens
+        leaves = random_inputs(2, 135, 2, 64, 3, seed=11)
+        twins = [x.detach().clone().requires_grad_() for x in leaves]
+        w = [torch.randn(2, meta.num_tiles, 2, 64, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        means = torch.ops.sparse_distill.vsa_tile_means(*leaves, meta.tile_offsets)
+        sum((m * wi).sum() for m, wi in zip(means, w)).backward()
+        ref = tile_means(*twins, meta)  # CPU tensors: the torch form (index_add), differentiated by autograd
+        sum((m * wi).sum() for m, wi in zip(ref, w)).backward()
+        for name, a, b, x, y in zip("qkv", means, ref, leaves, twins):
+            assert rel_err(a, b) < 1e-6 and rel_err(x.grad, y.grad) < 1e-6, name
+
     def test_custom_ops_pass_opcheck():
         meta = vsa_meta((3, 5, 9), 0.5, "cpu")
         q, k, v = (x.detach().requires_grad_() for x in random_inputs(1, 135, 1, 64, 3, seed=9))
@@ -238,7 +252,6 @@ else:
         torch.library.opcheck(torch.ops.sparse_distill.vsa_fine.default, (q, k, v, sel, ends, meta.tile_offsets))
         gate = torch.randn_like(q, requires_grad=True)
         torch.library.opcheck(torch.ops.sparse_distill.vsa_gated.default, (q, k, v, gate, meta.tile_offsets, meta.topk))
-        torch.library.opcheck(torch.ops.sparse_distill.vsa_tile_means.default,
-                              (q.detach(), k.detach(), v.detach(), meta.tile_offsets))
+        torch.library.opcheck(torch.ops.sparse_distill.vsa_tile_means.default, (q, k, v, meta.tile_offsets))
         torch.library.opcheck(torch.ops.sparse_distill.vsa_fp8.default,  # inference op: no autograd
                               (q.detach(), k.detach(), v.detach(), gate.detach(), meta.tile_offsets, meta.topk))
