@@ -22,7 +22,8 @@ from data.encode import (
     vae_decode,
     vae_encode,
 )
-from data.latents import LatentDataset, load_negative_context, make_loader
+from data.dataset import LatentDataset, load_negative_context
+from data.loader import make_loader
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipeline import TINY_TEXT_DIM, TINY_Z_DIM, build_tiny_pipeline  # noqa: E402

@@ -181,7 +181,8 @@ def test_golden_losses_match_an_independent_recomputation(name, tiny_data, tmp_p
     data (SPEC §1.4a); the 5B recipe simulates the student's chain from noise (§1.4b) under a warmup LR schedule."""
     from attention.vsa import vsa_attention, vsa_meta
     from data.encode import latent_stats, load_vae
-    from data.latents import LatentDataset, load_negative_context, make_loader
+    from data.dataset import LatentDataset, load_negative_context
+    from data.loader import make_loader
     from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
     from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
     from models.wan_weights import load_pretrained

@@ -22,7 +22,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from data.latents import LATENT_SCHEMA, LatentDataset, LatentParquetWriter, make_loader
+from data.dataset import LatentDataset
+from data.loader import make_loader
+from data.parquet import LATENT_SCHEMA
+from data.writer import LatentParquetWriter
 
 LATENT_SHAPE = (16, 20, 56, 104)  # 77×448×832 through the Wan2.1 VAE
 GPU_ROWS_PER_S = 1 / 3.0  # one H100: ~3 s per row (batch 1) for 1.3B Sparse-distill at 77×448×832

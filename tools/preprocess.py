@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data.encode import encode_prompts, load_text_encoder, load_vae, trim_embedding, vae_encode
-from data.latents import LatentParquetWriter
+from data.writer import LatentParquetWriter
 
 VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".avi")
 
