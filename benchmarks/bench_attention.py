@@ -1,9 +1,9 @@
 """Benchmark VSA against cuDNN dense SDPA at Wan shapes on one GPU.
 
-    python tools/bench_attention.py            # all shapes, ρ ∈ {0.8, 0.9}
-    python tools/bench_attention.py --sweep    # first sweep the kernel launch configs at 1.3B-480p ρ=0.9
-    python tools/bench_attention.py --shapes 1.3B-480p --sparsity 0.9
-    python tools/bench_attention.py --fp8      # also the FP8 inference forward (vsa_fp8_attention)
+    python benchmarks/bench_attention.py            # all shapes, ρ ∈ {0.8, 0.9}
+    python benchmarks/bench_attention.py --sweep    # first sweep the kernel launch configs at 1.3B-480p ρ=0.9
+    python benchmarks/bench_attention.py --shapes 1.3B-480p --sparsity 0.9
+    python benchmarks/bench_attention.py --fp8      # also the FP8 inference forward (vsa_fp8_attention)
 
 For each shape and sparsity: ms of the forward and forward+backward of (a) cuDNN SDPA dense on the same q/k/v,
 (b) the whole VSA op (tile means, coarse attention, top-k, fine kernels, gate), (c) the fine kernels alone (the

@@ -1,7 +1,7 @@
 """Loader throughput on Wan-Syn-sized rows vs what one GPU consumes.
 
-    python tools/bench_data.py                       # 48 rows, 4 workers, both row-group layouts
-    python tools/bench_data.py --rows 96 --workers 8 --dir /fast/disk/tmp
+    python benchmarks/bench_data.py                       # 48 rows, 4 workers, both row-group layouts
+    python benchmarks/bench_data.py --rows 96 --workers 8 --dir /fast/disk/tmp
 
 Writes a synthetic dataset shaped like `FastVideo/Wan-Syn_77x448x832_600k` (latents 16×20×56×104 float32 ≈ 7.5 MB/row,
 text embedding ~100×4096 float32 ≈ 1.6 MB/row) in two layouts — ours (one row group per row) and the published one (one

@@ -1,7 +1,7 @@
 """Time one DiT forward at real size with random weights (speed does not depend on weight values).
 
-    python tools/bench_model.py                       # Wan2.1-1.3B, 81x480x832 (latent 21x60x104), bf16
-    python tools/bench_model.py --preset wan21_14b --latent 21,60,104 --diffusers
+    python benchmarks/bench_model.py                       # Wan2.1-1.3B, 81x480x832 (latent 21x60x104), bf16
+    python benchmarks/bench_model.py --preset wan21_14b --latent 21,60,104 --diffusers
 
 Reports our forward (dense cuDNN SDPA), the attention share of it (the same forward with attention replaced by a
 pass-through, subtracted), and optionally diffusers' WanTransformer3DModel on the same inputs. Needs a CUDA GPU.
@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from attention.sdpa import sdpa_attention  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel  # noqa: E402
+from attention.sdpa import sdpa_attention
+from models.wan import WAN_CONFIGS, WanModel
 
 
 def time_ms(fn, warmup: int = 2, reps: int = 5) -> float:

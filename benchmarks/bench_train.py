@@ -1,9 +1,9 @@
 """Time the real Wan2.1-1.3B sparse-distill step (the recipe's own step functions) on one GPU.
 
-    python tools/bench_train.py                                  # 77x448x832 latents (20x28x52 = 29,120 tokens)
-    python tools/bench_train.py --ac selective --compile         # switches (compiled training: see parallel/compile.py)
-    torchrun --nproc_per_node 2 tools/bench_train.py --dp-replicate 2      # HSDP over 2 GPUs (scaling)
-    torchrun --nproc_per_node 2 tools/bench_train.py --sp 2                # Ulysses SP = 2
+    python benchmarks/bench_train.py                                  # 77x448x832 latents (20x28x52 = 29,120 tokens)
+    python benchmarks/bench_train.py --ac selective --compile         # switches (compiled training: see parallel/compile.py)
+    torchrun --nproc_per_node 2 benchmarks/bench_train.py --dp-replicate 2      # HSDP over 2 GPUs (scaling)
+    torchrun --nproc_per_node 2 benchmarks/bench_train.py --sp 2                # Ulysses SP = 2
 
 Real-size random weights (speed does not depend on weight values), synthetic latents, batch 1 per SP group, student
 VSA at rho, critic every step and student every 5th step, as recipes/wan21_1_3b_sparse_distill.py runs them. Reports
@@ -34,7 +34,7 @@ from models.wan import WAN_CONFIGS, WanConfig, WanModel, config_with  # noqa: E4
 from parallel.mesh import build_mesh, init_distributed  # noqa: E402
 from parallel.wan import parallelize_wan  # noqa: E402
 
-# attention's share of a dense 1.3B forward at this length (tools/bench_model.py: 341 of 718 ms): the part of the
+# attention's share of a dense 1.3B forward at this length (benchmarks/bench_model.py: 341 of 718 ms): the part of the
 # forward that AC mode "attention" does not recompute (FLOPs are counted as executed)
 ATTN_SHARE_OF_FORWARD = 0.475
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core peak of an H100 SXM (datasheet), the MFU denominator

@@ -1,8 +1,8 @@
 """Can the tiny toy teacher learn a caption factor? Train it on one variant of the toy data and print, at step
 milestones, per-factor accuracy of its 50-step CFG samples, distance to held-out data and motion coherence.
 
-    python tools/probe_toy_factors.py --factor direction --steps 24000 --budget-s 450 [--set travel=6 jitter=8 ...]
-    python tools/probe_toy_factors.py --factor brightness                      # the toy's current second factor
+    python scripts/probe_toy_factors.py --factor direction --steps 24000 --budget-s 450 [--set travel=6 jitter=8 ...]
+    python scripts/probe_toy_factors.py --factor brightness                      # the toy's current second factor
 
 `--factor brightness` is `data/synthetic.py` as it is (colour × brightness × size; random direction of motion).
 `--factor direction` makes the direction of motion the second caption factor instead (4 words; every blob bright) —
