@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,12 +39,9 @@ def load_recipe(name: str):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import make_tiny_data
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_data"))])
+    out = tmp_path_factory.mktemp("tiny_data")
+    subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_data.py"), "--out", str(out)], check=True, timeout=300)
+    return out
 
 
 @pytest.fixture(autouse=True)
