@@ -11,6 +11,7 @@
 #   bash scripts/gpu_acceptance.sh compiled  # four GPUs: compiled training checked against eager, then timed
 #   bash scripts/gpu_acceptance.sh single bench_train,recipe_1gpu   # only the named steps
 #
+# bench_train steps include writing real-size random weights once per --work folder and the recipe's final export.
 # Results: $OUT/summary.txt (the result lines of every step), $OUT/gpus.txt, and every full log in $OUT/logs.tgz.
 set -u
 case "${1:-}" in
@@ -70,8 +71,8 @@ compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eag
   step bench_attention_pointer 150 env SPARSE_DISTILL_VSA_TMA=0 python3 benchmarks/bench_attention.py --shapes 1.3B-480p
   step bench_attention 240 python3 benchmarks/bench_attention.py --profile --bound
   step bench_optimizer 120 python3 benchmarks/bench_optimizer.py
-  step bench_train 300 python3 benchmarks/bench_train.py --ac full --cycles 2
-  step bench_train_attn 300 python3 benchmarks/bench_train.py --ac attention --cycles 2
+  step bench_train 420 python3 benchmarks/bench_train.py --ac full --cycles 2
+  step bench_train_attn 420 python3 benchmarks/bench_train.py --ac attention --cycles 2
   step bench_inference 420 python3 benchmarks/bench_inference.py --cases a,b,c --diffusers
   step bench_inference_compile 300 python3 benchmarks/bench_inference.py --cases a --compile --fp8 --profile
   step bench_inference_14b 570 python3 benchmarks/bench_inference.py --cases b --compile --fp8
@@ -89,13 +90,13 @@ quad)  # four GPUs: 1-GPU and 2-GPU runs side by side on disjoint GPUs (each ben
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   chain 0 "check_compile 290 python3 scripts/check_speedups_gpu.py --layers 6 --only 'eager+none,compile+none,\
 compile nofsdp+none,compile nocudnn+none,compile noreshard+none,compile attn-eager+none,compile fp32+none'" \
-    "bench_train_attn 200 python3 benchmarks/bench_train.py --ac attention --cycles 2 --work outputs/bench_train_g0"
+    "bench_train_attn 360 python3 benchmarks/bench_train.py --ac attention --cycles 2 --work outputs/bench_train_g0"
   chain 1 "recipe_1gpu 300 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml" \
-    "bench_train 170 python3 benchmarks/bench_train.py --ac full --cycles 2 --work outputs/bench_train_g1"
+    "bench_train 360 python3 benchmarks/bench_train.py --ac full --cycles 2 --work outputs/bench_train_g1"
   chain 2,3 "recipe_2gpu 300 torchrun --nproc_per_node 2 --master_port 29520 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x" \
-    "train_sp2 170 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --ac full --cycles 1 \
+    "train_sp2 360 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --ac full --cycles 1 \
     --work outputs/bench_train_g23"
   collect
   step check_sp4 90 torchrun --nproc_per_node 4 scripts/check_parallel_gpu.py --only sp
@@ -105,30 +106,30 @@ compiled)  # four GPUs: compiled training (mix-order reduction off, parallel/com
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   chain 0 "check_compile 260 python3 scripts/check_speedups_gpu.py --layers 4 --only 'eager+none,compile+none,\
 compile+full,compile+attention,compile mixorder+none,compile fp32+none'" \
-    "train_compile_full 200 python3 benchmarks/bench_train.py --ac full --compile --cycles 2 \
+    "train_compile_full 360 python3 benchmarks/bench_train.py --ac full --compile --cycles 2 \
     --work outputs/bench_train_g0"
-  chain 1 "train_compile_attn 200 python3 benchmarks/bench_train.py --ac attention --compile --cycles 2 \
+  chain 1 "train_compile_attn 360 python3 benchmarks/bench_train.py --ac attention --compile --cycles 2 \
     --work outputs/bench_train_g1" \
     "recipe_1gpu_compiled 300 torchrun --nproc_per_node 1 --master_port 29510 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.activation_checkpointing=attention parallel.compile=true \
     run.name=gpu_random_compiled"
-  chain 2,3 "train_hsdp2 200 python3 benchmarks/bench_train.py --nproc 2 --dp-replicate 2 --ac attention --compile \
+  chain 2,3 "train_hsdp2 360 python3 benchmarks/bench_train.py --nproc 2 --dp-replicate 2 --ac attention --compile \
     --cycles 2 --work outputs/bench_train_g23" \
-    "train_sp2 200 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --ac attention --compile --cycles 2 \
+    "train_sp2 360 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --ac attention --compile --cycles 2 \
     --work outputs/bench_train_g23"
   collect
   ;;
 dual)
   step check_parallel 240 torchrun --nproc_per_node 2 scripts/check_parallel_gpu.py --only sp,timing --steps 3
-  step train_1gpu 200 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_train.py --ac full --cycles 1
-  step train_hsdp2 220 python3 benchmarks/bench_train.py --nproc 2 --dp-replicate 2 --ac full --cycles 1
-  step train_sp2 220 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --ac full --cycles 1
+  step train_1gpu 360 env CUDA_VISIBLE_DEVICES=0 python3 benchmarks/bench_train.py --ac full --cycles 1
+  step train_hsdp2 360 python3 benchmarks/bench_train.py --nproc 2 --dp-replicate 2 --ac full --cycles 1
+  step train_sp2 360 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --ac full --cycles 1
   step tiny_data 120 python3 tools/make_tiny_data.py --out outputs/gpu_data --shape 16,20,56,104 --text-dim 4096 --rows 16
   step recipe_2gpu 400 torchrun --nproc_per_node 2 recipes/wan21_1_3b_sparse_distill.py \
     --toml tests/assets/gpu_1_3b_random.toml parallel.dp_replicate=2 run.name=gpu_random_2x
-  step wan14b_sp2 200 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --preset wan21_14b --layers 4 \
+  step wan14b_sp2 360 python3 benchmarks/bench_train.py --nproc 2 --sp 2 --preset wan21_14b --layers 4 \
     --latent 21,60,104 --sparsity 0.9 --cycles 1
-  step wan14b_dp2 200 python3 benchmarks/bench_train.py --nproc 2 --dp-replicate 2 --preset wan21_14b --layers 4 \
+  step wan14b_dp2 360 python3 benchmarks/bench_train.py --nproc 2 --dp-replicate 2 --preset wan21_14b --layers 4 \
     --latent 21,60,104 --sparsity 0.9 --cycles 1
   ;;
 esac
