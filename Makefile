@@ -20,7 +20,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
-	$(PY) tools/demo.py
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -29,7 +29,7 @@ class ShardedAdamW(torch.optim.AdamW):
     Same hyperparameters, state layout (`step`, `exp_avg`, `exp_avg_sq`; DTensors sharded like their parameters, so
     DCP saves and reshards them) and update as `torch.optim.AdamW(fused=True)`. Why: the stock optimizer dispatches
     its fused/foreach ops through DTensor's sharding propagation, measured at 38 ms of host time per 1.3B update on
-    an H100 host (tools/bench_optimizer.py) for ~15 ms of device work. AdamW is elementwise, so the shards need no
+    an H100 host (benchmarks/bench_optimizer.py) for ~15 ms of device work. AdamW is elementwise, so the shards need no
     communication.
     """
 

@@ -11,7 +11,7 @@ it. Measured 2026-11-27 on GPUs (31 variants of width, heads, depth, frames, tra
 rate and batch, 12 000-24 000 steps each, 6-12x the demo's): direction accuracy stayed at chance (0.17-0.35 of 4) and
 the two frames' blobs stayed uncoupled, while colour, brightness and size reached 98-100 % within 2000-3000 steps.
 Motion stays in the data, and `evaluate_samples` reports how much of it the samples keep ("motion").
-`tools/probe_toy_factors.py --factor direction` re-runs that experiment.
+`scripts/probe_toy_factors.py --factor direction` re-runs that experiment on `make_direction_clips`.
 
 A caption is a text-like embedding `(L_txt, D_txt)`: one fixed random "word" vector per factor value in rows 0..2,
 zero padding after; the unconditional ("negative") caption is all zeros. Everything is generated from seeds.
@@ -240,3 +240,31 @@ def clips_to_rgb(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:
     rgb = (latents[:, :3].float() / AMPLITUDE).clamp(0, 1)  # (N, 3, T, H, W)
     rgb = rgb.repeat_interleave(scale, dim=3).repeat_interleave(scale, dim=4)
     return (rgb.permute(0, 2, 3, 4, 1) * 255).round().to(torch.uint8)  # (N, T, H', W', 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The direction variant (the toy's first design; scripts/probe_toy_factors.py --factor direction).
+
+
+def make_direction_clips(num: int, spec: ToySpec, seed: int) -> ToyClips:
+    """Clips whose caption's second word is the direction of motion instead of brightness (every blob bright):
+    `factors[:, 1]` is the direction index into DIRECTIONS."""
+    clips = make_clips(num, spec, seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    directions = torch.randint(len(DIRECTIONS), (num,), generator=g)
+    bright = clips.factors.clone()
+    bright[:, 1] = 1
+    words = clips.factors.clone()
+    words[:, 1] = directions
+    context = encode_captions(bright, spec)  # rows 0 and 2 as the toy's
+    table = torch.randn(len(DIRECTIONS), spec.text_dim, generator=torch.Generator().manual_seed(99))
+    context[:, 1] = table[directions]  # row 1: the direction word
+    return ToyClips(render_clips(bright, directions, spec, g), context, words, directions)
+
+
+def decode_direction_factors(latents: torch.Tensor) -> torch.Tensor:
+    """`decode_factors` with the second factor read as the direction of the blob's first-to-last-frame displacement."""
+    out = decode_factors(latents)
+    c = blob_statistics(latents)["centroid"]
+    out[:, 1] = ((c[:, -1] - c[:, 0]) @ DIRECTIONS.T).argmax(dim=1)
+    return out

@@ -9,7 +9,7 @@ from torch import nn
 # Inductor's "mix-order reduction" (on by default since torch 2.10, CUDA only) computes wrong gradients for Wan's
 # modulation: the (B, 1, D) shift/scale/gate slices of `scale_shift_table + tmod` broadcast over the tokens, whose
 # backward sums over all tokens (pytorch/pytorch#193061, "chained modulated LayerNorms with a shared scale/shift
-# parameter"; the grad buffer region can even be left unwritten). Measured with tools/check_speedups_gpu.py on an H100
+# parameter"; the grad buffer region can even be left unwritten). Measured with scripts/check_speedups_gpu.py on an H100
 # (torch 2.11.0+cu130, 2026-11-27, 1.3B at 4 layers, FSDP2 + bf16): eager grad rel. error 4.3e-3 (the bf16 floor),
 # compiled 1.1e3 with the largest errors in condition_embedder.time_proj (the tmod gradient) and an inf
 # scale_shift_table gradient in fp32; the forward was right. Trainable models are compiled with it off.

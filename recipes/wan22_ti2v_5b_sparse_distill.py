@@ -38,7 +38,8 @@ from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_em
 from components.run_dir import link_pipeline_parts, save_samples, write_run_files
 from components.schedule import build_lr_scheduler, sparsity_at
 from data.encode import compute_latent_shape, latent_stats_from_config, load_vae
-from data.latents import LatentDataset, check_first_row, load_contexts, load_negative_context, make_loader
+from data.dataset import LatentDataset, check_first_row, load_contexts, load_negative_context
+from data.loader import make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, x0_from_velocity
 from models.wan import WAN_CONFIGS, WanConfig, WanModel

@@ -1,4 +1,4 @@
-"""data/latents.py: published parquet schema round trips, DP×SP step sharding, bad-data handling."""
+"""data/ (parquet.py, dataset.py, loader.py, writer.py): published parquet schema round trips, DP×SP step sharding, bad-data handling."""
 
 from __future__ import annotations
 
@@ -11,19 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data.latents import (
-    INDEX_NAME,
-    DataError,
-    LatentDataset,
-    LatentParquetWriter,
-    StepSampler,
-    load_index,
-    load_negative_context,
-    make_loader,
-)
+from data.dataset import LatentDataset, load_negative_context
+from data.loader import StepSampler, make_loader
+from data.parquet import INDEX_NAME, DataError, load_index
+from data.writer import LatentParquetWriter
 
 # ---------------------------------------------------------------------------------------------------------------------
-# An independent writer: plain pyarrow, column by column from SPEC §4.1 (not data/latents.py's writer or schema).
+# An independent writer: plain pyarrow, column by column from FastVideo's published schema
+# (fastvideo/dataset/dataloader/schema.py), not data/writer.py or data/parquet.py's schema.
 
 
 def spec_schema(text_only: bool = False) -> pa.Schema:

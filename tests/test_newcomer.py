@@ -26,8 +26,9 @@ import pytest
 import torch
 
 from components.metrics import read_video_info
+from data.dataset import LatentDataset, load_negative_context
 from data.encode import NEGATIVE_PROMPTS
-from data.latents import LatentDataset, LatentParquetWriter, load_negative_context
+from data.writer import LatentParquetWriter
 from tests.tiny_pipeline import TINY_TEXT_DIM, TINY_Z_DIM, build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

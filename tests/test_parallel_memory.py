@@ -1,7 +1,9 @@
-"""tools/plan_memory.py: its activation terms against autograd's saved tensors, its sizes against SPEC numbers."""
+"""parallel/memory.py (the model behind tools/plan_memory.py): its activation terms against autograd's saved tensors,
+its sizes against the model and the recipes' token counts; the CLI end to end."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,9 +13,9 @@ import torch
 from attention.sdpa import sdpa_attention
 from models.wan import WAN_CONFIGS, WanBlock
 from models.wan_weights import parameter_count
+from parallel import memory as plan_memory
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import plan_memory  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _saved_bytes(block: WanBlock, length: int) -> int:
@@ -50,7 +52,7 @@ def test_block_activation_term_matches_saved_tensors():
 
 def test_sizes_match_spec_and_model():
     recipes = plan_memory.RECIPES
-    # SPEC §2.12: 77×448×832 → 20×28×52 = 29 120 tokens; TI2V-5B 121×704×1280 → 31×22×40 = 27 280.
+    # 77×448×832 → latent 20×56×104 → 20×28×52 = 29 120 tokens; TI2V-5B 121×704×1280 → 31×22×40 = 27 280.
     assert plan_memory.tokens(recipes["wan21_1.3b"], WAN_CONFIGS["wan21_1.3b"]) == 29120
     assert plan_memory.tokens(recipes["wan22_ti2v_5b"], WAN_CONFIGS["wan22_ti2v_5b"]) == 27280
     for name in ("wan21_1.3b", "wan21_14b"):
@@ -69,8 +71,22 @@ def test_sharding_divides_the_static_terms():
     assert sharded["local_tokens"] == 29120 // 4
 
 
-def test_cli_rejects_bad_mesh(capsys):
-    plan_memory.main(["--recipe", "wan21_14b", "--gpus", "64", "--sp", "4", "--dp-replicate", "8"])
-    assert "PEAK student step" in capsys.readouterr().out
+def test_bad_mesh_is_rejected():
+    r = plan_memory.RECIPES["wan21_1.3b"]
+    bad = plan_memory.Recipe(r.model, r.vae_stride, r.frames, r.height, r.width, 8, 8, 1, "vsa")  # sp 8, 12 heads
     with pytest.raises(ValueError, match="parallel.sp=8 does not divide the model's num_heads=12"):
-        plan_memory.main(["--recipe", "wan21_1.3b", "--gpus", "8", "--sp", "8", "--dp-replicate", "1"])
+        plan_memory.plan(bad)
+
+
+def test_cli_prints_the_plan_and_the_summary():
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, str(ROOT / "tools/plan_memory.py"), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    out = run("--recipe", "wan21_14b", "--gpus", "64", "--sp", "4", "--dp-replicate", "8")
+    peak = plan_memory.plan(plan_memory.RECIPES["wan21_14b"])["peaks"]["student step"] / plan_memory.GIB
+    assert any(line.startswith("PEAK student step") and line.split()[-1] == f"{peak:.2f}" for line in out.splitlines())
+    rows = [line for line in run("--summary").splitlines() if line.startswith("| wan")]
+    assert len(rows) == 5 and rows[0].startswith("| wan21_1.3b 77×448×832 | 1 | 1 × 1 × 1 | 29120 |")

@@ -1,8 +1,10 @@
-"""tools/preprocess.py end to end on CPU with a tiny VAE + tiny UMT5; tools/download_hf.py's call; data/encode.py."""
+"""tools/preprocess.py end to end on CPU with a tiny VAE + tiny UMT5; tools/download_hf.py's call; data/encode.py;
+data/video.py. The tools run as scripts (in-process through runpy where a start-up would cost seconds)."""
 
 from __future__ import annotations
 
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +24,16 @@ from data.encode import (
     vae_decode,
     vae_encode,
 )
-from data.latents import LatentDataset, load_negative_context, make_loader
+from data.dataset import LatentDataset, load_negative_context
+from data.loader import make_loader
+from data.video import read_clip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipeline import TINY_TEXT_DIM, TINY_Z_DIM, build_tiny_pipeline  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
-import download_hf  # noqa: E402
-import preprocess  # noqa: E402
+PREPROCESS = REPO / "tools" / "preprocess.py"
+DOWNLOAD = REPO / "tools" / "download_hf.py"
 
 SRC_FPS, H, W = 24, 32, 48
 CLIPS = {  # id: (caption, frames, pixel size)
@@ -75,10 +78,20 @@ def workspace(tmp_path_factory) -> dict:
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess.py"), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run([sys.executable, str(PREPROCESS), *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def run_in_process(script: Path, argv: list[str]) -> None:
+    """`python script argv...` in this process (no start-up; a monkeypatched library is seen by the script)."""
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
 
 
 def video_args(ws: dict, out: Path, captions: Path) -> list[str]:
@@ -93,7 +106,7 @@ def test_preprocess_end_to_end_and_resume(workspace, capsys):
     first = ws["root"] / "first.json"
     first.write_text(json.dumps([{"path": "alpha.mp4", "cap": CLIPS["alpha"][0]},
                                  {"path": "bravo.mp4", "cap": [CLIPS["bravo"][0]]}]))
-    preprocess.main(video_args(ws, out, first))
+    run_in_process(PREPROCESS, video_args(ws, out, first))
     assert (out / "done_ids.txt").read_text().split() == ["alpha", "bravo"]
     # the full list: alpha and bravo are skipped, 'short' is skipped as too short
     proc = run_tool(*video_args(ws, out, ws["captions"]), "--negative-prompt", "blurry low quality")
@@ -105,7 +118,7 @@ def test_preprocess_end_to_end_and_resume(workspace, capsys):
     # a third run writes nothing
     stamps = [f.stat().st_mtime_ns for f in files]
     capsys.readouterr()
-    preprocess.main(video_args(ws, out, ws["captions"]))
+    run_in_process(PREPROCESS, video_args(ws, out, ws["captions"]))
     assert "3 already written" in capsys.readouterr().out
     assert sorted(out.rglob("*.parquet")) == files and [f.stat().st_mtime_ns for f in files] == stamps
 
@@ -156,13 +169,13 @@ def read_all_frames(path: Path) -> np.ndarray:
 
 def test_read_clip_subsamples_resizes_and_crops(workspace):
     src = workspace["frames"]["charlie"]  # 22 frames of 40x64, smooth
-    video, fps, duration = preprocess.read_clip(workspace["videos"] / "charlie.mp4", 32, 32, 9, 12.0)
+    video, fps, duration = read_clip(workspace["videos"] / "charlie.mp4", 32, 32, 9, 12.0)
     assert video.shape == (3, 9, 32, 32) and fps == SRC_FPS and duration > 0
     # 40x64 -> scale 0.8 -> 32x52 (ceil 51.2) -> center crop 32 columns; frame i comes from source frame 2 i
     levels = torch.from_numpy(src[::2][:9, 0, 26:38, 0].astype(np.float32)).mean(1) / 127.5 - 1  # centre columns
     assert torch.allclose(video[0, :, 16, 14:18].mean(1), levels, atol=0.06)
     assert video.min() >= -1 and video.max() <= 1
-    assert preprocess.read_clip(workspace["videos"] / "short.mp4", 32, 48, 9, 12.0) is None
+    assert read_clip(workspace["videos"] / "short.mp4", 32, 48, 9, 12.0) is None
 
 
 def test_prompts_only(workspace, capsys):
@@ -178,7 +191,7 @@ def test_prompts_only(workspace, capsys):
     context, _, _ = encode_prompts(tokenizer, encoder, ["the dog runs in the rain"])
     torch.testing.assert_close(ds[1]["context"], context[0], atol=1e-5, rtol=1e-5)
     capsys.readouterr()
-    preprocess.main(["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(out)])
+    run_in_process(PREPROCESS, ["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(out)])
     assert "3 already written" in capsys.readouterr().out and len(list(out.rglob("*.parquet"))) == 2
 
 
@@ -198,7 +211,7 @@ def test_validation_before_models_load(tmp_path, z_dim, spatial, override, messa
     argv = ["--model", str(tmp_path), "--captions", "x.txt", "--out", str(tmp_path / "o"), "--fps", "16"]
     argv += [x for kv in args.items() for x in kv]
     with pytest.raises(SystemExit, match=message):
-        preprocess.main(argv)
+        run_in_process(PREPROCESS, argv)
 
 
 def test_encode_helpers_round_trip(workspace):
@@ -216,15 +229,17 @@ def test_encode_helpers_round_trip(workspace):
 
 
 def test_download_hf_call(monkeypatch, tmp_path, capsys):
+    import huggingface_hub
+
     calls = []
-    monkeypatch.setattr(download_hf, "snapshot_download", lambda **kw: calls.append(kw) or kw["local_dir"])
-    download_hf.main(["--repo", "FastVideo/Wan-Syn_77x448x832_600k", "--repo-type", "dataset", "--local-dir",
-                      str(tmp_path / "d"), "--allow-patterns", "*.parquet", "--allow-patterns", "*.json"])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw) or kw["local_dir"])
+    run_in_process(DOWNLOAD, ["--repo", "FastVideo/Wan-Syn_77x448x832_600k", "--repo-type", "dataset", "--local-dir",
+                              str(tmp_path / "d"), "--allow-patterns", "*.parquet", "--allow-patterns", "*.json"])
     assert calls == [{"repo_id": "FastVideo/Wan-Syn_77x448x832_600k", "repo_type": "dataset",
                       "local_dir": str(tmp_path / "d"), "allow_patterns": ["*.parquet", "*.json"], "revision": None}]
-    download_hf.main(["--repo", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--local-dir", str(tmp_path / "m")])
+    run_in_process(DOWNLOAD, ["--repo", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "--local-dir", str(tmp_path / "m")])
     assert calls[-1]["repo_type"] == "model" and calls[-1]["allow_patterns"] is None
-    download_hf.main(["--examples"])
+    run_in_process(DOWNLOAD, ["--examples"])
     printed = capsys.readouterr().out
     for repo in ("Wan-AI/Wan2.1-T2V-14B-Diffusers", "FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers",
                  "FastVideo/Wan-Syn_77x448x832_600k"):
@@ -237,10 +252,10 @@ def test_preprocessed_data_trains_in_the_tiny_recipe(workspace, tmp_path):
     data of a real recipe run: the 1.3B recipe with the tiny overlay, 2 steps (a critic and a student update)."""
     ws = workspace
     out, prompts_out = tmp_path / "latents", tmp_path / "prompts"
-    preprocess.main([*video_args(ws, out, ws["captions"]), "--negative-prompt", "blurry low quality"])
+    run_in_process(PREPROCESS, [*video_args(ws, out, ws["captions"]), "--negative-prompt", "blurry low quality"])
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na red kite over the sea\n")
-    preprocess.main(["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(prompts_out),
+    run_in_process(PREPROCESS, ["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(prompts_out),
                      "--device", "cpu"])
     overrides = [f"model.base={ws['pipe']}", f"data.path={out}", f"data.negative_prompt={out / 'negative_prompt.safetensors'}",
                  f"data.val_prompts={prompts_out}", "video.num_frames=9", f"video.height={H}", f"video.width={W}",

@@ -12,7 +12,9 @@ import torch
 from components.config import ConfigError, as_config_error, require_paths
 from components.metrics import reduce_for_log, step_scalars
 from data.encode import latent_stats, latent_stats_from_config, load_vae
-from data.latents import DataError, LatentDataset, LatentParquetWriter, check_first_row
+from data.dataset import LatentDataset, check_first_row
+from data.parquet import DataError
+from data.writer import LatentParquetWriter
 from tests.multiproc import run_multiproc
 
 
@@ -104,7 +106,7 @@ def test_compute_latent_shape():
 
 
 def test_load_contexts(tmp_path):
-    from data.latents import load_contexts
+    from data.dataset import load_contexts
 
     data = write_rows(tmp_path / "d", (4, 3, 2, 2), text_dim=16)
     rows = LatentDataset(str(data))

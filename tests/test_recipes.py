@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,12 +39,9 @@ def load_recipe(name: str):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import make_tiny_data
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_data"))])
+    out = tmp_path_factory.mktemp("tiny_data")
+    subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_data.py"), "--out", str(out)], check=True, timeout=300)
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -181,7 +179,8 @@ def test_golden_losses_match_an_independent_recomputation(name, tiny_data, tmp_p
     data (SPEC §1.4a); the 5B recipe simulates the student's chain from noise (§1.4b) under a warmup LR schedule."""
     from attention.vsa import vsa_attention, vsa_meta
     from data.encode import latent_stats, load_vae
-    from data.latents import LatentDataset, load_negative_context, make_loader
+    from data.dataset import LatentDataset, load_negative_context
+    from data.loader import make_loader
     from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
     from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
     from models.wan_weights import load_pretrained

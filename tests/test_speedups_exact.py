@@ -90,7 +90,7 @@ def test_compile_of_a_trainable_model_turns_off_mix_order_reduction(monkeypatch)
 
 
 def test_check_speedups_gpu_tool_runs_on_cpu():
-    """tools/check_speedups_gpu.py (the GPU form of this check) on the tiny model, CPU: the fp32 reference row, then
+    """scripts/check_speedups_gpu.py (the GPU form of this check) on the tiny model, CPU: the fp32 reference row, then
     bf16 eager and compiled under FSDP2 at the same distance from fp32 (compiled training is right on CPU), and the
     three grad norms of each row agreeing."""
     import subprocess
@@ -99,7 +99,7 @@ def test_check_speedups_gpu_tool_runs_on_cpu():
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/check_speedups_gpu.py"), "--preset", "tiny", "--latent", "2,4,8",
+        [sys.executable, str(ROOT / "scripts/check_speedups_gpu.py"), "--preset", "tiny", "--latent", "2,4,8",
          "--only", "eager+none,compile+none"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
     )

@@ -75,14 +75,29 @@ def test_rgb_visualisation_shape():
     assert frames.max() > 200 and frames.min() == 0
 
 
-def test_factor_probe_tool_runs_both_variants():
-    """tools/probe_toy_factors.py (the sweep behind the toy's choice of factors): the direction variant's captions
-    and decoder agree on its data, and a 2-step run reports a row per factor variant."""
-    from tools.probe_toy_factors import decode, main, make_data
-    clips = make_data("direction", SPEC, 48, 0)
-    assert torch.equal(decode("direction", clips.latents), clips.factors)
+def test_direction_variant_captions_and_decoder_agree():
+    """The direction variant (the toy's first design): its captions and its decoder agree on its data."""
+    from data.synthetic import decode_direction_factors, make_direction_clips
+
+    clips = make_direction_clips(48, SPEC, 0)
+    assert torch.equal(decode_direction_factors(clips.latents), clips.factors)
     assert (clips.factors[:, 1] == clips.directions).all() and len(set(clips.directions.tolist())) == 4
+
+
+def test_factor_probe_script_runs_both_variants():
+    """scripts/probe_toy_factors.py (the sweep behind the toy's choice of factors): a 2-step run prints one JSON row
+    per factor variant with an accuracy per factor."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_toy_factors.py"
     for factor in ("brightness", "direction"):
-        rows = main(["--factor", factor, "--steps", "2", "--num-eval", "4", "--sample-steps", "2", "--set", "dim=24",
-                     "ffn=32"])
-        assert [r["step"] for r in rows] == [2] and len(rows[0]["accuracy"]) == 3
+        proc = subprocess.run([sys.executable, str(script), "--factor", factor, "--steps", "2", "--num-eval", "4",
+                               "--sample-steps", "2", "--set", "dim=24", "ffn=32"], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert [r["step"] for r in rows] == [2] and rows[0]["factor"] == factor and len(rows[0]["accuracy"]) == 3
+        assert all(0 <= a <= 1 for a in rows[0]["accuracy"]) and rows[0]["frechet"] >= 0

@@ -92,7 +92,7 @@ def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
 def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     """Acceptance 3: the shortened `make demo` pipeline (data-free student, 300 steps, from the stored demo teacher:
     `recipes/toy_teacher.py` defaults, 3000 steps); gate: student-3 < best teacher-3."""
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/demo.py"), "--quick", "--strict", "--teacher",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--quick", "--strict", "--teacher",
                            str(ROOT / "tests/assets/toy_teacher")], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=1200)  # ~3 min alone; margin for a loaded CPU
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from data.latents import LatentParquetWriter
+from data.writer import LatentParquetWriter
 
 WORDS = "red blue green cat dog bird car tree walks runs flies slow fast day night".split()
 

@@ -4,193 +4,14 @@
     python tools/plan_memory.py --recipe wan21_14b --gpus 64 --sp 4 --dp-replicate 8
     python tools/plan_memory.py --summary                                      # the README table
 
-What is counted (parallel/ as built: FSDP2 shards over S = dp_shard · sp ranks, replicates over dp_replicate):
-- student and critic: fp32 master weights (4 B/param) and AdamW moments (8 B/param), sharded over S;
-  gradients (fp32, 4 B/param, sharded) exist only for the network being stepped (zero_grad frees them);
-- teacher: bf16 weights (2 B/param) sharded over S, no gradients, no optimizer (0 with --teacher-offload);
-- with --ema: the recipes' fp32 EMA of the student's shards (kept on the GPU);
-- FSDP buffers: bf16 unsharded weights of two blocks (current + prefetched) and of the root (embeddings and head,
-  unsharded for the whole forward/backward), one block's unsharded bf16 gradient plus its fp32 reduce-scatter copy;
-- activations with full AC: every block's bf16 input is saved; in backward one block is recomputed, so one block's
-  saved tensors (BLOCK_SAVED below, per local token) plus a backward working set live at once;
-- the head (after the SP gather, on the full sequence) and the Ulysses all-to-all buffers;
-- the foreach AdamW step's temporary (one fp32 copy of the stepped network's sharded params).
-Peak of a step = static + the largest of: backward start (all saved inputs), backward end (all gradients), optimizer
-step. The student step is the larger one (VSA gate, larger network); both are printed.
-Not counted: the CUDA context (~0.5 GiB, outside torch's allocator), allocator fragmentation (reserved − allocated,
-usually 3–10 %), the VAE/text encoder (recipes precompute latents and text embeddings). The prediction is for
-`torch.cuda.max_memory_allocated()`.
+What is counted and what is not: parallel/memory.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.wan import WAN_CONFIGS, WanBlock, WanConfig, config_with  # noqa: E402
-from parallel.mesh import check_parallel_sizes  # noqa: E402
-
-GIB = 2**30
-TEXT_LEN = 512  # UMT5 rows, zero-padded (DESIGN.md)
-
-# Tensors autograd saves in one WanBlock forward under bf16 autocast, in bytes per local token, as
-# (bytes per hidden channel D, bytes per FFN channel F). Read off models/wan.py WanBlock.forward; the per-token
-# total is checked against saved-tensor hooks in tests/test_parallel_memory.py.
-BLOCK_SAVED: dict[str, tuple[float, float]] = {
-    "self-attn: LayerNorm input x.float() (fp32)": (4, 0),
-    "self-attn: LayerNorm output, saved by (1 + scale) (fp32)": (4, 0),
-    "self-attn: u, input of to_q/to_k/to_v (bf16)": (2, 0),
-    "self-attn: q, k RMSNorm saved tensors": (0, 0),  # filled from RMS_NORM_SAVED × 2
-    "self-attn: q, k, v for attention backward (bf16)": (6, 0),
-    "self-attn: attention output, input of to_out (bf16)": (2, 0),
-    "self-attn: to_out output, saved by gate1 (bf16)": (2, 0),
-    "cross-attn: norm2 input x.float() (fp32)": (4, 0),
-    "cross-attn: norm2 output, input of to_q (bf16)": (2, 0),
-    "cross-attn: q RMSNorm saved tensors": (0, 0),  # RMS_NORM_SAVED × 1
-    "cross-attn: q and attention output (bf16)": (4, 0),
-    "ffn: LayerNorm input x.float() (fp32)": (4, 0),
-    "ffn: LayerNorm output, saved by (1 + scale2) (fp32)": (4, 0),
-    "ffn: u3, input of fc1 (bf16)": (2, 0),
-    "ffn: fc1 output (GELU input) and GELU output (fc2 input) (bf16)": (0, 4),
-    "ffn: fc2 output .float(), saved by gate2 (fp32)": (4, 0),
-}
-# RMSNorm over D under autocast: CUDA's fused kernel saves its bf16 input (+ a per-token rstd); the composite path
-# (CPU, or mismatched dtypes) saves the fp32 upcast input and the fp32 normalised tensor.
-RMS_NORM_SAVED = {"fused": 2, "composite": 8}
-VSA_SAVED_D = 4  # VSA student: gate (bf16) and the per-token coarse output (bf16), both saved by gate * coarse
-# Backward working set of the recomputed block (estimate): the two FFN-hidden gradients (bf16) and a few
-# D-wide gradients of the residual stream (fp32 and bf16 copies).
-BACKWARD_WORKSET = (12, 4)
-HEAD_SAVED_D = 10  # head on the full sequence: LayerNorm fp32 input (4) and output (4), proj_out bf16 input (2)
-FORWARD_WORKSET = (24, 4)  # no-grad forward: live tensors of one block per token (fp32 norms, FFN hidden)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    model: str
-    vae_stride: tuple[int, int, int]  # latent T, H, W compression of the recipe's VAE
-    frames: int
-    height: int
-    width: int
-    gpus: int
-    sp: int
-    dp_replicate: int
-    student_attn: str  # "vsa" or "dense"
-
-
-# SPEC §1.15 (the FastVideo slurm recipes); shapes are the training shapes.
-RECIPES = {
-    "wan21_1.3b": Recipe("wan21_1.3b", (4, 8, 8), 77, 448, 832, gpus=64, sp=1, dp_replicate=64, student_attn="vsa"),
-    "wan21_14b": Recipe("wan21_14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8, student_attn="vsa"),
-    "wan22_ti2v_5b": Recipe("wan22_ti2v_5b", (4, 16, 16), 121, 704, 1280, gpus=64, sp=1, dp_replicate=64,
-                            student_attn="dense"),
-}
-
-
-def count_params(cfg: WanConfig) -> tuple[int, int]:
-    """(whole model, one block) parameter counts, on the meta device."""
-    from models.wan import WanModel
-
-    with torch.device("meta"):
-        model = WanModel(cfg)
-        block = WanBlock(cfg, attn_fn=None)
-    return sum(p.numel() for p in model.parameters()), sum(p.numel() for p in block.parameters())
-
-
-def block_saved_per_token(cfg: WanConfig, rms_norm: str = "fused", vsa: bool = False) -> float:
-    """Bytes autograd saves per local token in one block's forward (see BLOCK_SAVED)."""
-    per_d = sum(d for d, _ in BLOCK_SAVED.values()) + 3 * RMS_NORM_SAVED[rms_norm] + (VSA_SAVED_D if vsa else 0)
-    per_f = sum(f for _, f in BLOCK_SAVED.values())
-    small = 2 * 4 * cfg.head_dim // 2 + 2 * 4 * cfg.num_heads  # RoPE cos/sin rows (fp32), attention LSE (fp32)
-    return per_d * cfg.dim + per_f * cfg.ffn_dim + small
-
-
-def tokens(recipe: Recipe, cfg: WanConfig) -> int:
-    latent_t = (recipe.frames - 1) // recipe.vae_stride[0] + 1
-    latent_h, latent_w = recipe.height // recipe.vae_stride[1], recipe.width // recipe.vae_stride[2]
-    pt, ph, pw = cfg.patch_size
-    return (latent_t // pt) * (latent_h // ph) * (latent_w // pw)
-
-
-def plan(
-    recipe: Recipe, batch: int = 1, rms_norm: str = "fused", teacher_offload: bool = False, ema: bool = False
-) -> dict:
-    """Every term in bytes per GPU, and the peaks of the student and the critic step."""
-    base = WAN_CONFIGS[recipe.model]
-    dp_shard = check_parallel_sizes(recipe.gpus, recipe.dp_replicate, recipe.sp, base.num_heads)
-    shard = dp_shard * recipe.sp  # FSDP shard group size (parallel/mesh.py)
-    vsa = recipe.student_attn == "vsa"
-    student_cfg = config_with(base, vsa_gate=vsa)
-    n_student, blk_student = count_params(student_cfg)
-    n_dense, blk_dense = count_params(base)  # teacher and critic: dense, no gate
-    length = tokens(recipe, base)
-    local = batch * math.ceil(length / recipe.sp)  # tokens per rank inside the blocks
-    dim, ffn = base.dim, base.ffn_dim
-
-    static = {
-        "student fp32 weights": 4 * n_student / shard,
-        "student AdamW moments (2 × fp32)": 8 * n_student / shard,
-        "critic fp32 weights": 4 * n_dense / shard,
-        "critic AdamW moments (2 × fp32)": 8 * n_dense / shard,
-        "teacher bf16 weights": 0 if teacher_offload else 2 * n_dense / shard,
-        "student EMA (fp32, on the GPU; --ema)": 4 * n_student / shard if ema else 0,
-    }
-
-    def step(n: int, blk: int, vsa_net: bool, critic_step: bool) -> dict:
-        layers = base.num_layers
-        d = {
-            "gradients (fp32, sharded)": 4 * n / shard,
-            "FSDP: 2 unsharded bf16 blocks + bf16 root": 2 * (2 * blk + (n - layers * blk)),
-            "FSDP: one block's bf16 grad + fp32 reduce-scatter copy": 6 * blk,
-            "AC: saved bf16 input of every block": layers * local * dim * 2,
-            "AC: shared block inputs (text K/V source, modulation)": batch * TEXT_LEN * dim * 2,
-            "one recomputed block's saved tensors": local * block_saved_per_token(base, rms_norm, vsa_net),
-            "one block: cross-attn K/V over the text": batch * TEXT_LEN * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
-            "backward working set of that block": local * (BACKWARD_WORKSET[0] * dim + BACKWARD_WORKSET[1] * ffn),
-            "head on the full sequence": batch * length * HEAD_SAVED_D * dim,
-            "Ulysses all-to-all buffers (q, k, v[, gate] in and out)": (
-                2 * (4 if vsa_net else 3) * local * dim * 2 if recipe.sp > 1 else 0
-            ),
-            "AdamW foreach temporary (fp32 copy)": 4 * n / shard,
-            # student step: the teacher runs the conditional and negative prompts as one batch of 2B (CFG);
-            # critic step: the student's no-grad rollout (batch B), before the critic's forward
-            "no-grad forward working set": (1 if critic_step else 2) * local * (FORWARD_WORKSET[0] * dim
-                                                                              + FORWARD_WORKSET[1] * ffn),
-        }
-        saved = d["AC: saved bf16 input of every block"] + d["AC: shared block inputs (text K/V source, modulation)"]
-        saved += d["head on the full sequence"]
-        block = sum(d[k] for k in ("one recomputed block's saved tensors", "one block: cross-attn K/V over the text",
-                                   "backward working set of that block", "FSDP: 2 unsharded bf16 blocks + bf16 root",
-                                   "FSDP: one block's bf16 grad + fp32 reduce-scatter copy",
-                                   "Ulysses all-to-all buffers (q, k, v[, gate] in and out)"))
-        grads = d["gradients (fp32, sharded)"]
-        moments = {
-            "backward start (all saved inputs, no grads yet)": saved + block,
-            "backward end (all grads, last block)": grads + block,
-            "optimizer step": grads + d["AdamW foreach temporary (fp32 copy)"],
-            "no-grad forward (student: teacher CFG; critic: rollout)": (0 if critic_step else saved)
-            + d["no-grad forward working set"] + 2 * (2 * blk + (n - layers * blk)),
-        }
-        return {"terms": d, "moments": moments}
-
-    student = step(n_student, blk_student, vsa, critic_step=False)
-    critic = step(n_dense, blk_dense, False, critic_step=True)
-    static_total = sum(static.values())
-    peaks = {
-        "student step": static_total + max(student["moments"].values()),
-        "critic step": static_total + max(critic["moments"].values()),
-    }
-    return {
-        "recipe": recipe, "dp_shard": dp_shard, "shard": shard, "tokens": length, "local_tokens": local,
-        "params": {"student": n_student, "teacher/critic": n_dense, "block": blk_dense},
-        "static": static, "student": student, "critic": critic, "peaks": peaks,
-    }
+from parallel.memory import GIB, RECIPES, RMS_NORM_SAVED, Recipe, plan
 
 
 def print_plan(p: dict) -> None:
@@ -219,7 +40,7 @@ SUMMARY = [  # the README table
     ("wan21_1.3b", 1, 1, 1),
     ("wan21_1.3b", 64, 1, 64),
     ("wan21_14b", 64, 4, 8),
-    ("wan22_ti2v_5b", 64, 1, 64),  # FastVideo's mesh for the 5B recipes (SPEC §1.15)
+    ("wan22_ti2v_5b", 64, 1, 64),  # FastVideo's mesh for the 5B recipes (its slurm launchers)
     ("wan22_ti2v_5b", 64, 1, 8),  # sharded over the 8 GPUs of a node
 ]
 

@@ -33,16 +33,11 @@ from pathlib import Path
 import torch
 
 from components.config import ConfigError, data_folders, load_table
+from data.dataset import LatentDataset, check_first_row, load_contexts, load_negative_context
 from data.encode import NEGATIVE_PROMPTS, compute_latent_shape, encode_prompts, load_text_encoder, trim_embedding
 from data.hub import fetch, is_complete, known_repo
-from data.latents import (
-    DataError,
-    LatentDataset,
-    LatentParquetWriter,
-    check_first_row,
-    load_contexts,
-    load_negative_context,
-)
+from data.parquet import DataError
+from data.writer import LatentParquetWriter
 from models.wan import WAN_CONFIGS, WanConfig
 from models.wan_weights import read_config
 

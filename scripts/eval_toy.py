@@ -1,6 +1,6 @@
 """Quality table of the toy sparse-distill: teacher at 50 and 3 steps vs distilled 3-step students, on held-out data.
 
-    python tools/eval_toy.py outputs/toy_sparse_distill/demo outputs/toy_sparse_distill/demo_datafree [--num 192]
+    python scripts/eval_toy.py outputs/toy_sparse_distill/demo outputs/toy_sparse_distill/demo_datafree [--num 192]
         [--json quality.json]
 
 Each argument is a run directory of `recipes/toy_sparse_distill.py` (its `config.toml` names the teacher, the data,

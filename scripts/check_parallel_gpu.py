@@ -1,8 +1,8 @@
 """GPU checks of the parallel/ package on one host (issue 6, acceptance 2). Run with two GPUs (SP = the world size,
 so `--nproc_per_node 4 ... --only sp` checks the 14B recipe's SP 4):
 
-    torchrun --nproc_per_node 2 tools/check_parallel_gpu.py
-    torchrun --nproc_per_node 2 tools/check_parallel_gpu.py --latent 20,56,104 --steps 5   # timing shape
+    torchrun --nproc_per_node 2 scripts/check_parallel_gpu.py
+    torchrun --nproc_per_node 2 scripts/check_parallel_gpu.py --latent 20,56,104 --steps 5   # timing shape
 
 1. Ulysses SP=2 vs SP=1 (random weights, bf16 autocast, fp32 master weights): the tiny config and the real 1.3B
    config, dense SDPA and VSA with a non-zero gate, on a short odd-length sequence (SP padding). The output must
@@ -19,7 +19,6 @@ Prints a short table last; exits non-zero when an SP comparison exceeds its tole
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,17 +27,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from attention.sdpa import sdpa_attention  # noqa: E402
-from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
-from models.wan_weights import export_pretrained  # noqa: E402
-from parallel.ac import apply_ac  # noqa: E402
-from parallel.compile import apply_compile  # noqa: E402
-from parallel.fsdp import apply_fsdp  # noqa: E402
-from parallel.mesh import build_mesh, init_distributed  # noqa: E402
-from parallel.wan import load_sharded, parallelize_wan  # noqa: E402
-from parallel.ulysses import apply_ulysses  # noqa: E402
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_meta, vsa_reference
+from models.wan import WAN_CONFIGS, WanModel, config_with
+from models.wan_weights import export_pretrained
+from parallel.ac import apply_ac
+from parallel.compile import apply_compile
+from parallel.fsdp import apply_fsdp
+from parallel.mesh import build_mesh, init_distributed
+from parallel.ulysses import apply_ulysses
+from parallel.wan import load_sharded, parallelize_wan
 
 OUT_TOL = 2e-2  # relative L2 error, bf16 compute over 30 blocks
 GRAD_FLOOR_FACTOR = 1.5  # SP=2's gradient error vs fp32 may exceed SP=1's bf16 error by this factor

@@ -1,9 +1,10 @@
 """Benchmark VSA against cuDNN dense SDPA at Wan shapes on one GPU.
 
-    python tools/bench_attention.py            # all shapes, ρ ∈ {0.8, 0.9}
-    python tools/bench_attention.py --sweep    # first sweep the kernel launch configs at 1.3B-480p ρ=0.9
-    python tools/bench_attention.py --shapes 1.3B-480p --sparsity 0.9
-    python tools/bench_attention.py --fp8      # also the FP8 inference forward (vsa_fp8_attention)
+    python benchmarks/bench_attention.py            # all shapes, ρ ∈ {0.8, 0.9}
+    python benchmarks/bench_attention.py --sweep    # first sweep the kernel launch configs at 1.3B-480p ρ=0.9
+    python benchmarks/bench_attention.py --shapes 1.3B-480p --sparsity 0.9
+    python benchmarks/bench_attention.py --fp8      # also the FP8 inference forward (vsa_fp8_attention)
+    TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke   # CPU: one tiny shape through every table
 
 For each shape and sparsity: ms of the forward and forward+backward of (a) cuDNN SDPA dense on the same q/k/v,
 (b) the whole VSA op (tile means, coarse attention, top-k, fine kernels, gate), (c) the fine kernels alone (the
@@ -13,6 +14,8 @@ FLOPs_fwd = 4·B·H·D·Σ_q-tiles(q tokens × selected kv tokens), backward 2.5
 selection of `topk` tiles per row (as the public VSA benchmark does): on random q/k the top-k of tile means favours
 the small edge tiles (a mean of fewer random vectors is longer), which would understate the sparse FLOPs. Kernel time
 does not depend on which tiles are selected. Medians of triton.testing.do_bench. The ratio table is printed last.
+Without a GPU (--smoke, under the Triton interpreter) the kernels run on fp32 CPU tensors, dense attention is PyTorch's
+CPU SDPA, the VSA op is its CPU path (the reference) and times are wall-clock medians: a check that the script runs.
 --fp8 adds the inference forward on e4m3 q, k, v: the whole op and the fine kernel with its quantization pass, the
 same random selection grouped by FP8 boxes, against the bf16 forward and cuDNN of the same run.
 """
@@ -20,7 +23,10 @@ same random selection grouped by FP8 boxes, against the bf16 forward and cuDNN o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -35,13 +41,22 @@ SHAPES = {  # name -> (token grid, heads); head dim 128
     "1.3B-480p": ((21, 30, 52), 12),
     "14B-720p": ((21, 45, 80), 40),
     "5B-720p": ((31, 22, 40), 24),
+    "smoke": ((4, 8, 6), 1),  # 1 × 2 × 2 tiles, the second column partial (2 tokens wide): --smoke
 }
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32  # the interpreter computes bf16 tl.dot wrongly
 HEAD_DIM = 128
 FULL_BOXES = (64, 64, 64)  # every tile read as a full 64-row box (the kernels before box-size grouping)
 
 
 def bench(fn, grads=()) -> float:
-    return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=list(grads), return_mode="median")
+    """Median ms of fn(): triton.testing.do_bench on a GPU; on the CPU (--smoke, interpreted kernels) one wall-clock
+    run, which only shows that the path runs."""
+    if DEVICE == "cuda":
+        return triton.testing.do_bench(fn, warmup=50, rep=200, grad_to_none=list(grads), return_mode="median")
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
 
 
 def bench_config(fn) -> float:
@@ -60,8 +75,8 @@ def sparse_flops(q2k: torch.Tensor, meta) -> tuple[float, float]:
 
 
 def random_selection(heads: int, meta, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    scores = torch.rand(1, heads, meta.num_tiles, meta.num_tiles, device="cuda", generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    scores = torch.rand(1, heads, meta.num_tiles, meta.num_tiles, device=DEVICE, generator=gen)
     return select_tiles(scores, meta.topk)
 
 
@@ -71,8 +86,8 @@ def grouped(q2k: torch.Tensor, meta, boxes=vsa_triton.BOXES, slots: bool = False
 
 def make_qkv(grid, heads, seed=0):
     L = math.prod(grid)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(1, L, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(1, L, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE, generator=gen)
             for _ in range(4)]
 
 
@@ -91,7 +106,7 @@ def time_fine(q, k, v, q2k, meta, boxes=vsa_triton.BOXES) -> tuple[float, float]
 
 def sweep(name: str, sparsity: float) -> None:
     grid, heads = SHAPES[name]
-    meta = vsa_meta(grid, sparsity, "cuda")
+    meta = vsa_meta(grid, sparsity, DEVICE)
     q, k, v, _ = make_qkv(grid, heads)
     q2k = random_selection(heads, meta)
     flops, _ = sparse_flops(q2k, meta)
@@ -164,12 +179,12 @@ def bound_probe(name: str, sparsity: float) -> None:
     """Is the forward loop bound by moving kv tiles from L2 or by its MMAs + softmax? Times the loop with only its
     loads and with only its compute, against the real kernel at the same (64-row box) tile reads."""
     grid, heads = SHAPES[name]
-    meta = vsa_meta(grid, sparsity, "cuda")
+    meta = vsa_meta(grid, sparsity, DEVICE)
     q, k, v, _ = make_qkv(grid, heads)
     q2k = random_selection(heads, meta)
     N, L = meta.num_tiles, q.shape[1]
     packed = vsa_triton.pack_tiles(q2k, meta.tile_offsets)
-    out = torch.empty(heads, N, HEAD_DIM, device="cuda")
+    out = torch.empty(heads, N, HEAD_DIM, device=DEVICE)
     (kd,), (vd,) = (vsa_triton.descriptors(x, (64,)) for x in (k, v))
     kv_bytes = 2 * 64 * HEAD_DIM * 2 * q2k.numel()
     _, tile_flops = sparse_flops(q2k, meta)
@@ -191,7 +206,7 @@ def bound_probe(name: str, sparsity: float) -> None:
 def profile_op(name: str, sparsity: float) -> None:
     """Where the whole op's fwd+bwd time goes (CUDA kernel totals)."""
     grid, heads = SHAPES[name]
-    meta = vsa_meta(grid, sparsity, "cuda")
+    meta = vsa_meta(grid, sparsity, DEVICE)
     q, k, v, gate = (x.requires_grad_() for x in make_qkv(grid, heads))
     do = torch.randn_like(q)
     for _ in range(3):
@@ -225,14 +240,14 @@ def run_shape(name: str, sparsities: list[float], fp8: bool = False) -> list[dic
     # cuDNN dense SDPA on the same q/k/v, (B, H, L, D) views.
     qd, kd, vd = (x.transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
     do_dense = torch.randn_like(qd)
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION) if DEVICE == "cuda" else contextlib.nullcontext():
         dense_fwd = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd))
         dense_fb = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd).backward(do_dense), (qd, kd, vd))
     dense_flops = 4.0 * heads * HEAD_DIM * L * L
     print(f"{name}: L={L} heads={heads} cuDNN dense fwd {dense_fwd:.2f} ms ({dense_flops / dense_fwd / 1e9:.0f} TF/s)"
           f" fwd+bwd {dense_fb:.2f} ms ({3.5 * dense_flops / dense_fb / 1e9:.0f} TF/s)")
     for sparsity in sparsities:
-        meta = vsa_meta(grid, sparsity, "cuda")
+        meta = vsa_meta(grid, sparsity, DEVICE)
         q2k = random_selection(heads, meta)
         flops, tile_flops = sparse_flops(q2k, meta)
         fine_fwd, fine_fb = time_fine(q, k, v, q2k, meta)
@@ -265,9 +280,16 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile the whole op at 1.3B-480p ρ=0.9 first")
     parser.add_argument("--bound", action="store_true", help="time the forward loop's loads and compute apart first")
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 inference forward")
+    parser.add_argument("--smoke", action="store_true", help="the tiny shape at ρ=0.5 only (CPU: TRITON_INTERPRET=1)")
     args = parser.parse_args()
-    tma = "TMA" if vsa_triton.tma_available(torch.empty(1, 64, 1, 128, device="cuda")) else "pointer"
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, VSA tile loads: "
+    if args.smoke:
+        args.shapes, args.sparsity = ["smoke"], [0.5]
+    if DEVICE == "cpu" and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise SystemExit("no CUDA GPU: only the smoke run works here, under the Triton interpreter: "
+                         "TRITON_INTERPRET=1 python benchmarks/bench_attention.py --smoke")
+    tma = "TMA" if vsa_triton.tma_available(torch.empty(1, 64, 1, 128, device=DEVICE)) else "pointer"
+    device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (Triton interpreter)"
+    print(f"{device}, torch {torch.__version__}, triton {triton.__version__}, VSA tile loads: "
           f"{tma} (set {vsa_triton.TMA_ENV}=0 for pointer gathers)")
     if args.sweep:
         sweep("1.3B-480p", 0.9)

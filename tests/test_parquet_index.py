@@ -1,4 +1,4 @@
-"""The parquet row-index cache of data/latents.py: a cache written in the version-1 format (column lists inline, no
+"""The parquet row-index cache of data/parquet.py: a cache written in the version-1 format (column lists inline, no
 "schemas" table) is rebuilt instead of crashing, and the rebuilt cache is read back on the next call."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.latents import INDEX_NAME, INDEX_VERSION, describe_parquet, list_parquet, load_index
+from data.parquet import INDEX_NAME, INDEX_VERSION, describe_parquet, list_parquet, load_index
 
 
 def write_parquet(root, name: str, rows: int) -> None:

@@ -1,8 +1,8 @@
 """Can the tiny toy teacher learn a caption factor? Train it on one variant of the toy data and print, at step
 milestones, per-factor accuracy of its 50-step CFG samples, distance to held-out data and motion coherence.
 
-    python tools/probe_toy_factors.py --factor direction --steps 24000 --budget-s 450 [--set travel=6 jitter=8 ...]
-    python tools/probe_toy_factors.py --factor brightness                      # the toy's current second factor
+    python scripts/probe_toy_factors.py --factor direction --steps 24000 --budget-s 450 [--set travel=6 jitter=8 ...]
+    python scripts/probe_toy_factors.py --factor brightness                      # the toy's current second factor
 
 `--factor brightness` is `data/synthetic.py` as it is (colour × brightness × size; random direction of motion).
 `--factor direction` makes the direction of motion the second caption factor instead (4 words; every blob bright) —
@@ -29,27 +29,11 @@ SETTINGS = dict(travel=10.0, jitter=3.0, frames=2, dim=48, heads=1, layers=2, ff
 
 def make_data(factor: str, spec: S.ToySpec, num: int, seed: int) -> S.ToyClips:
     """Toy clips whose caption's second word is brightness (the toy as is) or the direction of motion."""
-    clips = S.make_clips(num, spec, seed)
-    if factor == "brightness":
-        return clips
-    g = torch.Generator().manual_seed(seed + 7)
-    directions = torch.randint(len(S.DIRECTIONS), (num,), generator=g)
-    bright = clips.factors.clone()
-    bright[:, 1] = 1
-    words = clips.factors.clone()
-    words[:, 1] = directions
-    context = S.encode_captions(bright, spec)  # rows 0 and 2 as the toy's
-    table = torch.randn(len(S.DIRECTIONS), spec.text_dim, generator=torch.Generator().manual_seed(99))
-    context[:, 1] = table[directions]  # row 1: the direction word
-    return S.ToyClips(S.render_clips(bright, directions, spec, g), context, words, directions)
+    return S.make_clips(num, spec, seed) if factor == "brightness" else S.make_direction_clips(num, spec, seed)
 
 
 def decode(factor: str, latents: torch.Tensor) -> torch.Tensor:
-    out = S.decode_factors(latents)
-    if factor == "direction":
-        c = S.blob_statistics(latents)["centroid"]
-        out[:, 1] = ((c[:, -1] - c[:, 0]) @ S.DIRECTIONS.T).argmax(dim=1)
-    return out
+    return S.decode_factors(latents) if factor == "brightness" else S.decode_direction_factors(latents)
 
 
 def main(argv: list[str]) -> list[dict]:

@@ -1,7 +1,7 @@
 """GPU check that the training-speed switches change no gradient (issue 9, acceptance 3, on the real model).
 
-    python tools/check_speedups_gpu.py                  # 1.3B, 77x448x832 latents, one GPU
-    python tools/check_speedups_gpu.py --preset tiny --latent 4,8,16     # CPU smoke run
+    python scripts/check_speedups_gpu.py                  # 1.3B, 77x448x832 latents, one GPU
+    python scripts/check_speedups_gpu.py --preset tiny --latent 4,8,16     # CPU smoke run
 
 One FSDP2-wrapped dense network (the critic's setup: bf16 compute, fp32 master weights and gradients) takes one
 flow-matching forward + backward on the same inputs under each switch: fp32 eager (the reference), bf16 eager without
@@ -20,22 +20,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
-from pathlib import Path
 
 import torch
 import torch._inductor.config
 from torch.nn.attention import sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import attention.sdpa as sdpa_module  # noqa: E402
-from attention.sdpa import sdpa_attention  # noqa: E402
-from attention.vsa import vsa_attention, vsa_meta, vsa_reference  # noqa: E402
-from components.optim import clip_grad_norm  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel, config_with  # noqa: E402
-from parallel.fsdp import apply_fsdp  # noqa: E402
-from parallel.mesh import build_mesh, init_distributed  # noqa: E402
-from parallel.wan import parallelize_wan  # noqa: E402
+import attention.sdpa as sdpa_module
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_meta, vsa_reference
+from components.optim import clip_grad_norm
+from models.wan import WAN_CONFIGS, WanModel, config_with
+from parallel.fsdp import apply_fsdp
+from parallel.mesh import build_mesh, init_distributed
+from parallel.wan import parallelize_wan
 
 SWITCHES = [("eager fp32", "none"), ("eager", "none"), ("eager", "full"), ("eager", "selective"),
             ("eager", "attention"),

@@ -1,12 +1,12 @@
 """`make demo`: the toy sparse-distill end to end on a CPU, then the quality table and its gates.
 
-    python tools/demo.py                  # teacher -> DMD2+VSA student (data mode) -> data-free student -> table
-    python tools/demo.py --nproc 2        # every recipe under torchrun --nproc_per_node 2 (gloo)
-    python tools/demo.py --quick --teacher tests/assets/toy_teacher
+    python scripts/demo.py                  # teacher -> DMD2+VSA student (data mode) -> data-free student -> table
+    python scripts/demo.py --nproc 2        # every recipe under torchrun --nproc_per_node 2 (gloo)
+    python scripts/demo.py --quick --teacher tests/assets/toy_teacher
                                           # CI: the stored demo teacher, a short data-free student only
 
 Runs `recipes/toy_teacher.py`, `recipes/toy_sparse_distill.py` (dmd.rollout = data, then simulate) as subprocesses,
-then `tools/eval_toy.py`. Gates (issue 4): the data-mode student at 3 steps has distance ≤ 1.1× the 50-step
+then `scripts/eval_toy.py`. Gates (issue 4): the data-mode student at 3 steps has distance ≤ 1.1× the 50-step
 teacher's and ≤ 0.5× the 3-step teacher's, conditioning accuracy ≥ 90 %, VSA sparsity ≥ 0.5; the data-free
 student beats the 3-step teacher. Exit status 1 if a gate fails. Outputs under ./outputs/ (relative to the working
 directory).
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
     eval_args = [*(str(r) for r in runs.values()), "--json", str(out_json)]
     if args.quick:
         eval_args += ["--num", "48"]
-    run([str(ROOT / "tools/eval_toy.py"), *eval_args], 1)
+    run([str(ROOT / "scripts/eval_toy.py"), *eval_args], 1)
     times["evaluation"] = time.perf_counter() - t0
     total = time.perf_counter() - start
 

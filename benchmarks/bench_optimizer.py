@@ -1,8 +1,8 @@
 """Time one update (clip + AdamW step + zero_grad: components/optim.apply_update) of a trainable Wan model:
 FSDP2-sharded (DTensor parameters) vs plain parameters; our ShardedAdamW vs torch's fused and foreach AdamW.
 
-    python tools/bench_optimizer.py                     # 1.3B on one GPU
-    python tools/bench_optimizer.py --preset tiny       # CPU smoke run
+    python benchmarks/bench_optimizer.py                     # 1.3B on one GPU
+    python benchmarks/bench_optimizer.py --preset tiny       # CPU smoke run
 
 Host time (what the Python side spends dispatching) and device time (CUDA events) are printed per variant, so a
 slow update can be told apart as dispatch-bound or memory-bound (an H100 moves an fp32 AdamW update of 1.4 B params,
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from components.optim import ShardedAdamW, apply_update  # noqa: E402
-from models.wan import WAN_CONFIGS, WanModel  # noqa: E402
-from parallel.mesh import build_mesh, init_distributed  # noqa: E402
-from parallel.wan import parallelize_wan  # noqa: E402
+from components.optim import ShardedAdamW, apply_update
+from models.wan import WAN_CONFIGS, WanModel
+from parallel.mesh import build_mesh, init_distributed
+from parallel.wan import parallelize_wan
 
 
 def main() -> None:
