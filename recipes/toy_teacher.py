@@ -12,7 +12,7 @@ Launch:
 
 Measured (2-core CPU, 2026-11-27): 3000 steps in 366 s; 50-step CFG samples reach Fréchet 8.5 to held-out data (fresh
 data: 0.3) with 93 % of captions rendered right (colour, brightness and size); only ~40 % of samples move the blob as
-far as the data does (tools/eval_toy.py). Hyperparameters are ours, tuned for the toy; nothing here comes from
+far as the data does (scripts/eval_toy.py). Hyperparameters are ours, tuned for the toy; nothing here comes from
 FastVideo. Copy this file and its TOML to start an experiment.
 """
 
