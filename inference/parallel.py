@@ -80,35 +80,38 @@ def valid_sp_sizes(num_heads: int) -> list[int]:
     return [d for d in range(1, num_heads + 1) if num_heads % d == 0]
 
 
-def sampling_groups(sp: int, cfg_parallel: bool, num_heads: int, device: torch.device | str) -> SamplingGroups:
-    """Check the sizes against the process group and the model, then build the (cfg, sp) mesh.
-
-    Without an initialised process group only sp = 1 without CFG-parallel is valid (the one-rank job). The error
-    names the bad size and the fix before any weights are loaded.
-    """
+def check_sampling_sizes(sp: int, cfg_parallel: bool, num_heads: int, world: int) -> None:
+    """The job's sizes against the process group (`world` ranks) and the model; the error names the fix."""
     if not isinstance(sp, int) or isinstance(sp, bool) or sp < 1:
         raise ValueError(f"sp must be a positive int, got {sp!r}")
-    cfg = 2 if cfg_parallel else 1
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if sp * cfg != world:
-        launch = f"torchrun --nproc_per_node {sp * cfg}"
+    ranks = sp * (2 if cfg_parallel else 1)
+    if ranks != world:
+        branches = " × 2 CFG branches" if cfg_parallel else ""
         raise ValueError(
-            f"sp={sp}{' × 2 CFG branches' if cfg_parallel else ''} = {sp * cfg} ranks, but the process group has "
-            f"{world}: launch with `{launch}` (every rank of the job samples the same video)"
-            + ("" if dist.is_initialized() or sp * cfg == 1 else ", or call parallel.mesh.init_distributed() first")
+            f"sp={sp}{branches} = {ranks} ranks, but the process group has {world}: launch with `torchrun "
+            f"--nproc_per_node {ranks}` (every rank of the job samples the same video), or pass sp="
+            f"{world // (2 if cfg_parallel else 1) or 1}"
         )
     if num_heads % sp:
         raise ValueError(
             f"sp={sp} does not divide the model's {num_heads} attention heads (Ulysses gives each rank heads/sp of "
-            f"them); valid sp: {valid_sp_sizes(num_heads)}"
-            + (f" (× 2 ranks with CFG-parallel)" if cfg_parallel else "")
+            f"them); valid sp: {valid_sp_sizes(num_heads)}{' (× 2 ranks with CFG-parallel)' if cfg_parallel else ''}"
         )
+
+
+def sampling_groups(sp: int, cfg_parallel: bool, num_heads: int, device: torch.device | str) -> SamplingGroups:
+    """Check the sizes against the process group and the model, then build the (cfg, sp) mesh.
+
+    Without an initialised process group the job is one rank: only sp = 1 without CFG-parallel is valid.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_sampling_sizes(sp, cfg_parallel, num_heads, world)
     if world == 1:
         return SINGLE
-    device_type = torch.device(device).type
-    # Not parallel/mesh.py's build_mesh: its FSDP mesh and data-parallel ranks are training's; here the second
-    # mesh dim is the CFG branch.
-    mesh = init_device_mesh(device_type, (cfg, sp), mesh_dim_names=("cfg", "sp"))
+    cfg = 2 if cfg_parallel else 1
+    # Not parallel/mesh.py's build_mesh: its FSDP mesh and data-parallel ranks are training's; here the first mesh
+    # dim is the CFG branch.
+    mesh = init_device_mesh(torch.device(device).type, (cfg, sp), mesh_dim_names=("cfg", "sp"))
     return SamplingGroups(
         rank=dist.get_rank(),
         world=world,
@@ -159,16 +162,17 @@ def check_same_request(request: dict[str, Any], groups: SamplingGroups) -> None:
             )
 
 
-def broadcast_from_first(x: torch.Tensor | None, groups: SamplingGroups, device: torch.device | str) -> torch.Tensor:
-    """Rank 0's tensor (the other ranks pass None) on every rank, on `device`."""
+def broadcast_from_first(
+    x: torch.Tensor | None, groups: SamplingGroups, device: torch.device | str
+) -> torch.Tensor | None:
+    """Rank 0's tensor (the other ranks pass None) on every rank, on `device`; None everywhere if rank 0 has none,
+    so that a caller can raise the same error on every rank instead of leaving the others in a collective."""
     if not groups.distributed:
-        if x is None:
-            raise ValueError("broadcast_from_first: rank 0 must pass a tensor")
-        return x.to(device)
-    spec = [(tuple(x.shape), x.dtype) if x is not None else None]
+        return None if x is None else x.to(device)
+    spec = [None if x is None else (tuple(x.shape), x.dtype)]
     dist.broadcast_object_list(spec, src=0)
     if spec[0] is None:
-        raise ValueError("broadcast_from_first: rank 0 passed None")
+        return None
     shape, dtype = spec[0]
     out = x.to(device).contiguous() if groups.writer else torch.empty(shape, dtype=dtype, device=device)
     dist.broadcast(out, src=0)
