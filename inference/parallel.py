@@ -7,9 +7,9 @@ outside, and the teacher's two CFG branches on two rank groups.
     groups = sampling_groups(sp=4, cfg_parallel=False, num_heads=model.cfg.num_heads, device=device)
     apply_sequence_parallel(model, groups)          # before prepare_for_inference (FP8, fused rows, compile)
     check_token_grid(model.token_grid(latent_shape), groups.sp)
-    check_same_request({"prompts": prompts, "seed": seed, ...}, groups)
+    check_same_request({"prompts": prompts, "seed": seed, ...})
     context = broadcast_from_first(encode(...) if groups.writer else None, groups, device)
-    cond, uncond = cfg_branches(lambda ctx: model(x, t, ctx), context, negative, groups)
+    cond, uncond = cfg_branches(model, x, t, context, negative, groups)   # teacher CFG, one branch per group
 
 Layout. The job's `world = cfg × sp` ranks form a (cfg, sp) mesh, row-major like parallel/mesh.py: ranks
 [b·sp, (b + 1)·sp) run CFG branch b (0 conditional, 1 unconditional; one branch when cfg = 1) as one Ulysses group.
@@ -37,7 +37,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -135,23 +135,26 @@ def check_token_grid(grid: tuple[int, int, int], sp: int) -> None:
     length = math.prod(grid)
     chunk = -(-length // sp)
     if sp > 1 and (sp - 1) * chunk >= length:
-        fits = [s for s in range(1, sp) if (s - 1) * -(-length // s) < length]
+        fits = max(s for s in range(1, sp) if (s - 1) * -(-length // s) < length)
         raise ValueError(
             f"token grid {tuple(grid)} = {length} tokens is too small for sp={sp}: in chunks of {chunk} tokens rank "
-            f"{sp - 1} would hold only padding; use at most sp={fits[-1]} or a larger video (height, width, frames)"
+            f"{sp - 1} would hold only padding; at most {fits} ranks fit this grid: use fewer ranks or a larger video "
+            "(frames, height, width)"
         )
 
 
-def check_same_request(request: dict[str, Any], groups: SamplingGroups) -> None:
-    """Every rank must sample the same thing (prompts, seed, sizes, steps...): one all-gather of per-field digests;
-    the error names the first field that differs and the ranks that disagree with rank 0."""
-    if not groups.distributed:
+def check_same_request(request: dict[str, Any]) -> None:
+    """Every rank of the process group must sample the same thing (prompts, seed, sizes, steps...): one all-gather
+    of per-field digests; the error, raised on every rank, names the first field that differs and the ranks that
+    disagree with rank 0. Nothing to check without a process group (or with one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    world = dist.get_world_size()
     digests = {
         key: hashlib.sha256(json.dumps(value, sort_keys=True, default=repr).encode()).hexdigest()
         for key, value in request.items()
     }
-    every: list[dict[str, str] | None] = [None] * groups.world
+    every: list[dict[str, str] | None] = [None] * world
     dist.all_gather_object(every, digests)
     for key in sorted(set().union(*every)):
         differ = [r for r, d in enumerate(every) if d.get(key) != every[0].get(key)]
@@ -180,19 +183,21 @@ def broadcast_from_first(
 
 
 def cfg_branches(
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    model: nn.Module,
+    x: torch.Tensor,  # (B, C, T, H, W) in the model's dtype
+    t: torch.Tensor,  # (B,) or per-token (B, L)
     context: torch.Tensor,  # (B, L_txt, D_txt) conditional
     negative: torch.Tensor,  # (B, L_txt, D_txt) unconditional
     groups: SamplingGroups,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The conditional and unconditional velocities `forward(context)`, `forward(negative)` (B, C, T, H, W).
+    """The conditional and unconditional velocities `model(x, t, context)`, `model(x, t, negative)` in fp32.
 
     With CFG-parallel each branch group computes its own and the pair (rank i, rank i + sp) all-gathers them, so
     every rank returns both (bitwise the values the owning branch computed).
     """
     if groups.cfg == 1:
-        return forward(context), forward(negative)
-    mine = forward(context if groups.branch == 0 else negative).contiguous()
+        return model(x, t, context).float(), model(x, t, negative).float()
+    mine = model(x, t, context if groups.branch == 0 else negative).float().contiguous()
     both = mine.new_empty((2 * mine.shape[0], *mine.shape[1:]))  # (2B, C, T, H, W): group rank order = branch
     dist.all_gather_into_tensor(both, mine, group=groups.cfg_group)
     return both[: mine.shape[0]], both[mine.shape[0] :]
