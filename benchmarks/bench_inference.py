@@ -451,6 +451,10 @@ def sp_times(bench: Bench, args: argparse.Namespace, preset: str, res: str, spar
         bench.row("sp", f"{label}, N=1 (VideoPipeline sp=1)", sp1, "s")
         bench.row("sp", f"{label}, N=1: VideoPipeline sp=1 / sampler", sp1 / single, "x")
     for n, group in subgroups.items():
+        if model.cfg.num_heads % n:  # e.g. the 1.3B's 12 heads on 8 GPUs
+            if bench.rank == 0:
+                print(f"[sp] {label}, N={n} skipped: Ulysses needs N to divide the {model.cfg.num_heads} heads")
+            continue
         if bench.rank < n:
             check_token_grid(model.token_grid(shape), n)
             groups = SamplingGroups(rank=bench.rank, world=n, sp=n, cfg=1, sp_group=group, cfg_group=None)
