@@ -26,7 +26,8 @@ run's --fp8 / --compile, cached text context), timed right after case a's matchi
 --sp N,... (instead of the cases): the 3-step student denoise of the 1.3B (81x480x832, VSA 0.8) and the 14B
 (81x480x832 and 81x720x1280, VSA 0.9) with Ulysses sequence parallel over N = 1, 2, 4, 8 GPUs (inference/parallel.py),
 each N that the launch has GPUs for: one model per size on every rank, timed on ranks [0, N) (the others wait), N = 1
-first, so the speedups divide times of one run. On one process the N = 1 row runs twice: the sampler on the prepared
+first, so the speedups divide times of one run; each N > 1 also reports how far its latents are from N = 1's. On one
+process the N = 1 row runs twice: the sampler on the prepared
 DiT, as case a times it, and `VideoPipeline(sp=1).denoise`, the code path `tools/sample.py` takes, with their ratio.
 --json PATH writes the result rows as JSON (tests read it).
 """
@@ -435,10 +436,11 @@ def sp_times(bench: Bench, args: argparse.Namespace, preset: str, res: str, spar
             g = torch.Generator(bench.device).manual_seed(0)
             return denoise_student(model, context, shape, DMD_STEPS, g, attn_meta=meta, progress=False)
 
-    single = None
+    single = reference = None
     if bench.rank == 0 and time_single:
         single = bench.time_s(sampler, warmup=warmup, reps=5)
         bench.row("sp", f"{label}, N=1 (sampler)", single, "s")
+        reference = sampler()
     if pipe is not None and time_single:
         _, _, t, h, w = shape
         frames, height, width = (t - 1) * VAE_TEMPORAL_RATIO + 1, h * pipe.spec.vae_ratio, w * pipe.spec.vae_ratio
@@ -460,11 +462,15 @@ def sp_times(bench: Bench, args: argparse.Namespace, preset: str, res: str, spar
             groups = SamplingGroups(rank=bench.rank, world=n, sp=n, cfg=1, sp_group=group, cfg_group=None)
             with sequence_parallel(model, groups):
                 seconds = bench.time_s(sampler, warmup=warmup, reps=5)
+                latents = sampler()
             if bench.rank == 0:
                 bench.row("sp", f"{label}, N={n}", seconds, "s")
                 if single is not None:
                     bench.row("sp", f"{label}, N={n} speedup over N=1 (parallel efficiency "
                               f"{single / seconds / n:.0%})", single / seconds, "x")
+                    # bf16 GEMMs over L/N rows round differently: a sanity check, not an exactness test
+                    diff = ((latents - reference).abs().max() / reference.abs().max()).item()
+                    bench.row("sp", f"{label}, N={n} latents vs N=1: max |diff| / max |N=1|", diff, "rel")
         dist.barrier()
 
 
