@@ -27,8 +27,8 @@ run's --fp8 / --compile, cached text context), timed right after case a's matchi
 (81x480x832 and 81x720x1280, VSA 0.9) with Ulysses sequence parallel over N = 1, 2, 4, 8 GPUs (inference/parallel.py),
 each N that the launch has GPUs for: one model per size on every rank, timed on ranks [0, N) (the others wait), N = 1
 first, so the speedups divide times of one run; each N > 1 also reports how far its latents are from N = 1's. On one
-process the N = 1 row runs twice: the sampler on the prepared
-DiT, as case a times it, and `VideoPipeline(sp=1).denoise`, the code path `tools/sample.py` takes, with their ratio.
+process the N = 1 row runs twice: the sampler on the prepared DiT, as case a times it, and
+`VideoPipeline(sp=1).denoise`, the code path `tools/sample.py` takes, with their ratio.
 --json PATH writes the result rows as JSON (tests read it).
 """
 
