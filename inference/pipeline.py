@@ -427,7 +427,7 @@ class VideoPipeline:
         self.check_parallel(size, teacher)
         check_same_request({"size": size, "seed": seed, "steps": list(steps), "sparsity": sparsity, "teacher": teacher,
                             "teacher_steps": teacher_steps, "guidance": guidance, "shift": shift,
-                            "image": None if image is None else str(image)})
+                            "image": image is not None})  # rank 0's image is encoded and broadcast
         image_latent = None if image is None else self.encode_image(image, size.height, size.width)
         generator = torch.Generator(self.device).manual_seed(seed)
         context = context.to(self.device)
