@@ -2,14 +2,16 @@
 
 The reference is a one-process `VideoPipeline` over the same tiny diffusers-written pipeline folder: sequence parallel
 (and CFG-parallel) must not change the latents beyond float round-off. Cases: the student with VSA (sparsity 0.5,
-a non-zero gate, ragged tiles, a token count no rank count divides), in fp32 and with FP8 linears; the CFG teacher
-over sp ranks and with its two branches on two rank groups; 2 and 4 ranks. Plus: rank 0 alone decodes and writes
+a non-zero gate, ragged tiles, a token count no rank count divides), in fp32, with FP8 linears and with an image as
+latent frame 0 (TI2V: per-token timesteps, the image encoded on rank 0 and broadcast); the CFG teacher over sp ranks
+and with its two branches on two rank groups; 2 and 4 ranks. Plus: rank 0 alone decodes and writes
 (`torchrun tools/sample.py`), and the errors (heads, token grid, ranks, prompts that differ between ranks).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +48,10 @@ REL_TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory) -> Path:
-    """A tiny pipeline whose transformer has a random VSA gate, as the FastWan students have one."""
+    """A tiny pipeline whose transformer has a random VSA gate, as the FastWan students have one; it accepts an
+    image (TI2V, as Wan2.2-TI2V-5B: `expand_timesteps`), and `first_frame.png` is one."""
+    from PIL import Image
+
     path = build_tiny_pipeline(tmp_path_factory.mktemp("pipe"), transformer_config=TINY_DIT)
     model = load_pretrained(path, vsa_gate=True)
     torch.manual_seed(3)
@@ -54,6 +59,10 @@ def pipe_dir(tmp_path_factory) -> Path:
         for block in model.blocks:
             block.attn1.to_gate_compress.weight.normal_(0, 0.2)
     export_pretrained(model, path / "transformer")
+    index = json.loads((path / "model_index.json").read_text())
+    (path / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}))
+    pixels = torch.randint(0, 256, (40, 150, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    Image.fromarray(pixels.numpy()).save(path / "first_frame.png")
     return path
 
 
@@ -61,11 +70,13 @@ def _pipeline(path: Path, **kwargs) -> VideoPipeline:
     return VideoPipeline.from_pretrained(path, device="cpu", dtype=torch.float32, attn="vsa", **kwargs)
 
 
-def _latents(pipe: VideoPipeline, teacher: bool) -> torch.Tensor:
-    if teacher:
+def _latents(pipe: VideoPipeline, kind: str, path: Path) -> torch.Tensor:
+    """kind: "student" (VSA), "teacher" (CFG) or "ti2v" (the student with `first_frame.png` as latent frame 0)."""
+    if kind == "teacher":
         context = pipe.encode_prompts([PROMPT, "blurry static"])
         return pipe.denoise(context[:1], negative_context=context[1:], progress=False, **TEACHER)
-    return pipe.denoise(pipe.encode_prompts([PROMPT]), progress=False, **STUDENT)
+    image = path / "first_frame.png" if kind == "ti2v" else None
+    return pipe.denoise(pipe.encode_prompts([PROMPT]), image=image, progress=False, **STUDENT)
 
 
 def _forwards(pipe: VideoPipeline) -> list[int]:
@@ -75,21 +86,23 @@ def _forwards(pipe: VideoPipeline) -> list[int]:
     return calls
 
 
-# (name, VideoPipeline kwargs, teacher) per world size. 4 ranks: only what 2 cannot show (sp 4, CFG-parallel with sp
+# (name, VideoPipeline kwargs, kind) per world size. 4 ranks: only what 2 cannot show (sp 4, CFG-parallel with sp
 # inside each branch): every process costs seconds of imports on the 2-core CI machine.
-def _cases(world: int) -> list[tuple[str, dict, bool]]:
+def _cases(world: int) -> list[tuple[str, dict, str]]:
     if world == 4:
-        return [("student sp", {"sp": 4}, False), ("teacher cfg-parallel", {"sp": 2, "cfg_parallel": True}, True)]
-    return [("student sp", {"sp": 2}, False), ("student sp fp8", {"sp": 2, "fp8": True}, False),
-            ("teacher sp", {"sp": 2}, True), ("teacher cfg-parallel", {"sp": 1, "cfg_parallel": True}, True)]
+        return [("student sp", {"sp": 4}, "student"),
+                ("teacher cfg-parallel", {"sp": 2, "cfg_parallel": True}, "teacher")]
+    return [("student sp", {"sp": 2}, "student"), ("student sp fp8", {"sp": 2, "fp8": True}, "student"),
+            ("ti2v student sp", {"sp": 2}, "ti2v"), ("teacher sp", {"sp": 2}, "teacher"),
+            ("teacher cfg-parallel", {"sp": 1, "cfg_parallel": True}, "teacher")]
 
 
 def _sample_rank(rank: int, world: int, path: Path) -> dict:
     out = {}
-    for name, kwargs, teacher in _cases(world):
+    for name, kwargs, kind in _cases(world):
         pipe = _pipeline(path, **kwargs)
         calls = _forwards(pipe)
-        out[name] = {"latents": _latents(pipe, teacher), "forwards": calls[0],
+        out[name] = {"latents": _latents(pipe, kind, path), "forwards": calls[0],
                      "shard": type(pipe.dit.token_shard).__name__}
     if world == 2:  # the errors that need a process group, raised on every rank before any sampling
         pipe = _pipeline(path, sp=2)
@@ -97,7 +110,7 @@ def _sample_rank(rank: int, world: int, path: Path) -> dict:
         for name, call in (
             ("prompt", lambda: pipe(PROMPT if rank == 0 else "a blue car", progress=False, **STUDENT)),
             ("grid", lambda: pipe(PROMPT, progress=False, **{**STUDENT, "num_frames": 1, "height": 16, "width": 16})),
-            ("student cfg-parallel", lambda: _latents(_pipeline(path, sp=1, cfg_parallel=True), teacher=False)),
+            ("student cfg-parallel", lambda: _latents(_pipeline(path, sp=1, cfg_parallel=True), "student", path)),
         ):
             try:
                 call()
@@ -116,11 +129,11 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 def test_sp_sampling_equals_one_process(pipe_dir, world):
     ranks = run_multiproc(_sample_rank, world, pipe_dir, timeout=240)
     single = {}
-    for name, kwargs, teacher in _cases(world):
+    for name, kwargs, kind in _cases(world):
         pipe = _pipeline(pipe_dir, fp8=kwargs.get("fp8", False))
         calls = _forwards(pipe)
-        single[name] = (_latents(pipe, teacher), calls[0])
-    for name, kwargs, teacher in _cases(world):
+        single[name] = (_latents(pipe, kind, pipe_dir), calls[0])
+    for name, kwargs, _ in _cases(world):
         ref, ref_forwards = single[name]
         for rank, result in enumerate(ranks):
             got = result[name]
@@ -131,11 +144,13 @@ def test_sp_sampling_equals_one_process(pipe_dir, world):
             expected = ref_forwards // 2 if kwargs.get("cfg_parallel") else ref_forwards
             assert got["forwards"] == expected, f"{name}, rank {rank}: {got['forwards']} DiT forwards"
     if world == 2:
+        ti2v, t2v = single["ti2v student sp"][0], single["student sp"][0]
+        assert not torch.allclose(ti2v[:, :, 0], t2v[:, :, 0]), "the image must condition latent frame 0"
         video, nothing = ranks[0]["video"], ranks[1]["video"]
         assert nothing is None and video.dtype == torch.uint8 and video.shape == (5, 32, 64, 3)
         assert all("'prompt'" in r["error prompt"] and "[1]" in r["error prompt"] for r in ranks)
         assert all("too small for sp=2" in r["error grid"] for r in ranks)
-        assert ranks[0]["error student cfg-parallel"] and "student has none" in ranks[0]["error student cfg-parallel"]
+        assert all("student has none" in (r["error student cfg-parallel"] or "") for r in ranks)
 
 
 def test_torchrun_cli_rank0_writes(pipe_dir, tmp_path):
@@ -155,7 +170,7 @@ def test_torchrun_cli_rank0_writes(pipe_dir, tmp_path):
     assert files == ["00_a_red_car_drives_on_the_street.latents.pt", "00_a_red_car_drives_on_the_street.mp4"]
     assert "denoise total" in rank_logs[0] and "denoise total" not in rank_logs[1]
     assert ".mp4" not in rank_logs[1]
-    ref = _latents(_pipeline(pipe_dir), teacher=False)
+    ref = _latents(_pipeline(pipe_dir), "student", pipe_dir)
     assert _rel_err(torch.load(out / files[0]), ref) <= REL_TOL
 
 
@@ -164,7 +179,7 @@ def test_size_errors(pipe_dir):
         check_sampling_sizes(3, False, 4, world=3)
     with pytest.raises(ValueError, match=r"sp=2 × 2 CFG branches = 4 ranks, but the process group has 2"):
         check_sampling_sizes(2, True, 4, world=2)
-    with pytest.raises(ValueError, match=r"token grid \(1, 1, 3\) = 3 tokens is too small for sp=4.*at most 3 ranks fit"):
+    with pytest.raises(ValueError, match=r"grid \(1, 1, 3\) = 3 tokens is too small for sp=4.*at most 3 ranks fit"):
         check_token_grid((1, 1, 3), 4)
     check_token_grid((1, 1, 7), 4)  # chunks of 2: the last rank holds 1 real token
     # No process group: asking for 2 ranks fails before any weights are read.
