@@ -21,8 +21,9 @@ velocities (one all-gather between rank i and rank i + sp) and both compute `unc
 What runs once. Text encoding runs on rank 0 and is broadcast: UMT5-XXL is 23 GB in fp32, which N ranks loading
 it side by side would read N times into host memory (8 × 23 GB), for an output of 8 MB per prompt that one
 broadcast moves in milliseconds; the other ranks load the DiT meanwhile. The VAE decode runs on rank 0 (the
-`writer`), which alone writes files. With sp = 1 and cfg = 1 nothing here adds a collective or a module: the
-one-GPU path is the plain one.
+`writer`), which alone writes files: the Wan VAE decodes frame by frame with a causal feature cache, so splitting it
+over ranks means spatial tiles with overlaps — worth it only where decode, not the DiT, dominates. With sp = 1 and
+cfg = 1 nothing here adds a collective or a module: the one-GPU path is the plain one.
 
 Ulysses itself is parallel/ulysses.py (the training code): sequence chunks through the blocks, one all-to-all per
 self-attention to trade sequence for heads, the attention function (dense, VSA, FP8 VSA) on H/sp heads over the
