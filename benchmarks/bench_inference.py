@@ -6,6 +6,8 @@
     python benchmarks/bench_inference.py --cases a,b --fp8        # also time the students in FP8 (sample.py --fp8)
     python benchmarks/bench_inference.py --cases a --compile --fp8 --pipeline   # + the same through VideoPipeline
     python benchmarks/bench_inference.py --smoke            # every code path at toy size, CPU is fine (tests use it)
+    python benchmarks/bench_inference.py --sp 1 --compile --fp8        # one GPU: the N = 1 SP path vs the sampler
+    torchrun --nproc_per_node 8 benchmarks/bench_inference.py --sp 1,2,4,8 --compile --fp8   # Ulysses, N GPUs
 
 Cases (text embeddings are random and cached; denoising uses inference/samplers.py, the loops tools/sample.py runs):
   a  Wan2.1-1.3B, 81x480x832: 3-step VSA (sparsity 0.8) denoise; VAE decode (plain / channels-last / compiled);
@@ -21,6 +23,12 @@ extra rows, the bf16 rows stay.
 --pipeline (case a): the same 3-step denoise through `inference.VideoPipeline` (built from a random DiT with the
 run's --fp8 / --compile, cached text context), timed right after case a's matching row, and its ratio to that row
 (the pipeline adds only Python around the same sampler: ~1.00).
+--sp N,... (instead of the cases): the 3-step student denoise of the 1.3B (81x480x832, VSA 0.8) and the 14B
+(81x480x832 and 81x720x1280, VSA 0.9) with Ulysses sequence parallel over N = 1, 2, 4, 8 GPUs (inference/parallel.py),
+each N that the launch has GPUs for: one model per size on every rank, timed on ranks [0, N) (the others wait), N = 1
+first, so the speedups divide times of one run; each N > 1 also reports how far its latents are from N = 1's. On one
+process the N = 1 row runs twice: the sampler on the prepared DiT, as case a times it, and
+`VideoPipeline(sp=1).denoise`, the code path `tools/sample.py` takes, with their ratio.
 --json PATH writes the result rows as JSON (tests read it).
 """
 
@@ -29,19 +37,24 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from attention.vsa import vsa_meta
 from inference import VideoPipeline, prepare_for_inference
 from inference.fp8 import fp8_device_problem
+from inference.parallel import SamplingGroups, apply_sequence_parallel, check_token_grid
 from inference.pipeline import ATTN, VAE_TEMPORAL_RATIO, channels_last
 from inference.samplers import denoise_student
 from models.wan import WAN_CONFIGS, WanModel, config_with
+from parallel.mesh import init_distributed
 
 DMD_STEPS = [1000.0, 757.0, 522.0]
 FP8_ATTN, FP8_LABEL = "vsa_fp8", "fp8 linears + fp8 attention"  # the student as `sample.py --fp8` runs it
@@ -63,8 +76,9 @@ SMOKE_VAE = {"base_dim": 8, "z_dim": 4, "dim_mult": [1, 2, 2, 2], "num_res_block
 class Bench:
     """Timing on one device plus the result table."""
 
-    def __init__(self, device: torch.device, smoke: bool, compile_dit: bool) -> None:
+    def __init__(self, device: torch.device, smoke: bool, compile_dit: bool, rank: int = 0) -> None:
         self.device, self.smoke, self.compile_dit = device, smoke, compile_dit
+        self.rank = rank  # under torchrun (--sp): rank 0 alone records rows
         self.dtype = torch.bfloat16
         self.rows: list[tuple[str, str, float, str]] = []  # (case, what, value, unit)
 
@@ -365,6 +379,101 @@ def profile(bench: Bench, model: WanModel, shape: tuple[int, ...], label: str, a
         print(f"      {us / runs / 3 / 1e3:8.2f} ms  {name}")
 
 
+SP_RUNS = (  # (preset, latent shape, VSA sparsity, label)
+    ("wan21_1.3b", "480p", 0.8, "1.3B 81x480x832"),
+    ("wan21_14b", "480p", 0.9, "14B 81x480x832"),
+    ("wan21_14b", "720p", 0.9, "14B 81x720x1280"),
+)
+
+
+@contextmanager
+def sequence_parallel(model: WanModel, groups: SamplingGroups) -> Iterator[None]:
+    """Ulysses over `groups.sp_group` while inside; the plain model again after (one model serves every N)."""
+    seams, attns = (model.token_shard, model.token_gather), [block.attn1.attn_fn for block in model.blocks]
+    apply_sequence_parallel(model, groups)
+    try:
+        yield
+    finally:
+        model.token_shard, model.token_gather = seams
+        for block, attn in zip(model.blocks, attns):
+            block.attn1.attn_fn = attn
+
+
+def sp_sweep(bench: Bench, args: argparse.Namespace, sizes: list[int]) -> None:
+    """--sp: the 3-step student denoise over N ranks for each N in `sizes` that the launch has ranks for."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    skipped = [n for n in sizes if n > world]
+    if skipped and not bench.rank:
+        print(f"[sp] N = {skipped} skipped: this launch has {world} rank(s) (torchrun --nproc_per_node N)")
+    sizes = [n for n in sizes if n <= world]
+    subgroups = {n: dist.new_group(list(range(n))) for n in sizes if n > 1}  # every rank creates every group
+    for preset, res, sparsity, label in SP_RUNS:
+        sp_times(bench, args, preset, res, sparsity, label, subgroups, time_single=1 in sizes)
+        bench.free()
+
+
+def sp_times(bench: Bench, args: argparse.Namespace, preset: str, res: str, sparsity: float, label: str,
+             subgroups: dict[int, dist.ProcessGroup], time_single: bool) -> None:
+    """One model size: N = 1 on rank 0 (and, on one process, through `VideoPipeline(sp=1)`), then each N in
+    `subgroups` on ranks [0, N) while the others wait."""
+    torch.manual_seed(0)  # the same random weights on every rank
+    model = bench.random_model(preset)
+    label = f"{label} student 3-step VSA {sparsity}{f', {FP8_LABEL}' if args.fp8 else ''}"
+    pipe = None
+    if not dist.is_initialized():  # readied by the pipeline, as tools/sample.py gets it
+        pipe = VideoPipeline(model, attn="vsa", fp8=args.fp8, compile=bench.compile_dit)
+        model = pipe.dit
+    else:
+        bench.set_attention(model, FP8_ATTN if args.fp8 else "vsa")
+        prepare_for_inference(model, fp8=args.fp8, compile=bench.compile_dit)
+    shape = bench.latent(res, model.cfg.in_channels)
+    context = bench.context(model)
+    meta = vsa_meta(model.token_grid(shape), sparsity, bench.device)
+    warmup = 2 if bench.compile_dit else 1
+
+    def sampler() -> torch.Tensor:
+        with torch.no_grad():
+            g = torch.Generator(bench.device).manual_seed(0)
+            return denoise_student(model, context, shape, DMD_STEPS, g, attn_meta=meta, progress=False)
+
+    single = reference = None
+    if bench.rank == 0 and time_single:
+        single = bench.time_s(sampler, warmup=warmup, reps=5)
+        bench.row("sp", f"{label}, N=1 (sampler)", single, "s")
+        reference = sampler()
+    if pipe is not None and time_single:
+        _, _, t, h, w = shape
+        frames, height, width = (t - 1) * VAE_TEMPORAL_RATIO + 1, h * pipe.spec.vae_ratio, w * pipe.spec.vae_ratio
+
+        def through_pipeline() -> torch.Tensor:
+            return pipe.denoise(context, height=height, width=width, num_frames=frames, seed=0, steps=DMD_STEPS,
+                                sparsity=sparsity, progress=False)
+
+        sp1 = bench.time_s(through_pipeline, warmup=warmup, reps=5)
+        bench.row("sp", f"{label}, N=1 (VideoPipeline sp=1)", sp1, "s")
+        bench.row("sp", f"{label}, N=1: VideoPipeline sp=1 / sampler", sp1 / single, "x")
+    for n, group in subgroups.items():
+        if model.cfg.num_heads % n:  # e.g. the 1.3B's 12 heads on 8 GPUs
+            if bench.rank == 0:
+                print(f"[sp] {label}, N={n} skipped: Ulysses needs N to divide the {model.cfg.num_heads} heads")
+            continue
+        if bench.rank < n:
+            check_token_grid(model.token_grid(shape), n)
+            groups = SamplingGroups(rank=bench.rank, world=n, sp=n, cfg=1, sp_group=group, cfg_group=None)
+            with sequence_parallel(model, groups):
+                seconds = bench.time_s(sampler, warmup=warmup, reps=5)
+                latents = sampler()
+            if bench.rank == 0:
+                bench.row("sp", f"{label}, N={n}", seconds, "s")
+                if single is not None:
+                    bench.row("sp", f"{label}, N={n} speedup over N=1 (parallel efficiency "
+                              f"{single / seconds / n:.0%})", single / seconds, "x")
+                    # bf16 GEMMs over L/N rows round differently: a sanity check, not an exactness test
+                    diff = ((latents - reference).abs().max() / reference.abs().max()).item()
+                    bench.row("sp", f"{label}, N={n} latents vs N=1: max |diff| / max |N=1|", diff, "rel")
+        dist.barrier()
+
+
 CASES = {"a": case_a, "b": case_b, "c": case_c}
 
 
@@ -383,7 +492,17 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
                    "(with this run's --fp8 / --compile) and its ratio to the sampler's time")
     p.add_argument("--smoke", action="store_true", help="toy sizes (tiny DiT, tiny VAE) on any device")
     p.add_argument("--json", metavar="PATH", help="also write the result rows to PATH as JSON")
+    p.add_argument("--sp", metavar="N,...", help="instead of the cases: the 1.3B and 14B 3-step student denoise with "
+                   "sequence parallel over each N GPUs (launch with torchrun --nproc_per_node max(N)); N = 1 first")
     args = p.parse_args(argv)
+    sp_sizes = []
+    if args.sp:
+        try:
+            sp_sizes = sorted({int(n) for n in args.sp.split(",")})
+        except ValueError:
+            p.error(f"--sp {args.sp!r}: comma-separated GPU counts, e.g. 1,2,4,8")
+        if sp_sizes[0] < 1:
+            p.error(f"--sp {args.sp!r}: GPU counts must be >= 1")
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(CASES))
     if unknown or not cases:
@@ -394,10 +513,20 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float, str]]:
     if args.fp8 and (problem := fp8_device_problem(device)):
         p.error(problem)
 
-    bench = Bench(device, args.smoke, args.compile)
+    rank = 0
+    if sp_sizes and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun
+        rank, _, device = init_distributed()
+    bench = Bench(device, args.smoke, args.compile, rank)
     started = time.perf_counter()
-    for case in cases:
-        CASES[case](bench, args)
+    if sp_sizes:
+        sp_sweep(bench, args, sp_sizes)
+    else:
+        for case in cases:
+            CASES[case](bench, args)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank:  # the table is rank 0's
+        return bench.rows
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     fp8 = f" (+ {FP8_LABEL} rows)" if args.fp8 else ""
     print(f"\n{gpu} | torch {torch.__version__} | bf16{fp8} | random weights | text cached | "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from attention.sdpa import sdpa_attention
@@ -40,6 +41,14 @@ from data.encode import (
     vae_encode,
 )
 from inference.fp8 import fp8_device_problem
+from inference.parallel import (
+    apply_sequence_parallel,
+    broadcast_from_first,
+    check_same_request,
+    check_sampling_sizes,
+    check_token_grid,
+    sampling_groups,
+)
 from inference.prepare import prepare_for_inference
 from inference.samplers import denoise_student, denoise_teacher
 from inference.timer import StageTimer
@@ -139,6 +148,7 @@ class PipelineFiles:
     folder: Path | None  # None for a hub id until `download`
     hub_id: str | None
     spec: VideoSpec
+    num_heads: int  # the DiT's attention heads: sequence parallel splits them
 
     def download(self) -> Path:
         """The local folder with every component (a hub id: downloaded, or reused from the HF cache)."""
@@ -162,7 +172,8 @@ def inspect_pipeline(model: str | Path) -> PipelineFiles:
         raise InputError(f"{model}: vae config has no scale_factor_spatial and z_dim {z_dim} is unknown")
     _, patch_h, patch_w = dit.get("patch_size", (1, 2, 2))
     ti2v = bool(index.get("expand_timesteps", z_dim == 48))
-    return PipelineFiles(str(model), folder, hub_id, VideoSpec(z_dim, vae_ratio, (patch_h, patch_w), ti2v))
+    return PipelineFiles(str(model), folder, hub_id, VideoSpec(z_dim, vae_ratio, (patch_h, patch_w), ti2v),
+                         int(dit.get("num_attention_heads", 0)))
 
 
 def locate_model(model: str) -> tuple[Path | None, str | None]:
@@ -286,12 +297,17 @@ class VideoPipeline:
     `prepare_for_inference`; its blocks get attention `attn`), `vae` a diffusers `AutoencoderKLWan` (its decoder is
     cast to the DiT's dtype, the encoder stays as given: fp32 for the TI2V image encode), `tokenizer` + `text_encoder`
     (UMT5) for prompts. Without a VAE, `denoise` still samples latents; without a text encoder, pass `context`.
+
+    Several GPUs (inference/parallel.py): inside a process group of sp ranks (`torchrun --nproc_per_node sp`), sp=N
+    spreads every DiT forward over them (Ulysses); cfg_parallel=True (teacher) runs the CFG branches on two groups of
+    sp ranks each. Every rank makes the same calls with the same arguments; rank 0 (`groups.writer`) alone encodes
+    the text and the image (then broadcasts them) and decodes: `decode` and `__call__` return None on the others.
     """
 
     def __init__(self, dit: WanModel, vae: nn.Module | None = None, tokenizer: Any = None,
                  text_encoder: nn.Module | None = None, *, attn: str | None = None, ti2v: bool | None = None,
                  fp8: bool = False, compile: bool = False, fused_rows: bool = True, vae_channels_last: bool = False,
-                 vae_compile: bool = False) -> None:
+                 vae_compile: bool = False, sp: int = 1, cfg_parallel: bool = False) -> None:
         z_dim = dit.cfg.in_channels
         self.device, self.dtype = dit.patch_embedding.weight.device, dit.patch_embedding.weight.dtype
         check_device(self.device, self.dtype, fp8)
@@ -306,6 +322,8 @@ class VideoPipeline:
         attn_fn = student_attention(attn)
         for block in dit.blocks:  # before compile: the attention is part of each block's graph
             block.attn1.attn_fn = attn_fn
+        self.groups = sampling_groups(sp, cfg_parallel, dit.cfg.num_heads, self.device)
+        apply_sequence_parallel(dit, self.groups)  # wraps attn_fn: before the fused-row swap and compile
         self.dit = prepare_for_inference(dit, fp8=fp8, compile=compile, fused_rows=fused_rows)
         self.vae = vae
         if vae is not None:
@@ -322,42 +340,62 @@ class VideoPipeline:
     def from_pretrained(cls, model: str | Path, *, device: torch.device | str | None = None,
                         dtype: torch.dtype = torch.bfloat16, attn: str | None = None, fp8: bool = False,
                         compile: bool = False, fused_rows: bool = True, text_encoder: bool = True,
-                        vae_channels_last: bool = False, vae_compile: bool = False) -> "VideoPipeline":
+                        vae_channels_last: bool = False, vae_compile: bool = False, sp: int = 1,
+                        cfg_parallel: bool = False) -> "VideoPipeline":
         """A diffusers Wan pipeline folder or hub id -> VideoPipeline on `device` (default: cuda if available).
 
         dtype: DiT and VAE-decode precision (UMT5 and the VAE encoder run in fp32). attn: the student's attention,
         "vsa" (default; "sdpa" for TI2V-5B), "sdpa" or "vsa_fp8"; fp8: FP8 block linears (sm89+ GPU, or CPU) and,
         with VSA on sm90+, FP8 sparse attention; compile: per-block torch.compile; text_encoder=False skips UMT5
-        (pass `context` to `denoise`). Configs are checked, and the device, before any weights are read.
+        (pass `context` to `denoise`). sp, cfg_parallel: several GPUs (see the class). Configs are checked, and the
+        device and the process group, before any weights are read. Only rank 0 loads the text encoder.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         check_device(device, dtype, fp8)
         files = inspect_pipeline(model)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        check_sampling_sizes(sp, cfg_parallel, files.num_heads, world)
+        writer = not dist.is_initialized() or dist.get_rank() == 0
         if attn is not None and attn not in ATTN:
             raise InputError(f"attention {attn!r}; choose one of {sorted(ATTN)}")
         folder = files.download()
-        tokenizer, encoder = load_text_encoder(folder, device, torch.float32) if text_encoder else (None, None)
+        load_text = text_encoder and writer  # UMT5-XXL is 23 GB in fp32: rank 0 encodes and broadcasts
+        tokenizer, encoder = load_text_encoder(folder, device, torch.float32) if load_text else (None, None)
         vae = load_vae(folder, device, torch.float32)
         dit = load_pretrained(folder, dtype=dtype, device=device)
         return cls(dit, vae, tokenizer, encoder, attn=attn, ti2v=files.spec.ti2v, fp8=fp8, compile=compile,
-                   fused_rows=fused_rows, vae_channels_last=vae_channels_last, vae_compile=vae_compile)
+                   fused_rows=fused_rows, vae_channels_last=vae_channels_last, vae_compile=vae_compile, sp=sp,
+                   cfg_parallel=cfg_parallel)
 
     # ---- stages ----
     def encode_prompts(self, prompts: list[str], timer: StageTimer | None = None) -> torch.Tensor:
-        """Prompts -> UMT5 context (N, 512, D) float32 on the pipeline's device."""
-        if self.text_encoder is None:
+        """Prompts -> UMT5 context (N, 512, D) float32 on the pipeline's device (encoded on rank 0, broadcast)."""
+        context = None
+        if self.groups.writer and self.text_encoder is not None:
+            with (timer or StageTimer(self.device)).stage("text encode"):
+                context = encode_prompts(self.tokenizer, self.text_encoder, prompts)[0]
+        context = broadcast_from_first(context, self.groups, self.device)
+        if context is None:
             raise InputError("this pipeline has no text encoder (built with text_encoder=False): pass context= to "
                              "denoise, e.g. from inference.pipeline.encode_text")
-        with (timer or StageTimer(self.device)).stage("text encode"):
-            return encode_prompts(self.tokenizer, self.text_encoder, prompts)[0]
+        return context
 
     def encode_image(self, image: ImageInput, height: int, width: int) -> torch.Tensor:
         """The first frame for TI2V -> normalised latents (1, C, 1, h, w) float32."""
         if self.vae is None:
             raise InputError("image conditioning needs the VAE; this pipeline was built without one")
-        # vae_encode casts to the VAE's first parameter: the encoder's, kept in its loaded precision (fp32).
-        z = vae_encode(self.vae, load_image(image, height, width))
-        return normalize_latents(z, *latent_stats(self.vae)).to(self.device)
+        z = None
+        if self.groups.writer:  # one encode, broadcast: every rank conditions on the same latents
+            # vae_encode casts to the VAE's first parameter: the encoder's, kept in its loaded precision (fp32).
+            z = normalize_latents(vae_encode(self.vae, load_image(image, height, width)), *latent_stats(self.vae))
+        return broadcast_from_first(z, self.groups, self.device)
+
+    def check_parallel(self, size: VideoSize, teacher: bool) -> None:
+        """What sequence / CFG parallelism needs of a request (nothing on one rank)."""
+        if self.groups.cfg == 2 and not teacher:
+            raise InputError("cfg_parallel=True splits the teacher's CFG branches; the student has none: build the "
+                             "pipeline with cfg_parallel=False (and sp = the number of ranks) for the student")
+        check_token_grid(self.dit.token_grid(size.latent_shape), self.groups.sp)
 
     @torch.no_grad()
     def denoise(
@@ -386,24 +424,30 @@ class VideoPipeline:
         self.spec.check_sampling(steps, sparsity, teacher, teacher_steps, image)
         if teacher and negative_context is None:
             raise InputError("teacher sampling needs negative_context (the encoded negative prompt)")
+        self.check_parallel(size, teacher)
+        check_same_request({"size": size, "seed": seed, "steps": list(steps), "sparsity": sparsity, "teacher": teacher,
+                            "teacher_steps": teacher_steps, "guidance": guidance, "shift": shift,
+                            "image": image is not None})  # rank 0's image is encoded and broadcast
         image_latent = None if image is None else self.encode_image(image, size.height, size.width)
         generator = torch.Generator(self.device).manual_seed(seed)
         context = context.to(self.device)
         if teacher:
             return denoise_teacher(self.dit, context, negative_context.to(self.device), size.latent_shape, generator,
                                    num_steps=teacher_steps, guidance=guidance, shift=shift, image_latent=image_latent,
-                                   timer=timer, progress=progress)
+                                   timer=timer, progress=progress and self.groups.writer, groups=self.groups)
         meta = None
         if self.attn != "sdpa":
             meta = vsa_meta(self.dit.token_grid(size.latent_shape), sparsity, self.device)  # cached per shape
         return denoise_student(self.dit, context, size.latent_shape, list(steps), generator, attn_meta=meta,
-                               image_latent=image_latent, timer=timer, progress=progress)
+                               image_latent=image_latent, timer=timer, progress=progress and self.groups.writer)
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, timer: StageTimer | None = None) -> torch.Tensor:
-        """Normalised latents (1, C, T, H, W) -> uint8 frames (F, H, W, 3) on the CPU."""
+    def decode(self, latents: torch.Tensor, timer: StageTimer | None = None) -> torch.Tensor | None:
+        """Normalised latents (1, C, T, H, W) -> uint8 frames (F, H, W, 3) on the CPU; None on ranks other than 0."""
         if self.vae is None:
             raise InputError("decoding needs the VAE; this pipeline was built without one")
+        if not self.groups.writer:  # every rank holds the same latents: one decode
+            return None
         with (timer or StageTimer(self.device)).stage("VAE decode"):
             weight = self.vae.post_quant_conv.weight  # the decoder's dtype and device
             z = denormalize_latents(latents.to(weight.device, weight.dtype), *latent_stats(self.vae))
@@ -428,13 +472,15 @@ class VideoPipeline:
         shift: float = 5.0,
         image: ImageInput | None = None,
         progress: bool = True,
-    ) -> torch.Tensor:
-        """prompt -> video, uint8 (frames, H, W, 3) on the CPU. See `denoise` for the arguments; negative_prompt is
-        the teacher's unconditional prompt (Wan's default)."""
+    ) -> torch.Tensor | None:
+        """prompt -> video, uint8 (frames, H, W, 3) on the CPU (None on ranks other than 0 under sp / CFG-parallel).
+        See `denoise` for the arguments; negative_prompt is the teacher's unconditional prompt (Wan's default)."""
         if not prompt or not prompt.strip():
             raise InputError("empty prompt")
-        self.spec.size(height, width, num_frames)  # bad input fails before the text encoder runs
+        size = self.spec.size(height, width, num_frames)  # bad input fails before the text encoder runs
         self.spec.check_sampling(steps, sparsity, teacher, teacher_steps, image)
+        self.check_parallel(size, teacher)
+        check_same_request({"prompt": prompt, "negative_prompt": negative_prompt if teacher else None})
         context = self.encode_prompts([prompt.strip()] + ([negative_prompt] if teacher else []))
         latents = self.denoise(context[:1], negative_context=context[1:] if teacher else None, height=height,
                                width=width, num_frames=num_frames, seed=seed, steps=steps, sparsity=sparsity,

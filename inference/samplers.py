@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
+from inference.parallel import SINGLE, SamplingGroups, cfg_branches
 from inference.timer import StageTimer
 from losses.flow import add_noise, x0_from_velocity
 from models.wan import WanModel
@@ -91,9 +92,11 @@ def denoise_teacher(
     image_latent: torch.Tensor | None = None,  # (B, C, 1, H, W) normalised; TI2V image conditioning
     timer: StageTimer | None = None,
     progress: bool = True,
+    groups: SamplingGroups = SINGLE,
 ) -> torch.Tensor:
     """Many-step flow sampling with CFG `uncond + g (cond - uncond)` and diffusers' UniPC (Wan's teacher sampler)
-    -> normalised latents (B, C, T, H, W) float32. Dense attention: the model gets no attention metadata."""
+    -> normalised latents (B, C, T, H, W) float32. Dense attention: the model gets no attention metadata.
+    groups: with CFG-parallel (inference/parallel.py) this rank runs one branch and receives the other."""
     from diffusers import UniPCMultistepScheduler
 
     device, batch, dtype = context.device, latent_shape[0], model_dtype(model)
@@ -108,7 +111,6 @@ def denoise_teacher(
         with timer.stage(f"denoise step {i + 1}"):
             x = with_image(x, image_latent)
             t = step.float().expand(batch) if image_latent is None else token_timesteps(step.float(), grid, batch)
-            cond = model(x.to(dtype), t, context).float()
-            uncond = model(x.to(dtype), t, negative).float()
+            cond, uncond = cfg_branches(model, x.to(dtype), t, context, negative, groups)
             x = scheduler.step(uncond + guidance * (cond - uncond), step, x).prev_sample
     return with_image(x, image_latent)

@@ -12,6 +12,11 @@ r"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled st
     # numerics
     python tools/sample.py --model FastVideo/FastWan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --fp8 \
         --compile
+    # one video over 4 GPUs (Ulysses sequence parallel; inference/parallel.py); rank 0 writes the files
+    torchrun --nproc_per_node 4 tools/sample.py --model FastVideo/FastWan2.1-T2V-1.3B-Diffusers --prompt "a cat" --fp8
+    # the teacher on 4 GPUs: the conditional and unconditional forwards on 2 GPUs each
+    torchrun --nproc_per_node 4 tools/sample.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --teacher \
+        --cfg-parallel
     # tiny CPU run (tests/test_sample.py)
     python tools/sample.py --model PIPE_DIR --prompt "a red car" --num-frames 9 --height 32 --width 32 \
         --device cpu --dtype fp32
@@ -26,15 +31,18 @@ table per video (CUDA events on GPU; the denoise loop has no host syncs).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from components.metrics import write_video
 from inference.fp8 import Float8Linear
+from inference.parallel import broadcast_from_first, check_same_request, check_sampling_sizes, check_token_grid
 from inference.pipeline import (
     ATTN,
     NEGATIVE_PROMPT,
@@ -45,6 +53,7 @@ from inference.pipeline import (
     inspect_pipeline,
 )
 from inference.timer import StageTimer, timing_table
+from parallel.mesh import init_distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -78,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "k, v (vsa_fp8_attention); changes numerics slightly")
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder")
     p.add_argument("--vae-channels-last", action="store_true", help="channels-last conv weights for the VAE decode")
+    p.add_argument("--cfg-parallel", action="store_true", help="under torchrun, with --teacher: the CFG branches on "
+                   "two halves of the ranks (each half runs sequence parallel); default: all ranks run both")
     return p.parse_args(argv)
 
 
@@ -111,35 +122,54 @@ def slug(text: str, max_len: int = 40) -> str:
 def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    own_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()  # under torchrun
+    if own_group:
+        _, _, local_device = init_distributed()
+        device = local_device if device.type == "cuda" else device  # cuda:LOCAL_RANK
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    writer = world == 1 or dist.get_rank() == 0
+    sp = world // (2 if args.cfg_parallel else 1)
     try:  # every input against the config files, before any weights load
         prompts, steps = read_prompts(args.prompt, args.prompts), parse_steps(args.steps)
+        check_same_request({**vars(args), "prompts": prompts})  # every rank: the same arguments and prompts
         check_device(device, dtype, args.fp8)
+        if args.cfg_parallel and not args.teacher:
+            raise InputError("--cfg-parallel splits the teacher's CFG branches; the student has none (add --teacher)")
         files = inspect_pipeline(args.model)
         size = files.spec.size(args.height, args.width, args.num_frames)
         files.spec.check_sampling(steps, args.sparsity, args.teacher, args.teacher_steps, args.image)
+        check_sampling_sizes(sp, args.cfg_parallel, files.num_heads, world)
+        _, nt, nh, nw = size.latent_shape[1:]
+        check_token_grid((nt, nh // files.spec.patch[0], nw // files.spec.patch[1]), sp)
         model_dir = files.download()
-    except InputError as e:
+    except ValueError as e:  # InputError and the parallel checks' errors
         sys.exit(f"sample.py: error: {e}")
     load = {}
 
     # Text first, then free the encoder: UMT5-XXL in fp32 is ~23 GB, more than the 1.3B DiT.
     t0 = time.perf_counter()
     timer_text = StageTimer(device)
-    context = encode_text(model_dir, prompts + ([args.negative_prompt] if args.teacher else []), device, timer_text)
+    context = None
+    if writer:  # rank 0 alone encodes (UMT5-XXL is 23 GB in fp32) while the others load the DiT; broadcast below
+        context = encode_text(model_dir, prompts + ([args.negative_prompt] if args.teacher else []), device, timer_text)
     load["text encoder load + encode + free"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     pipe = VideoPipeline.from_pretrained(model_dir, device=device, dtype=dtype, attn=args.attn, fp8=args.fp8,
                                          compile=args.compile, text_encoder=False,
-                                         vae_channels_last=args.vae_channels_last, vae_compile=args.vae_compile)
+                                         vae_channels_last=args.vae_channels_last, vae_compile=args.vae_compile,
+                                         sp=sp, cfg_parallel=args.cfg_parallel)
+    context = broadcast_from_first(context, pipe.groups, device)
     load["DiT + VAE load"] = time.perf_counter() - t0
     attn = "sdpa" if args.teacher else pipe.attn
     fp8_layers = sum(isinstance(m, Float8Linear) for m in pipe.dit.modules())
-    print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn != 'sdpa' else ''}, "
-          f"{size.num_frames}x{size.height}x{size.width} -> latents {size.latent_shape}, {args.dtype}"
-          f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}")
-    for name, s in load.items():
-        print(f"{name}: {s:.1f} s")
+    if writer:
+        parallel = f", sp {sp}{' x 2 CFG branches' if args.cfg_parallel else ''}" if world > 1 else ""
+        print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn != 'sdpa' else ''}, "
+              f"{size.num_frames}x{size.height}x{size.width} -> latents {size.latent_shape}, {args.dtype}"
+              f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}{parallel}")
+        for name, s in load.items():
+            print(f"{name}: {s:.1f} s")
 
     written = []
     for i, prompt in enumerate(prompts):
@@ -150,6 +180,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                teacher_steps=args.teacher_steps, guidance=args.guidance, shift=args.shift,
                                image=args.image, timer=timer)
         frames = pipe.decode(latents, timer)
+        if not writer:  # the other ranks hold the same latents; rank 0 decoded them and writes
+            continue
         path = Path(args.out) / f"{i:02d}_{slug(prompt)}{'_teacher' if args.teacher else ''}.mp4"
         write_video(path, frames.numpy(), args.fps or pipe.fps)
         if args.save_latents:
@@ -160,6 +192,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             seconds = {**timer_text.seconds(), **seconds}
         note = " (includes torch.compile warm-up)" if i == 0 and (args.compile or args.vae_compile) else ""
         print(timing_table(seconds, size.num_frames, f"{path}{note}"))
+    if own_group:
+        dist.destroy_process_group()
     return written
 
 
