@@ -14,7 +14,7 @@ per call, not per sample, so layout tests use a one-step schedule (`dmd.steps=[7
 or two ranks); with it, batch 2 is the mean of two batches of 1, as accumulation computes it.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/recipe_shims.py recipes/<recipe>.py [overrides...]
-runs a recipe with `LayoutFreeRandom` installed (for multi-rank comparisons) and its validation samples not decoded (the
+runs a recipe (any with `RecipeConfig` and `main(cfg)`: the Wan recipes, toy_teacher.py) with `LayoutFreeRandom` installed (for multi-rank comparisons) and its validation samples not decoded (the
 tiny VAE's decode is most of a tiny run's CPU time; tests/test_recipes.py checks the samples).
 """
 
@@ -33,7 +33,7 @@ from losses.dmd import dmd_loss
 
 
 class LayoutFreeRandom:
-    """Stands in for the `torch` module: randn / randint with a generator come from per-call-site, per-sample streams;
+    """Stands in for the `torch` module: rand / randn / randint with a generator come from per-call-site, per-sample streams;
     everything else is torch's own. Assumes sp = 1 (a rank is a DP rank)."""
 
     def __init__(self, seed: int = 0):
@@ -58,6 +58,13 @@ class LayoutFreeRandom:
         if generator is None:
             return torch.randn(size, device=device, dtype=dtype, **kwargs)
         out = self._rows(lambda shape, g: torch.randn(shape, generator=g, dtype=dtype), size)
+        return out.to(device)
+
+    def rand(self, *size, generator=None, device=None, dtype=None, **kwargs) -> torch.Tensor:
+        size = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        if generator is None:
+            return torch.rand(size, device=device, dtype=dtype, **kwargs)
+        out = self._rows(lambda shape, g: torch.rand(shape, generator=g, dtype=dtype), size)
         return out.to(device)
 
     def randint(self, *args, generator=None, device=None, **kwargs) -> torch.Tensor:
