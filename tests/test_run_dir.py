@@ -65,7 +65,8 @@ def test_save_samples_decodes_denormalised_latents_to_mp4s_and_strips(tmp_path):
     expected = ((gray + 1) * 127.5).round().clamp(0, 255)  # (N, F, H, W)
     for i, path in enumerate(mp4s):  # H.264 (yuv420p) is lossy: compare the mean error, a few levels at most
         frames = torch.from_numpy(read_frames(path)).float()  # (F, H, W, 3)
-        assert (frames.mean(-1) - expected[i]).abs().mean() < 4, path.name
+        err = (frames.mean(-1) - expected[i]).abs().mean().item()
+        assert err < 4, f"{path.name}: mean |pixel error| {err:.1f} levels"  # measured 0.4-0.5
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run" / "tb"))

@@ -113,6 +113,7 @@ def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)  # its subprocess may take up to 1200 s on a loaded CPU
 def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     """Acceptance 3: the shortened `make demo` pipeline (data-free student, 300 steps, from the stored demo teacher:
     `recipes/toy_teacher.py` defaults, 3000 steps); gate: student-3 < best teacher-3."""
