@@ -97,6 +97,7 @@ def _compile_sp_rank(rank: int, world: int) -> dict:
         out[f"compiled_{compile}"] = all(b._compiled_call_impl is not None for b in model.blocks)
         losses, norms = _train(model, _batches(GLOBAL_BATCH), slice(None))  # the SP group holds the whole batch
         out[compile] = {"losses": losses, "norms": norms, "params": _full_params(model)}
+    out["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # dynamo captured, not all-eager
     return out
 
 
@@ -107,7 +108,7 @@ def test_compile_with_ulysses_equals_eager():
     expected_losses, expected_norms = _train(_tiny(), _batches(GLOBAL_BATCH), slice(None))
     for rank, result in enumerate(ranks):
         eager, compiled = result[False], result[True]
-        assert result["compiled_True"] and not result["compiled_False"]
+        assert result["compiled_True"] and not result["compiled_False"] and result["graphs"] > 0
         assert eager["losses"] == pytest.approx(expected_losses, rel=1e-5), rank
         assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-5), rank
         assert compiled["norms"] == pytest.approx(eager["norms"], rel=1e-5), rank
