@@ -1,4 +1,5 @@
-"""Suite-wide hooks: `gpu` tests skip without CUDA, and every test runs in its own copy of the process environment.
+"""Suite-wide hooks: `gpu` tests skip without CUDA, and every test runs in its own copy of the process environment;
+the `tiny_data` fixture.
 
 A bare `pytest` (without `-m "not gpu"`) on a CPU machine must skip the GPU tests, not error in their first CUDA call.
 In-process recipe runs call `init_distributed`, which writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ and
@@ -9,6 +10,8 @@ test order. So each test gets the environment it started with back, and no proce
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,3 +35,15 @@ def isolated_environment():
         dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """tools/make_tiny_data.py's dataset for the recipes' tiny overlay (tests/assets/tiny.toml), once per module."""
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import make_tiny_data
+    finally:
+        sys.path.remove(tools)
+    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_data"))])

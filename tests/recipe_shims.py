@@ -14,8 +14,9 @@ per call, not per sample, so layout tests use a one-step schedule (`dmd.steps=[7
 or two ranks); with it, batch 2 is the mean of two batches of 1, as accumulation computes it.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/recipe_shims.py recipes/<recipe>.py [overrides...]
-runs a recipe (any with `RecipeConfig` and `main(cfg)`: the Wan recipes, toy_teacher.py) with `LayoutFreeRandom` installed (for multi-rank comparisons) and its validation samples not decoded (the
-tiny VAE's decode is most of a tiny run's CPU time; tests/test_recipes.py checks the samples).
+runs a recipe (any with `RecipeConfig` and `main(cfg)`: the Wan recipes, toy_teacher.py) with `LayoutFreeRandom`
+installed (for multi-rank comparisons) and its validation samples not decoded (the tiny VAE's decode is most of a tiny
+run's CPU time; tests/test_recipes.py checks the samples).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from losses.dmd import dmd_loss
 
 
 class LayoutFreeRandom:
-    """Stands in for the `torch` module: rand / randn / randint with a generator come from per-call-site, per-sample streams;
-    everything else is torch's own. Assumes sp = 1 (a rank is a DP rank)."""
+    """Stands in for the `torch` module: rand / randn / randint with a generator come from per-call-site, per-sample
+    streams; everything else is torch's own. Assumes sp = 1 (a rank is a DP rank)."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.wan import WAN_CONFIGS, WanModel, config_with
+from models.wan import WAN_CONFIGS, WanModel
 from models.wan_weights import export_pretrained
 from parallel.mesh import build_mesh
 from parallel.wan import load_sharded, parallelize_wan

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from models.wan_weights import load_pretrained
 from parallel.mesh import free_port
 from tests.recipe_shims import install_layout_free_random, per_sample_dmd_loss
-from tests.test_recipes import RECIPES, ROOT, load_recipe, logged, run, tiny_argv, tiny_data  # noqa: F401
+from tests.test_recipes import RECIPES, ROOT, load_recipe, logged, run, tiny_argv
 
 # Three steps (critic, student + critic, critic) at a learning rate that moves the weights, so step 3 sees both
 # networks' updates; a one-step rollout schedule (tests/recipe_shims.py says why).
@@ -75,8 +75,8 @@ def test_grad_accum_two_micro_batches_equal_a_batch_of_two(tiny_data, tmp_path, 
     runs = {}
     for name, accum, batch in (("accum", 2, 1), ("batch", 1, 2)):
         install_layout_free_random(module, monkeypatch.setattr)  # fresh streams for each run
-        argv = tiny_argv(tiny_data, tmp_path, name, *THREE_STEPS, f"optim.grad_accum={accum}", f"data.batch_size={batch}")
-        runs[name] = run(module, argv)
+        overrides = (f"optim.grad_accum={accum}", f"data.batch_size={batch}")
+        runs[name] = run(module, tiny_argv(tiny_data, tmp_path, name, *THREE_STEPS, *overrides))
     assert_same_run(logged(runs["accum"]), logged(runs["batch"]), rtol=1e-5)
     init = exported(runs["batch"] / "random_init")
     assert_weights_close(exported(runs["accum"] / "export"), exported(runs["batch"] / "export"), init, 1e-4, 1e-5)

@@ -2,8 +2,8 @@
 
 write_run_files: config.toml holds the given TOML, the recipe copy is byte-identical, env.txt names git/torch/command.
 save_samples: a stand-in VAE (non-trivial latent mean/std) whose decode is a known function of the raw latents; every
-prompt gets an mp4 and a TensorBoard frame strip whose pixels equal a decode done by hand. export_random_init: the same seed gives the same weights as a seeded WanModel,
-an existing folder is kept, and the global RNG is untouched.
+prompt gets an mp4 and a TensorBoard frame strip whose pixels equal a decode done by hand. export_random_init: the same
+seed gives the same weights as a seeded WanModel, an existing folder is kept, and the global RNG is untouched.
 """
 
 from __future__ import annotations

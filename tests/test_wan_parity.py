@@ -66,7 +66,8 @@ def _causal(q, k, v, meta=None, gate=None):
     return out.transpose(1, 2)
 
 
-@pytest.mark.parametrize("cfg, shape, per_token", [(TINY, (1, 4, 3, 6, 10), False), (TINY_TI2V, (1, 48, 3, 6, 10), True)])
+@pytest.mark.parametrize("cfg, shape, per_token",
+                         [(TINY, (1, 4, 3, 6, 10), False), (TINY_TI2V, (1, 48, 3, 6, 10), True)])
 def test_token_order_reaches_attention_and_is_restored(cfg, shape, per_token):
     """Running the blocks in a permuted token order (as VSA does): the attention receives the raster-order tokens
     permuted, RoPE phases included (q after RoPE equals the raster run's q, permuted); an order-dependent (causal)
