@@ -25,7 +25,8 @@ def apply_fsdp(
 ) -> None:
     """Shard `model.blocks[i]` one by one (one all-gather per block in flight), then the remaining root params."""
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Pinned host memory speeds up the copies to a GPU; without one it cannot be allocated (CPU-only tests).
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in model.blocks:
         fully_shard(
             block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload, reshard_after_forward=reshard_after_forward

@@ -321,6 +321,7 @@ def test_unexpected_latent_shape_is_named(tmp_path, clips):
         LatentDataset(str(tmp_path), num_latent_t=5)[0]
 
 
+@pytest.mark.timeout(120)  # the loader's own timeout is 600 s: a hang must fail here first
 def test_worker_error_propagates_without_hang(tmp_path, clips):
     rows = [spec_row(c) for c in clips[:4]]
     rows[2]["vae_latent_dtype"] = "uint8"

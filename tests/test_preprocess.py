@@ -124,7 +124,6 @@ def test_preprocess_end_to_end_and_resume(workspace, capsys):
 
     ds = LatentDataset(str(out), expect_latent_shape=(TINY_Z_DIM, 3, H // 8, W // 8))
     items = {ds[i]["id"]: ds[i] for i in range(len(ds))}
-    tokenizer, encoder = load_text_encoder(ws["pipe"])
     vae = load_vae(ws["pipe"])
     for clip_id in ("alpha", "bravo"):  # source already at target size: frames 0, 2, ..., 16 in [-1, 1]
         raw = torch.from_numpy(ws["frames"][clip_id][::2][:9]).float()  # (F, H, W, 3), pre-codec pixels
@@ -133,16 +132,20 @@ def test_preprocess_end_to_end_and_resume(workspace, capsys):
         video = torch.from_numpy(decoded).float().permute(3, 0, 1, 2)[None] / 127.5 - 1  # (1, 3, F, H, W)
         expected = vae.encode(video).latent_dist.mean[0]
         torch.testing.assert_close(items[clip_id]["latents"], expected, atol=1e-5, rtol=1e-5)
-        context, mask, lengths = encode_prompts(tokenizer, encoder, [CLIPS[clip_id][0]])
-        n = int(lengths[0])
+        # preprocess encoded the captions two at a time (padded); the reference encodes each alone, unpadded
+        expected, n = umt5_context(ws["pipe"], CLIPS[clip_id][0], items[clip_id]["context"].shape)
         assert items[clip_id]["caption"] == CLIPS[clip_id][0] and int(items[clip_id]["context_mask"].sum()) == n
-        torch.testing.assert_close(items[clip_id]["context"], context[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(items[clip_id]["context"], expected, atol=1e-5, rtol=1e-5)
+    expected, n = umt5_context(ws["pipe"], CLIPS["charlie"][0], items["charlie"]["context"].shape)  # 6 words, not 7
+    assert int(items["charlie"]["context_mask"].sum()) == n
+    torch.testing.assert_close(items["charlie"]["context"], expected, atol=1e-5, rtol=1e-5)
     row = pq.read_table(files[1]).to_pylist()[0]
     assert (row["id"], row["file_name"], row["num_frames"], row["fps"]) == ("charlie", "charlie.mp4", 3, SRC_FPS)
     assert (row["width"], row["height"]) == (H, W)  # legacy swap
     neg, neg_mask = load_negative_context(out / "negative_prompt.safetensors")
-    context, _, _ = encode_prompts(tokenizer, encoder, ["blurry low quality"])
-    torch.testing.assert_close(neg, context[0], atol=1e-5, rtol=1e-5)
+    expected, n = umt5_context(ws["pipe"], "blurry low quality", neg.shape)
+    assert int(neg_mask.sum()) == n
+    torch.testing.assert_close(neg, expected, atol=1e-5, rtol=1e-5)
 
     # the result feeds the tiny model: normalised batch -> forward + backward
     from attention.sdpa import sdpa_attention
@@ -167,6 +170,35 @@ def read_all_frames(path: Path) -> np.ndarray:
         return np.stack([f for f in r])
 
 
+def umt5_context(pipe: Path, prompt: str, shape: torch.Size) -> tuple[torch.Tensor, int]:
+    """A stored caption embedding computed independently of data/encode.py: transformers' tokenizer and UMT5 encoder
+    on this prompt alone (no padding, no attention mask), its n hidden states as the first rows of a zero context of
+    `shape`. n = words + 1: the tiny tokenizer is word-level and appends </s>, as T5's does."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(pipe / "tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(pipe / "text_encoder").eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, n)
+    n = len(prompt.split()) + 1
+    assert ids.shape == (1, n) and ids[0, -1] == tokenizer.eos_token_id
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids).last_hidden_state[0]  # (n, D)
+    context = torch.zeros(shape)
+    context[:n] = hidden
+    return context, n
+
+
+def test_encode_prompts_batch_equals_each_prompt_alone(workspace):
+    """Prompts of different lengths in one padded batch: each keeps exactly its own unpadded encoding."""
+    prompts = ["a cat", "the small dog runs in the rain at night", "blue sky"]
+    tokenizer, encoder = load_text_encoder(workspace["pipe"])
+    context, mask, lengths = encode_prompts(tokenizer, encoder, prompts)
+    for i, prompt in enumerate(prompts):
+        expected, n = umt5_context(workspace["pipe"], prompt, context[i].shape)
+        assert int(lengths[i]) == n and mask[i].tolist() == [1] * n + [0] * (mask.shape[1] - n)
+        torch.testing.assert_close(context[i], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_read_clip_subsamples_resizes_and_crops(workspace):
     src = workspace["frames"]["charlie"]  # 22 frames of 40x64, smooth
     video, fps, duration = read_clip(workspace["videos"] / "charlie.mp4", 32, 32, 9, 12.0)
@@ -187,9 +219,8 @@ def test_prompts_only(workspace, capsys):
     ds = LatentDataset(str(out), text_only=True)
     assert [ds[i]["id"] for i in range(3)] == ["prompt_000000", "prompt_000001", "prompt_000002"]
     assert ds[1]["caption"] == "the dog runs in the rain"
-    tokenizer, encoder = load_text_encoder(ws["pipe"])
-    context, _, _ = encode_prompts(tokenizer, encoder, ["the dog runs in the rain"])
-    torch.testing.assert_close(ds[1]["context"], context[0], atol=1e-5, rtol=1e-5)
+    expected, _ = umt5_context(ws["pipe"], "the dog runs in the rain", ds[1]["context"].shape)
+    torch.testing.assert_close(ds[1]["context"], expected, atol=1e-5, rtol=1e-5)
     capsys.readouterr()
     run_in_process(PREPROCESS, ["--model", str(ws["pipe"]), "--prompts-only", str(prompts), "--out", str(out)])
     assert "3 already written" in capsys.readouterr().out and len(list(out.rglob("*.parquet"))) == 2

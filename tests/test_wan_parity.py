@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from attention.sdpa import sdpa_attention
 from models.wan import WAN_CONFIGS, WanModel
 from models.wan_weights import parameter_count
 from tests.wan_reference import diffusers_config, ours_from, perturbed_diffusers, rel_err
@@ -50,17 +51,50 @@ def test_batch_of_two_with_different_timesteps():
     assert not torch.allclose(got[0], got[1])
 
 
-def test_token_order_is_invisible_to_dense_attention():
-    """Running the blocks in a permuted token order (as VSA does) must not change a dense model's output."""
-    ref = perturbed_diffusers(TINY)
-    ours = ours_from(ref, TINY)
-    latents, context = torch.randn(1, 4, 3, 6, 10), torch.randn(1, 5, 32)
+def _recording(attn_fn, seen: list):
+    def attn(q, k, v, meta=None, gate=None):
+        seen.append(q.detach().clone())  # (B, L, H, Dh), after RoPE
+        return attn_fn(q, k, v, meta=meta, gate=gate)
+
+    return attn
+
+
+def _causal(q, k, v, meta=None, gate=None):
+    """An attention that depends on the token order: token i sees tokens 0..i of the order it is given."""
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           is_causal=True)
+    return out.transpose(1, 2)
+
+
+@pytest.mark.parametrize("cfg, shape, per_token",
+                         [(TINY, (1, 4, 3, 6, 10), False), (TINY_TI2V, (1, 48, 3, 6, 10), True)])
+def test_token_order_reaches_attention_and_is_restored(cfg, shape, per_token):
+    """Running the blocks in a permuted token order (as VSA does): the attention receives the raster-order tokens
+    permuted, RoPE phases included (q after RoPE equals the raster run's q, permuted); an order-dependent (causal)
+    attention therefore gives a different output, so the permutation is not silently skipped; dense attention gives
+    the raster-order output back, per-token timesteps (TI2V, frame 0 at t = 0) included."""
+    ref = perturbed_diffusers(cfg)
+    g = torch.Generator().manual_seed(4)
+    latents, context = torch.randn(shape, generator=g), torch.randn(1, 5, 32, generator=g)
     num_tokens = 3 * 3 * 5
-    order = torch.randperm(num_tokens)
+    order = torch.randperm(num_tokens, generator=g)
     meta = type("Meta", (), {"token_order": order, "token_restore": torch.argsort(order)})()
     t = torch.tensor([400.0])
+    if per_token:
+        t = torch.full((1, num_tokens), 400.0)
+        t[:, : 3 * 5] = 0.0
+    raster_q, permuted_q = [], []
+    raster_model = ours_from(ref, cfg, attn_fn=_recording(sdpa_attention, raster_q))
+    permuted_model = ours_from(ref, cfg, attn_fn=_recording(sdpa_attention, permuted_q))
     with torch.no_grad():
-        assert rel_err(ours(latents, t, context, attn_meta=meta), ours(latents, t, context)) <= 1e-6
+        raster = raster_model(latents, t, context)
+        permuted = permuted_model(latents, t, context, attn_meta=meta)
+        causal = ours_from(ref, cfg, attn_fn=_causal)
+        causal_raster, causal_permuted = causal(latents, t, context), causal(latents, t, context, attn_meta=meta)
+    assert len(raster_q) == len(permuted_q) == cfg.num_layers
+    torch.testing.assert_close(permuted_q[0], raster_q[0][:, order], rtol=1e-5, atol=1e-6)  # block 0's input
+    assert rel_err(permuted, raster) <= 1e-6
+    assert rel_err(causal_permuted, causal_raster) > 1e-2  # the order reached the attention
 
 
 @pytest.mark.parametrize("name", ["wan21_1.3b", "wan21_14b", "wan22_ti2v_5b"])

@@ -1,0 +1,49 @@
+"""Suite-wide hooks: `gpu` tests skip without CUDA, and every test runs in its own copy of the process environment;
+the `tiny_data` fixture.
+
+A bare `pytest` (without `-m "not gpu"`) on a CPU machine must skip the GPU tests, not error in their first CUDA call.
+In-process recipe runs call `init_distributed`, which writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ and
+leaves a process group behind; a later test that launches torchrun or a subprocess would inherit them and depend on the
+test order. So each test gets the environment it started with back, and no process group outlives it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); run them on a GPU machine with `pytest -m gpu`")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment():
+    saved = dict(os.environ)
+    yield
+    if dist.is_initialized():  # a run that raised mid-way leaves its group behind
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """tools/make_tiny_data.py's dataset for the recipes' tiny overlay (tests/assets/tiny.toml), once per module."""
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        import make_tiny_data
+    finally:
+        sys.path.remove(tools)
+    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_data"))])
