@@ -94,7 +94,7 @@ def test_bench_train_smoke(tmp_path):
     assert avg == pytest.approx((4 * critic + student) / 5, abs=2e-3)  # steps 6-9 critic only, step 10 student too
     assert student == pytest.approx(steps[-1], abs=6e-3)
     run_dir = tmp_path / "runs" / "wan21_1_3b_sparse_distill" / "tiny_L2_none_eager_n1_dp1_sp1"
-    assert (run_dir / "export" / "config.json").is_file()
+    assert any((run_dir / "export").rglob("config.json"))  # the recipe ran to its end
 
 
 @pytest.mark.multiproc

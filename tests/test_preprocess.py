@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data.dataset import LatentDataset, load_negative_context
 from data.encode import (
     denormalize_latents,
     encode_prompts,
@@ -24,12 +25,9 @@ from data.encode import (
     vae_decode,
     vae_encode,
 )
-from data.dataset import LatentDataset, load_negative_context
 from data.loader import make_loader
 from data.video import read_clip
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_pipeline import TINY_TEXT_DIM, TINY_Z_DIM, build_tiny_pipeline  # noqa: E402
+from tests.tiny_pipeline import TINY_TEXT_DIM, TINY_Z_DIM, build_tiny_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 PREPROCESS = REPO / "tools" / "preprocess.py"
