@@ -9,8 +9,6 @@ gate (and its AdamW moments) and restores it; the toy recipe's critic step gives
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from itertools import pairwise
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from attention.vsa import dense_gated_attention, vsa_meta, vsa_reference
 from components.config import load_config
 from models.wan import WAN_CONFIGS, WanModel, config_with
 from tests.multiproc import run_multiproc
+from tests.recipe_shims import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # Token grids: (3, 5, 9) has ragged tiles in every axis (48, 12 and 3 tokens), (4, 8, 8) only full 64-token tiles.
@@ -129,20 +128,6 @@ def test_ulysses_equals_local():
 
 
 # ---- the recipes ----
-def load_module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    make_tiny_data = load_module(ROOT / "tools" / "make_tiny_data.py", "make_tiny_data")
-    return make_tiny_data.main(["--out", str(tmp_path_factory.mktemp("tiny_data"))])
-
-
 @pytest.fixture(autouse=True)
 def no_process_group():
     yield
@@ -161,7 +146,7 @@ def run_tiny(module, data: Path, out: Path, name: str, *extra: str) -> Path:
 def test_recipe_critic_gate_trains_and_is_checkpointed(tiny_data, tmp_path, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
-    module = load_module(ROOT / "recipes" / "wan21_1_3b_sparse_distill.py", "recipe_critic_gate")
+    module = load_recipe(ROOT / "recipes" / "wan21_1_3b_sparse_distill.py")
     apply_update, gate_grads = module.apply_update, []
 
     def record_first_critic_grads(model, optimizer, loss, max_norm):
@@ -189,7 +174,7 @@ def test_recipe_critic_gate_trains_and_is_checkpointed(tiny_data, tmp_path, monk
 
 
 def test_toy_recipe_critic_gate_gets_gradient():
-    toy = load_module(ROOT / "recipes" / "toy_sparse_distill.py", "recipe_toy_critic_gate")
+    toy = load_recipe(ROOT / "recipes" / "toy_sparse_distill.py")
     teacher = ROOT / "tests" / "assets" / "toy_teacher"
     student, critic = toy.build_wan(teacher, "vsa"), toy.build_wan(teacher, "dense_gated")
     cfg = toy.load_config(toy.RecipeConfig, [f"model.teacher={teacher}"], default_toml=ROOT / "recipes" /

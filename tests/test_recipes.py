@@ -10,7 +10,6 @@ any model is built.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -22,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from components.config import ConfigError, load_config
+from tests.recipe_shims import load_recipe as load_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "assets" / "tiny.toml"
@@ -30,19 +30,7 @@ LOSSES = ("loss/critic", "loss/dmd", "grad_norm/critic", "grad_norm/student", "d
 
 
 def load_recipe(name: str):
-    path = ROOT / "recipes" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny_data")
-    subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_data.py"), "--out", str(out)], check=True, timeout=300)
-    return out
+    return load_path(ROOT / "recipes" / f"{name}.py")
 
 
 @pytest.fixture(autouse=True)
@@ -182,8 +170,8 @@ def test_golden_losses_match_an_independent_recomputation(name, tiny_data, tmp_p
     scale. The 1.3B recipe noises data (its docstring: FastVideo's data mode); the 5B recipe simulates the student's
     chain from noise under a cosine LR schedule."""
     from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
-    from data.encode import latent_stats, load_vae
     from data.dataset import LatentDataset, load_negative_context
+    from data.encode import latent_stats, load_vae
     from data.loader import make_loader
     from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
     from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
@@ -271,7 +259,6 @@ def test_sequence_parallel_two_ranks_equals_one(tiny_data, tmp_path):
     """torchrun with 2 CPU ranks, Ulysses SP 2 (both ranks see the same sample, FSDP shards over both): the same
     losses as the single-process run."""
     import os
-    import subprocess
 
     from parallel.mesh import free_port
 
