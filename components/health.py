@@ -77,7 +77,7 @@ class UnhealthyRun(RuntimeError):
 class HealthConfig:
     """The recipes' `[health]` table (shared by all four: STYLE's third copy moves into a package). Operational only:
     nothing here changes the loss curve. The default ranges hold for the healthy toy runs and trip on its collapses
-    (README, "Training health"); checked when the config loads, before any model is built."""
+    (tests/test_health.py); checked when the config loads, before any model is built."""
 
     action: Literal["stop", "warn", "off"] = "stop"  # unhealthy -> exit non-zero / only print; "off": no statistics
     patience: int = 2  # validations (or log steps, for the losses) in a row out of range before the run is unhealthy
@@ -133,11 +133,12 @@ def summarize(latents: torch.Tensor, pixels: torch.Tensor | None) -> dict[str, t
 def compare_samples(student: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, float]:
     """`health/<name>` for every statistic both summaries support (pixel ones need pixels, temporal_ratio frames)."""
     ref_std = reference["latent_cov"].diagonal().clamp_min(0).sqrt()
-    scale = ref_std.clamp_min(STD_FLOOR * float(ref_std.max()))  # (C,)
+    floor = STD_FLOOR * float(ref_std.max()) + 1e-12
+    scale = ref_std.clamp_min(floor)  # (C,)
     student_std = student["latent_cov"].diagonal().clamp_min(0).sqrt()
     out = {
         "latent_mean_drift": mean_drift(student["latent_mean"], reference["latent_mean"], scale),
-        "latent_std_ratio": worst_ratio(student_std.clamp_min(float(scale.min())), scale),
+        "latent_std_ratio": worst_ratio(student_std.clamp_min(floor), scale),
         "latent_frechet": frechet_distance(
             (student["latent_mean"] - reference["latent_mean"]) / scale, student["latent_cov"] / torch.outer(scale, scale),
             torch.zeros_like(scale), reference["latent_cov"] / torch.outer(scale, scale)) / len(scale),
@@ -145,9 +146,10 @@ def compare_samples(student: dict[str, torch.Tensor], reference: dict[str, torch
     if "temporal" in student and "temporal" in reference:
         out["temporal_ratio"] = ratio(student["temporal"], reference["temporal"])
     if "pixel_mean" in student and "pixel_mean" in reference:
-        pixel_scale = reference["pixel_std"].clamp_min(STD_FLOOR * float(reference["pixel_std"].max()) + 1e-12)
+        floor = STD_FLOOR * float(reference["pixel_std"].max()) + 1e-12
+        pixel_scale = reference["pixel_std"].clamp_min(floor)
         out.update(pixel_mean_drift=mean_drift(student["pixel_mean"], reference["pixel_mean"], pixel_scale),
-                   pixel_std_ratio=worst_ratio(student["pixel_std"].clamp_min(float(pixel_scale.min())), pixel_scale),
+                   pixel_std_ratio=worst_ratio(student["pixel_std"].clamp_min(floor), pixel_scale),
                    saturation_ratio=ratio(student["saturation"], reference["saturation"]),
                    clipping_excess=float(student["clipping"] - reference["clipping"]))
     return {f"health/{name}": out[name] for name in STATISTICS if name in out}
