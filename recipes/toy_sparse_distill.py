@@ -19,6 +19,9 @@ Launch (after the teacher):
 Measured (2-core CPU, `make demo`, 2026-11-27, all 240 held-out captions; Fréchet distance of clip features, lower is
 better / conditioning accuracy): teacher-50 9.20 / 92.9 %, teacher-3 11.80 / 70.0 %, student-3 data mode 5.05 / 93.3 %
 (900 steps, 283 s with the 110 s of teacher data), student-3 data-free 7.46 / 87.9 % (600 steps, 210 s).
+Training health (`[health]`, components/health.py): every evaluation also compares the student's samples with the
+teacher's 50-step samples of the same captions and noise, exports the student to ckpt/step-NNNNNN/, and stops the run
+(exit 1) when the statistics leave the teacher's neighbourhood, keeping ckpt/last_healthy.
 Hyperparameters are ours, tuned for the toy; the structure (step list 1000/757/522, score window 20..980,
 update ratio 5, grad clip 1) follows FastVideo's recipes. Copy this file and its TOML to start an experiment.
 """
@@ -275,8 +278,8 @@ def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: Re
     on validate's captions and noise; made once per run (a relaunch reuses <run>/health/), their grids written once."""
     n, seed, h = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7, cfg.health
     ctx, shape = heldout.context[:n], heldout.latents[:n].shape
-    settings = {"seed": seed, "teacher": [h.teacher_steps, h.teacher_shift, cfg.dmd.guidance], "student": [
-        str(cfg.model.student), cfg.dmd.steps, cfg.attn.student, cfg.attn.sparsity]}
+    teacher_settings = [seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance]
+    settings = [*teacher_settings, str(cfg.model.student), cfg.dmd.steps, cfg.attn.student, cfg.attn.sparsity]
 
     def save(x0: torch.Tensor, tag: str) -> torch.Tensor:
         frames = torch.cat(list(clips_to_rgb(x0[:8])), dim=2)  # (T, H', 8·W', 3)
@@ -286,7 +289,7 @@ def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: Re
 
     teacher_x0 = lambda: sample_teacher(teacher, ctx, shape, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, seed)  # noqa: E731
     make = lambda: (teacher_x0(), sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed))  # noqa: E731
-    health.prepare(reference_key(cfg.model.teacher, [ctx], settings), make, save)
+    health.prepare(reference_key(cfg.model.teacher, [ctx], {"settings": settings}), make, save)
 
 
 def toy_pixels(latents: torch.Tensor) -> torch.Tensor:
@@ -294,8 +297,7 @@ def toy_pixels(latents: torch.Tensor) -> torch.Tensor:
     return latents[:, :3] / AMPLITUDE * 2 - 1
 
 
-def evaluate(step: int, student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, health: HealthGuard,
-             metrics: MetricsLogger, rank: int) -> None:
+def evaluate(step: int, student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, health, metrics, rank):
     """Validation on rank 0, a student checkpoint, and the health verdict on every rank (raises UnhealthyRun after
     health.patience bad validations in a row)."""
     last = step == cfg.optim.steps

@@ -30,6 +30,7 @@ from components.health import (
     summarize,
 )
 from components.metrics import MetricsLogger
+from test_recipes import tiny_data  # noqa: F401  (the fixture: tiny random Wan pipeline and latents)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_TEACHER = ROOT / "tests" / "assets" / "toy_teacher"
@@ -315,3 +316,32 @@ def test_toy_healthy_run_passes_and_forced_collapse_stops_with_last_healthy(tmp_
     start = load_file(run_dir / "student" / "diffusion_pytorch_model.safetensors")
     assert os.readlink(bad / "ckpt" / "last_healthy") == "healthy/step-000000"
     assert all(torch.equal(kept[k], start[k]) for k in start)
+
+
+# ------------------------------------------------------------------------------------------------------ Wan recipe
+def test_wan_recipe_makes_the_reference_once_across_a_resume(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """The 1.3B recipe on tiny random models: the teacher's reference is sampled at the first launch only (a relaunch
+    that resumes from the step-2 checkpoint reuses <run>/health/), health/* is logged at every validation, the
+    reference and start videos are in TensorBoard, last_healthy follows the checkpoints, and the statistics cost
+    <= 5 % of the validation step (time/health_s vs time/val_s, issue 20's budget)."""
+    import test_recipes
+
+    module = test_recipes.load_recipe("wan21_1_3b_sparse_distill")
+    calls, teacher_reference = [], module.teacher_reference
+    monkeypatch.setattr(module, "teacher_reference", lambda *a: calls.append(1) or teacher_reference(*a))
+    test_recipes.run(module, test_recipes.tiny_argv(tiny_data, tmp_path, "r", "run.max_steps=2"))
+    run_dir = test_recipes.run(module, test_recipes.tiny_argv(tiny_data, tmp_path, "r", "run.max_steps=4"))
+    assert calls == [1] and len(list((run_dir / "health").glob("reference-*.pt"))) == 1
+    rows = test_recipes.logged(run_dir)
+    assert "time/reference_s" in rows[0] and "health/latent_frechet" in rows[0]  # the untrained student: the start
+    for step in (2, 4):
+        assert all(f"health/{n}" in rows[step] for n in STATISTICS), step
+    assert os.readlink(run_dir / "ckpt" / "last_healthy") == "healthy/step-000004"
+    overhead = rows[4]["time/health_s"] / rows[4]["time/val_s"]
+    print(f"health statistics {rows[4]['time/health_s'] * 1e3:.1f} ms = {100 * overhead:.2f} % of the validation step")
+    assert overhead <= 0.05
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    assert {"reference/prompt00", "start/prompt00", "val/prompt00"} <= set(events.Tags()["images"])

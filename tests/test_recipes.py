@@ -126,8 +126,8 @@ def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monk
     dist.destroy_process_group()
     monkeypatch.setattr(module, "critic_step", critic_step)
     resumed_dir = run(module, argv)
-    rows = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
-    launches = [row["step"] for row in rows if "loss/critic" in row]  # training rows (validation logs its own)
+    lines = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    launches = [row["step"] for row in lines if "loss/critic" in row]  # training rows (validation logs its own)
     assert launches == [1, 2, 3, 4]  # the relaunch started at step 3, not from scratch
     resumed = logged(resumed_dir)
     for step in (1, 2, 3, 4):  # 1-2: two launches of one config agree; 3-4: resume == uninterrupted
