@@ -247,7 +247,7 @@ class HealthGuard:
 
     def prepare(self, key: str, make: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                 save: Callable[[torch.Tensor, str], torch.Tensor] | None,
-                autocast: contextlib.AbstractContextManager = contextlib.nullcontext()) -> None:
+                autocast: contextlib.AbstractContextManager | None = None) -> None:
         """The reference, from `<run>/health/reference-<key>.pt` or made now and cached there: `make()` returns the
         teacher's many-step samples and the student's samples before training, on the validation prompts and noise
         (every rank runs it: the networks may be sharded); `save(latents, tag)` (main process only; None elsewhere)
@@ -257,7 +257,7 @@ class HealthGuard:
         path, made = self.run_dir / "health" / f"reference-{key}.pt", False
         if not path.is_file():  # every rank decides before any rank could have written it
             t0 = time.perf_counter()
-            with autocast:
+            with autocast or contextlib.nullcontext():  # the recipe's bf16 autocast
                 teacher, student = make()
             if save is not None:
                 summaries = {"teacher": summarize(teacher, save(teacher, "reference")),

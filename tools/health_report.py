@@ -11,6 +11,7 @@ out of its range; the plot has one panel per statistic: the series, its range sh
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -91,11 +92,7 @@ def plot(series: dict[int, dict], bounds: dict[str, tuple[float, float]], watch:
         lo, hi = lo - pad, hi + pad
         s_lo, s_hi = min(steps), max(max(steps), min(steps) + 1)
 
-        def xy(step: float, value: float) -> tuple[float, float]:
-            px = x0 + MARGIN + (step - s_lo) / (s_hi - s_lo) * (PANEL_W - 1.5 * MARGIN)
-            py = y0 + PANEL_H - MARGIN + (f(value) - lo) / (hi - lo) * -(PANEL_H - 1.5 * MARGIN)
-            return px, py
-
+        xy = functools.partial(to_pixel, (x0, y0), (s_lo, s_hi), (lo, hi), f)
         top = xy(s_lo, high)[1] if math.isfinite(high) else y0 + MARGIN / 2
         bottom = xy(s_lo, low)[1] if math.isfinite(low) and (low > 0 or not log) else y0 + PANEL_H - MARGIN
         left, right = x0 + MARGIN, x0 + PANEL_W - MARGIN / 2
@@ -121,6 +118,14 @@ def plot(series: dict[int, dict], bounds: dict[str, tuple[float, float]], watch:
             draw.text((x0 + 4, xy(s_lo, 10**value if log else value)[1] - 6), label, fill="black")
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
+
+
+def to_pixel(corner: tuple[int, int], steps: tuple[int, int], values: tuple[float, float], f, step: float,
+             value: float) -> tuple[float, float]:
+    """Image coordinates of (step, value) in the panel at `corner`, whose axes span `steps` and f(value) `values`."""
+    px = corner[0] + MARGIN + (step - steps[0]) / (steps[1] - steps[0]) * (PANEL_W - 1.5 * MARGIN)
+    py = corner[1] + PANEL_H - MARGIN - (f(value) - values[0]) / (values[1] - values[0]) * (PANEL_H - 1.5 * MARGIN)
+    return px, py
 
 
 def main(argv: list[str]) -> Path:
