@@ -87,7 +87,7 @@ class HealthConfig:
     max_mean_drift: float = 0.5  # |mean student - mean teacher| per channel, in teacher stds (latents and pixels)
     max_std_ratio: float = 2.0  # per-channel std student / teacher within [1/x, x] (latents and pixels)
     max_temporal_ratio: float = 2.0  # mean frame-to-frame change student / teacher within [1/x, x]
-    max_saturation_ratio: float = 1.5  # mean colour saturation student / teacher within [1/x, x]
+    max_saturation_ratio: float = 1.75  # mean colour saturation student / teacher within [1/x, x]
     max_clip_excess: float = 0.1  # share of clipped pixel values, student minus teacher
     max_frechet: float = 1.0  # Fréchet distance of the latent token Gaussians (teacher-std units, per channel)
     loss_factor: float = 10.0  # a loss or grad norm above x times its running median (or non-finite) diverges
@@ -186,16 +186,17 @@ def psd_sqrt(m: torch.Tensor) -> torch.Tensor:
 
 def allowed_range(name: str, limits: dict[str, float], start: float | None = None) -> tuple[float, float]:
     """(low, high) of statistic `name` under `limits` ({limit field: value}): the teacher's neighbourhood ([1/x, x] for
-    a ratio, up to x for a distance), widened to reach the same neighbourhood around the `start` value (the student
-    before training: few-step sampling of the teacher's weights is not the teacher, but not a collapse either)."""
+    a ratio, up to x for a distance), widened to reach a half-width neighbourhood of the `start` value ([start/√x,
+    start·√x], up to start + x/2): the student before training (few-step sampling of the teacher's weights, or of an
+    earlier student) is no collapse, but is not the teacher either."""
     limit, kind = STATISTICS[name]
     x = limits[limit]
     low, high = (1 / x, x) if kind == "ratio" else (-math.inf, x)
     if start is None or not math.isfinite(start):
         return low, high
     if kind == "ratio":
-        return min(low, start / x), max(high, start * x)
-    return low, max(high, start + x)
+        return min(low, start / math.sqrt(x)), max(high, start * math.sqrt(x))
+    return low, max(high, start + x / 2)
 
 
 # ------------------------------------------------------------------------------------------------------- reference

@@ -99,10 +99,11 @@ def test_pixel_statistics_see_a_solid_green_frame_and_black_frames():
 
 
 def test_allowed_range_widens_to_the_start():
-    limits = HealthConfig().limits
+    limits = HealthConfig(max_saturation_ratio=1.5, max_frechet=1.0).limits
     assert allowed_range("saturation_ratio", limits) == pytest.approx((1 / 1.5, 1.5))
-    assert allowed_range("saturation_ratio", limits, start=0.4) == pytest.approx((0.4 / 1.5, 1.5))
-    assert allowed_range("latent_frechet", limits, start=0.3) == (-math.inf, pytest.approx(1.3))
+    assert allowed_range("saturation_ratio", limits, start=0.4) == pytest.approx((0.4 / 1.5**0.5, 1.5))
+    assert allowed_range("saturation_ratio", limits, start=1.4) == pytest.approx((1 / 1.5, 1.4 * 1.5**0.5))
+    assert allowed_range("latent_frechet", limits, start=0.9) == (-math.inf, pytest.approx(1.4))
     assert allowed_range("clipping_excess", limits, start=-0.2) == (-math.inf, pytest.approx(0.1))
 
 
@@ -117,7 +118,7 @@ def stats(**values) -> dict[str, float]:
 
 
 def test_guard_trips_after_patience_bad_validations_in_a_row(tmp_path, monkeypatch):
-    guard = make_guard(tmp_path, patience=2)
+    guard = make_guard(tmp_path, patience=2, max_saturation_ratio=1.5)
     verdicts = iter([stats(saturation_ratio=3.0), stats(), stats(saturation_ratio=3.0), stats(std_ratio=1.0),
                      stats(saturation_ratio=2.5)])
     monkeypatch.setattr("components.health.compare_samples", lambda *a: next(verdicts))
