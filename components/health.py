@@ -224,8 +224,8 @@ class HealthGuard:
     """Counts validations whose statistics leave their ranges and log steps whose losses or grad norms diverge; after
     `patience` of either in a row the run is unhealthy: the message names each statistic and its range, and the run
     stops (UnhealthyRun) or only warns. Keeps `<run>/ckpt/last_healthy`: a symlink to a hard-linked copy
-    `<run>/ckpt/healthy/step-NNNNNN/` of the newest checkpoint a validation vouched for (taken at an in-range
-    validation, or confirmed by the next one), so rotating checkpoints never deletes it.
+    `<run>/ckpt/healthy/step-NNNNNN/` of the newest checkpoint with in-range validations at (or before) it and after
+    it, so rotating checkpoints never deletes it.
 
     Every rank constructs it and calls `check_*` at the same steps (they agree over ranks in one all-reduce); only the
     main process computes statistics, logs, prints and writes files. Counts are per launch (a resume starts afresh)."""
@@ -239,8 +239,13 @@ class HealthGuard:
         self.start: dict[str, float] = {}  # the student's statistics before training (main process)
         self.samples_in_row, self.losses_in_row, self.bad_steps = 0, 0, []
         self.history: dict[str, list[float]] = {}  # finite values per loss key, for the running medians
-        self.last_validation: tuple[int, bool] | None = None  # (step, in range)
-        self.pending: tuple[int, Path] | None = None  # a checkpoint waiting for the next validation's verdict
+        # (step, in range) of the last validation, and a checkpoint waiting for the next one's verdict; kept in
+        # <run>/health/guard.json so that a relaunch still vouches for the checkpoint it resumed from.
+        self.state_file = self.run_dir / "health" / "guard.json"
+        state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.last_validation: tuple[int, bool] | None = tuple(state["last"]) if state.get("last") else None
+        self.pending: tuple[int, Path] | None = (state["pending"][0], Path(state["pending"][1])) if state.get(
+            "pending") else None
 
     @property
     def enabled(self) -> bool:
@@ -275,7 +280,8 @@ class HealthGuard:
             self.start = compare_samples(summaries["start"], self.reference)
             if made:
                 self.metrics.log(0, self.start)  # the start of the health/* series
-        self.last_validation = (0, True)  # the student before training is the baseline: a checkpoint of it is healthy
+        if made:  # the student before training is the baseline: its checkpoint (the toy saves one) is healthy
+            self.last_validation = (0, True)
 
     def out_of_range(self, stats: dict[str, float]) -> list[str]:
         """One line per watched statistic of `stats` ({"health/<name>": value}) outside its range (NaN is outside)."""
@@ -309,10 +315,12 @@ class HealthGuard:
         if not bad:
             self.samples_in_row = 0
             if self.pending is not None and previous_ok and self.losses_in_row == 0:
-                self.mark(*self.pending)  # in range before and after it: the student of that checkpoint is fine
+                self.mark(*self.pending)  # in range at (or before) it and after it: the student there is fine
             self.pending = None
+            self.save_state()
             return stats
         self.samples_in_row, self.pending = self.samples_in_row + 1, None
+        self.save_state()
         self.bad_steps.append(step)
         reasons = reasons or ["a statistic left its range (see the main process's log)"]
         if self.main_process:
@@ -350,14 +358,22 @@ class HealthGuard:
             self.losses_in_row = 0
 
     def checkpoint_saved(self, step: int, step_dir: Path) -> None:
-        """A training-state checkpoint of `step` now exists in `step_dir`: marked healthy now if the validation of
-        this step was in range, else when the next validation is."""
+        """A training-state checkpoint of `step` now exists in `step_dir`: marked healthy once the next validation is
+        in range too (a collapse that starts just before a checkpoint often shows one validation later); the
+        student before training (step 0, a fresh run) is healthy at once."""
         if not self.enabled:
             return
-        if self.last_validation == (step, True) and self.losses_in_row == 0:
+        if step == 0 and self.last_validation == (0, True):
             self.mark(step, step_dir)
         else:
             self.pending = (step, Path(step_dir))
+            self.save_state()
+
+    def save_state(self) -> None:
+        if self.main_process:
+            pending = [self.pending[0], str(self.pending[1])] if self.pending else None
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps({"last": self.last_validation, "pending": pending}))
 
     def mark(self, step: int, step_dir: Path) -> None:
         if self.main_process:

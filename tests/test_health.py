@@ -169,26 +169,29 @@ def test_last_healthy_survives_rotation_and_skips_unvouched_checkpoints(tmp_path
         return folder
 
     guard.check_samples(100, None, None)
-    save(100)  # validated in range at its own step: healthy at once
+    save(100)  # validated in range at its own step: waits for the next validation
+    assert not (ckpt / "last_healthy").exists()
+    guard.check_samples(150, None, None)
     assert os.readlink(ckpt / "last_healthy") == "healthy/step-000100"
-    save(150)  # between validations: waits for the next one
-    assert os.readlink(ckpt / "last_healthy") == "healthy/step-000100"
-    guard.check_samples(200, None, None)  # in range: vouches for 150
-    assert os.readlink(ckpt / "last_healthy") == "healthy/step-000150"
-    save(250)
+    save(180)  # between validations
+    guard = make_guard(tmp_path, patience=3)  # a relaunch (resuming from 180) still vouches for it
+    guard.check_samples(200, None, None)
+    assert os.readlink(ckpt / "last_healthy") == "healthy/step-000180"
+    guard.check_samples(250, None, None)
+    save(250)  # in range at 250, but the next validation is not: not vouched for
     verdict["value"] = stats(latent_std_ratio=0.1)
-    guard.check_samples(300, None, None)  # out of range: 250 is not vouched for
+    guard.check_samples(300, None, None)
     save(300)
     verdict["value"] = stats()
     guard.check_samples(400, None, None)  # in range again, but the one before was not: 300 stays unmarked
-    assert os.readlink(ckpt / "last_healthy") == "healthy/step-000150"
-    for old in ("step-000100", "step-000150", "step-000250"):  # rotation (keep_ckpts) deletes the old folders
+    assert os.readlink(ckpt / "last_healthy") == "healthy/step-000180"
+    for old in ("step-000100", "step-000180", "step-000250"):  # rotation (keep_ckpts) deletes the old folders
         import shutil
 
         shutil.rmtree(ckpt / old)
     healthy = (ckpt / "last_healthy").resolve()
-    assert healthy.name == "step-000150" and (healthy / "weights.bin").read_text() == "weights of step 150"
-    assert sorted(p.name for p in (ckpt / "healthy").iterdir()) == ["step-000150"]  # older copies are removed
+    assert healthy.name == "step-000180" and (healthy / "weights.bin").read_text() == "weights of step 180"
+    assert sorted(p.name for p in (ckpt / "healthy").iterdir()) == ["step-000180"]  # older copies are removed
 
 
 def test_mark_healthy_copies_with_hard_links(tmp_path):
@@ -303,7 +306,7 @@ def test_toy_healthy_run_passes_and_forced_collapse_stops_with_last_healthy(tmp_
     run_dir = tmp_path / "outputs/toy_sparse_distill/ok"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "health/latent_frechet" in r] == [0, 4, 8]
-    assert os.readlink(run_dir / "ckpt" / "last_healthy") == "healthy/step-000008"
+    assert os.readlink(run_dir / "ckpt" / "last_healthy") == "healthy/step-000004"  # step 8: no later validation
 
     collapse = run_toy(tmp_path, "optim.steps=12", "run.eval_every=2", "run.name=collapse", "optim.student_lr=1.0",
                        "dmd.student_every=1", f"model.student={run_dir / 'student'}")
@@ -337,7 +340,7 @@ def test_wan_recipe_makes_the_reference_once_across_a_resume(tiny_data, tmp_path
     assert "time/reference_s" in rows[0] and "health/latent_frechet" in rows[0]  # the untrained student: the start
     for step in (2, 4):
         assert all(f"health/{n}" in rows[step] for n in STATISTICS), step
-    assert os.readlink(run_dir / "ckpt" / "last_healthy") == "healthy/step-000004"
+    assert os.readlink(run_dir / "ckpt" / "last_healthy") == "healthy/step-000002"  # vouched for by step 4
     overhead = rows[4]["time/health_s"] / rows[4]["time/val_s"]
     print(f"health statistics {rows[4]['time/health_s'] * 1e3:.1f} ms = {100 * overhead:.2f} % of the validation step")
     assert overhead <= 0.05
