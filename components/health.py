@@ -231,7 +231,7 @@ class HealthGuard:
     main process computes statistics, logs, prints and writes files. Counts are per launch (a resume starts afresh)."""
 
     def __init__(self, cfg: HealthConfig, run_dir: Path, metrics: MetricsLogger, device: torch.device | str = "cpu",
-                 main_process: bool = True) -> None:
+                 main_process: bool = True, resume: bool = True) -> None:
         self.cfg, self.limits, self.metrics = cfg, cfg.limits, metrics
         self.run_dir, self.ckpt_dir = Path(run_dir), Path(run_dir) / "ckpt"
         self.device, self.main_process = torch.device(device), main_process
@@ -242,7 +242,7 @@ class HealthGuard:
         # (step, in range) of the last validation, and a checkpoint waiting for the next one's verdict; kept in
         # <run>/health/guard.json so that a relaunch still vouches for the checkpoint it resumed from.
         self.state_file = self.run_dir / "health" / "guard.json"
-        state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        state = json.loads(self.state_file.read_text()) if resume and self.state_file.is_file() else {}
         self.last_validation: tuple[int, bool] | None = tuple(state["last"]) if state.get("last") else None
         self.pending: tuple[int, Path] | None = (state["pending"][0], Path(state["pending"][1])) if state.get(
             "pending") else None
@@ -376,7 +376,7 @@ class HealthGuard:
             self.state_file.write_text(json.dumps({"last": self.last_validation, "pending": pending}))
 
     def mark(self, step: int, step_dir: Path) -> None:
-        if self.main_process:
+        if self.main_process and Path(step_dir).is_dir():  # (a relaunch may have pruned it)
             copy = mark_healthy(self.ckpt_dir, Path(step_dir))
             print(f"step {step}: health: {self.ckpt_dir / 'last_healthy'} -> {copy}", flush=True)
 

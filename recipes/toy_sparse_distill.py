@@ -324,8 +324,9 @@ def main(cfg: RecipeConfig) -> Path:
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
-    health = HealthGuard(cfg.health, run_dir, metrics, main_process=rank == 0)
+    health = HealthGuard(cfg.health, run_dir, metrics, main_process=rank == 0, resume=False)  # a relaunch starts over
     if rank == 0:
+        shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # the previous launch's checkpoints and last_healthy
         (run_dir / "config.toml").write_text(dump_toml(cfg))
         shutil.copy(__file__, run_dir / Path(__file__).name)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
