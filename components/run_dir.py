@@ -33,14 +33,15 @@ def write_run_files(run_dir: Path, config_toml: str, recipe: Path) -> None:
 
 
 def save_samples(vae: torch.nn.Module, latents: torch.Tensor, out: Path, metrics: MetricsLogger, step: int,
-                 fps: int) -> None:
+                 fps: int, tag: str = "val") -> torch.Tensor:
     """Decode normalised latents (N, C, T, H, W) with the VAE; one mp4 per prompt, and its frame strip in TensorBoard
-    as `val/promptNN`."""
+    as `<tag>/promptNN`. Returns the decoded video (N, 3, F, H, W), unclamped (the health statistics read it)."""
     video = vae_decode(vae, latents)  # (N, 3, F, H, W) in [-1, 1]
     frames = ((video + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()  # (N, F, H, W, 3)
     for i, clip in enumerate(frames):
         write_video(out / f"prompt{i:02d}.mp4", clip, fps)
-        metrics.video(f"val/prompt{i:02d}", step, clip, fps)
+        metrics.video(f"{tag}/prompt{i:02d}", step, clip, fps)
+    return video
 
 
 def link_pipeline_parts(base: Path, export: Path) -> None:

@@ -20,6 +20,9 @@ Launch (after the teacher):
 Measured (2-core CPU, `make demo`, 2026-11-27, all 240 held-out captions; Fréchet distance of clip features, lower is
 better / conditioning accuracy): teacher-50 9.20 / 92.9 %, teacher-3 11.80 / 70.0 %, student-3 data mode 5.05 / 93.3 %
 (900 steps, 283 s with the 110 s of teacher data), student-3 data-free 7.46 / 87.9 % (600 steps, 210 s).
+Training health (`[health]`, components/health.py): every evaluation also compares the student's samples with the
+teacher's 50-step samples of the same captions and noise, exports the student to ckpt/step-NNNNNN/, and stops the run
+(exit 1) when the statistics leave the teacher's neighbourhood, keeping ckpt/last_healthy.
 Hyperparameters are ours, tuned for the toy; the structure (step list 1000/757/522, score window 20..980,
 update ratio 5, grad clip 1) follows FastVideo's recipes. Copy this file and its TOML to start an experiment.
 """
@@ -39,8 +42,9 @@ import torch.distributed as dist
 from attention.sdpa import sdpa_attention
 from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
 from components.config import dump_toml, exit_on_config_error, load_config, require_paths
+from components.health import HealthConfig, HealthGuard, reference_key
 from components.metrics import MetricsLogger, write_video
-from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
+from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
 from models.wan import WanModel
@@ -51,6 +55,7 @@ from models.wan_weights import export_pretrained, load_pretrained
 @dataclass
 class ModelConfig:
     teacher: Path  # exported toy teacher (diffusers layout); student and critic start from it too
+    student: Path | None = None  # or the student starts from this export (an earlier run's student/ or ckpt/step-N)
 
 
 @dataclass
@@ -106,6 +111,7 @@ class RunConfig:
     log_every: int = 25
     eval_every: int = 0  # student-3-step evaluation every this many steps (0: only at the end)
     num_eval: int = 96  # held-out clips sampled per evaluation
+    keep_ckpts: int = 3  # student exports kept in ckpt/step-NNNNNN/ (one per evaluation; ckpt/last_healthy stays)
 
 
 @dataclass
@@ -116,6 +122,7 @@ class RecipeConfig:
     dmd: DmdConfig
     optim: OptimConfig
     run: RunConfig
+    health: HealthConfig  # training health (components/health.py)
 
 
 # --------------------------------------------------------------------------------------------- recipe-local choices
@@ -248,8 +255,9 @@ def sample_teacher(
 
 
 def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, step: int, grid: bool):
-    """Student 3-step distance to held-out data and conditioning accuracy; with `grid`, also the mp4
+    """Student 3-step distance to held-out data and conditioning accuracy, and the samples; with `grid`, also the mp4
     data | teacher-50-step | teacher-3-step | student-3-step for 8 held-out captions."""
+    t0 = time.perf_counter()
     n, seed = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7
     ctx, shape = heldout.context[:n], heldout.latents[:n].shape
     student_x0 = sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed)
@@ -259,6 +267,7 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
         "val/student_cond_acc": scores["cond_acc"],
         "val/student_motion": scores["motion"],
     }
+    out["time/val_s"] = time.perf_counter() - t0
     if grid:
         k = min(8, n)
         shape_k = (k, *shape[1:])
@@ -267,6 +276,51 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
         rows = [heldout.latents[:k], teacher_50, teacher_3, student_x0[:k]]
         frames = [torch.cat(list(clips_to_rgb(r)), dim=2) for r in rows]  # each (T, H', k·W', 3)
         write_video(run_dir / "samples" / f"step-{step:06d}" / "grid.mp4", torch.cat(frames, dim=1), fps=2)
+    return out, student_x0
+
+
+def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, metrics):
+    """The health reference (components/health.py): the teacher's many-step samples and the student's before training,
+    on validate's captions and noise; made once per run (a relaunch reuses <run>/health/), their grids written once."""
+    n, seed, h = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7, cfg.health
+    ctx, shape = heldout.context[:n], heldout.latents[:n].shape
+    teacher_settings = [seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance]
+    settings = [*teacher_settings, str(cfg.model.student), cfg.dmd.steps, cfg.attn.student, cfg.attn.sparsity]
+
+    def save(x0: torch.Tensor, tag: str) -> torch.Tensor:
+        frames = torch.cat(list(clips_to_rgb(x0[:8])), dim=2)  # (T, H', 8·W', 3)
+        write_video(run_dir / "samples" / tag / "grid.mp4", frames, fps=2)
+        metrics.video(f"{tag}/grid", 0, frames, fps=2)
+        return toy_pixels(x0)
+
+    teacher_x0 = lambda: sample_teacher(teacher, ctx, shape, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, seed)  # noqa: E731
+    make = lambda: (teacher_x0(), sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed))  # noqa: E731
+    health.prepare(reference_key(cfg.model.teacher, [ctx], {"settings": settings}), make, save)
+
+
+def toy_pixels(latents: torch.Tensor) -> torch.Tensor:
+    """The toy's pixels (N, 3, T, H, W) in [-1, 1]: the colour channels as clips_to_rgb shows them, unclamped."""
+    return latents[:, :3] / AMPLITUDE * 2 - 1
+
+
+def evaluate(step: int, student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, health, metrics, rank):
+    """Validation on rank 0, a student checkpoint, and the health verdict on every rank (raises UnhealthyRun after
+    health.patience bad validations in a row)."""
+    last = step == cfg.optim.steps
+    val, x0 = validate(student, teacher, meta, heldout, cfg, run_dir, step, last) if rank == 0 else ({}, None)
+    metrics.log(step, val)
+    if rank == 0:
+        save_student(student, run_dir / "ckpt", step, cfg.run.keep_ckpts)
+    health.check_samples(step, x0, toy_pixels(x0) if rank == 0 else None)
+    health.checkpoint_saved(step, run_dir / "ckpt" / f"step-{step:06d}")
+
+
+def save_student(student: WanModel, ckpt_dir: Path, step: int, keep: int) -> Path:
+    """The toy's checkpoint: the student export in ckpt/step-NNNNNN/; keeps the newest `keep`."""
+    out = ckpt_dir / f"step-{step:06d}"
+    export_pretrained(student, out)
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
     return out
 
 
@@ -277,7 +331,9 @@ def main(cfg: RecipeConfig) -> Path:
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
+    health = HealthGuard(cfg.health, run_dir, metrics, main_process=rank == 0, resume=False)  # a relaunch starts over
     if rank == 0:
+        shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # the previous launch's checkpoints and last_healthy
         (run_dir / "config.toml").write_text(dump_toml(cfg))
         shutil.copy(__file__, run_dir / Path(__file__).name)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -285,7 +341,7 @@ def main(cfg: RecipeConfig) -> Path:
 
     spec = ToySpec(frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width)
     train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
-    student = build_wan(cfg.model.teacher, cfg.attn.student)
+    student = build_wan(cfg.model.student or cfg.model.teacher, cfg.attn.student)
     teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
     critic = build_wan(cfg.model.teacher, critic_attn)
@@ -308,6 +364,11 @@ def main(cfg: RecipeConfig) -> Path:
             teacher, pool_context, train.latents.shape[1:], cfg.dmd.shift, cfg.dmd.guidance + 1, cfg.run.seed + 11
         )
         metrics.log(0, {"time/teacher_data_s": time.perf_counter() - t0})
+    if health.enabled:  # the reference, and the student before training: its checkpoint is the first healthy one
+        if rank == 0:
+            prepare_health(health, student, teacher, meta, heldout, cfg, run_dir, metrics)
+            save_student(student, run_dir / "ckpt", 0, cfg.run.keep_ckpts)
+        health.checkpoint_saved(0, run_dir / "ckpt" / "step-000000")
 
     start, scalars = time.perf_counter(), {}
     for step in range(1, optim.steps + 1):
@@ -335,18 +396,18 @@ def main(cfg: RecipeConfig) -> Path:
                 student, critic, critic_opt, meta, critic_meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
             )
         )
-        if rank == 0 and cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < optim.steps:
-            scalars.update(validate(student, teacher, meta, heldout, cfg, run_dir, step, grid=False))
         if step % cfg.run.log_every == 0 or step == optim.steps:
             scalars["time/elapsed_s"] = time.perf_counter() - start
             scalars["attn/vsa_sparsity"] = 1 - meta.topk / meta.num_tiles if meta is not None else 0.0
             metrics.log(step, scalars)
+            health.check_losses(step, scalars)  # raises UnhealthyRun when they diverge (health.action = "stop")
             scalars = {}
+        if step == optim.steps or (cfg.run.eval_every and step % cfg.run.eval_every == 0):
+            evaluate(step, student, teacher, meta, heldout, cfg, run_dir, health, metrics, rank)
 
     out = run_dir / "student"
     if rank == 0:
         export_pretrained(student, out)
-        metrics.log(optim.steps, validate(student, teacher, meta, heldout, cfg, run_dir, optim.steps, grid=True))
     metrics.close()
     if world > 1:
         dist.barrier()

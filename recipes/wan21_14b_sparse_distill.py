@@ -34,15 +34,16 @@ from components.config import (
     load_config,
     require_paths,
 )
+from components.health import HealthConfig, HealthGuard, reference_key
 from components.metrics import MetricsLogger, reduce_for_log, step_scalars
 from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_ema, load_ema, update_ema
 from components.run_dir import link_pipeline_parts, save_samples, write_run_files
 from components.schedule import build_lr_scheduler, sparsity_at
-from data.encode import compute_latent_shape, latent_stats_from_config, load_vae, normalize_latents
 from data.dataset import LatentDataset, check_first_row, load_contexts, load_negative_context
+from data.encode import compute_latent_shape, latent_stats_from_config, load_vae, normalize_latents
 from data.loader import make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data
-from losses.flow import add_noise, few_step_sample, sample_score_timesteps, x0_from_velocity
+from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
 from models.wan_weights import export_random_init, read_config
 from parallel.checkpoint import Checkpointer, ModelState, export_student
@@ -144,6 +145,7 @@ class RecipeConfig:
     data: DataConfig
     parallel: ParallelConfig
     run: RunConfig
+    health: HealthConfig  # training health: statistics against the teacher's samples, a guard (components/health.py)
 
 
 ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "dense_gated": dense_gated_attention}
@@ -279,6 +281,17 @@ def validate(
     return few_step_sample(lambda x, t: student(x, t, contexts, meta), noise, steps, gen)
 
 
+@torch.no_grad()
+def teacher_reference(
+    teacher: WanModel, contexts: torch.Tensor, negative: torch.Tensor, shape: tuple[int, ...], cfg: RecipeConfig
+) -> torch.Tensor:
+    """The health reference: the teacher's many-step Euler samples with CFG (DMD2's w is CFG w + 1), validate's noise."""
+    gen = torch.Generator(contexts.device).manual_seed(cfg.run.seed)
+    noise = torch.randn((len(contexts), *shape), generator=gen, device=contexts.device)
+    cond, uncond = (lambda x, t: teacher(x, t, contexts)), (lambda x, t: teacher(x, t, negative.expand_as(contexts)))
+    return teacher_sample(cond, uncond, noise, cfg.health.teacher_steps, cfg.health.teacher_shift, cfg.dmd.guidance + 1)
+
+
 def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
     wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
@@ -290,6 +303,7 @@ def main(cfg: RecipeConfig) -> Path:
     if rank == 0:
         write_run_files(run_dir, dump_toml(cfg), Path(__file__))
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
+    health = HealthGuard(cfg.health, run_dir, metrics, device, main_process=rank == 0)
     negative = load_negative_context(cfg.data.negative_prompt)[0][None].to(device)  # (1, 512, D)
     val_contexts = load_contexts(cfg.data.val_prompts, cfg.run.val_count).to(device)  # (N, 512, D), fixed noise each
     vae = load_vae(cfg.model.base, device) if rank == 0 else None  # decodes the validation samples
@@ -339,6 +353,17 @@ def main(cfg: RecipeConfig) -> Path:
     gen = torch.Generator(device)
     tokens_per_step = math.prod(grid) * cfg.data.batch_size * o.grad_accum * dims.dp_size
     guard = NonfiniteGuard(cfg.run.max_nonfinite_in_row, run_dir / "ckpt", verbose=rank == 0)
+    val_meta = vsa_meta(grid, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
+    if health.enabled:  # the teacher's and the untrained student's validation samples, made once (<run>/health/)
+        h = cfg.health
+        settings = [cfg.run.seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, cfg.dmd.steps, cfg.attn.sparsity]
+        make = lambda: (  # noqa: E731
+            teacher_reference(teacher, val_contexts, negative, latent_shape, cfg),
+            validate(student, val_contexts, val_meta, cfg.dmd.steps, latent_shape, cfg.run.seed),
+        )
+        save = lambda x, tag: save_samples(vae, x, run_dir / "samples" / tag, metrics, 0, cfg.video.fps, tag)  # noqa: E731
+        key = reference_key(weights, [val_contexts, negative], {"settings": [*settings, latent_shape]})
+        health.prepare(key, make, save if rank == 0 else None, amp)
     for step in range(start + 1, cfg.run.max_steps + 1):
         t0 = time.perf_counter()
         batches = [prepare_batch(next(loader), latent_shape, mean, std, device) for _ in range(o.grad_accum)]
@@ -364,23 +389,29 @@ def main(cfg: RecipeConfig) -> Path:
         guard.record(step, skipped=(not ok_student) + (not ok_critic))  # raises after too many bad steps in a row
         step_s, last = time.perf_counter() - t0, step == cfg.run.max_steps
         if step % cfg.run.log_every == 0 or last:
+            logs = reduce_for_log(logs, ("loss/", "dmd/"))
             metrics.log(
                 step,
                 {
-                    **reduce_for_log(logs, ("loss/", "dmd/")),
+                    **logs,
                     "attn/vsa_sparsity": rho if meta else 0.0,
                     "train/nonfinite": guard.total,
                     **step_scalars(step_s, data_s, tokens_per_step, device),
                 },
             )
+            health.check_losses(step, logs)  # raises UnhealthyRun when losses or grad norms diverge
         if step % cfg.run.val_every == 0 or last:
-            val_meta = vsa_meta(grid, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
+            t0, video = time.perf_counter(), None
             with amp:
                 samples = validate(student, val_contexts, val_meta, cfg.dmd.steps, latent_shape, cfg.run.seed)
             if rank == 0:
-                save_samples(vae, samples, run_dir / "samples" / f"step-{step:06d}", metrics, step, cfg.video.fps)
+                out = run_dir / "samples" / f"step-{step:06d}"
+                video = save_samples(vae, samples, out, metrics, step, cfg.video.fps)
+                metrics.log(step, {"time/val_s": time.perf_counter() - t0})
+            health.check_samples(step, samples, video)  # raises UnhealthyRun after health.patience bad ones in a row
         if cfg.run.ckpt_every and (step % cfg.run.ckpt_every == 0 or last):
             ckpt.save(step, state)
+            health.checkpoint_saved(step, ckpt.path(step))  # <run>/ckpt/last_healthy once a validation vouches for it
     # ---- save: the student (and its EMA) as diffusers pipelines: tools/sample.py --model <run>/export ----
     ckpt.wait()
     export_student(student, run_dir / "export" / "transformer")

@@ -55,9 +55,13 @@ def run(module, argv: list[str]) -> Path:
 
 
 def logged(run_dir: Path) -> dict[int, dict]:
-    """step -> the last metrics.jsonl row of that step (a relaunch appends rows for the steps it redoes)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row for row in rows}
+    """step -> its metrics.jsonl rows merged, later rows winning (a relaunch appends rows for the steps it redoes;
+    validation and the health statistics log rows of their own)."""
+    merged: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        merged.setdefault(row["step"], {}).update(row)
+    return merged
 
 
 def losses(row: dict) -> dict:
@@ -76,7 +80,7 @@ def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monk
     resolved = config(module, tiny_argv(tiny_data, tmp_path, "full", *steps4))
     assert config(module, ["--toml", str(full / "config.toml")]) == resolved  # config.toml reproduces the run
     rows = logged(full)
-    assert sorted(rows) == [1, 2, 3, 4]
+    assert sorted(rows) == [0, 1, 2, 3, 4]  # step 0: the health reference and the untrained student's statistics
     assert "loss/dmd" not in rows[1] and "loss/dmd" in rows[2] and "loss/dmd" in rows[4]  # student every 2nd step
     assert all(torch.isfinite(torch.tensor(list(losses(r).values()))).all() for r in rows.values())
     assert sorted(p.name for p in (full / "samples" / "step-000004").glob("*.mp4")) == ["prompt00.mp4", "prompt01.mp4"]
@@ -109,7 +113,8 @@ def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monk
     dist.destroy_process_group()
     monkeypatch.setattr(module, "critic_step", critic_step)
     resumed_dir = run(module, argv)
-    launches = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    launches = [row["step"] for row in lines if "loss/critic" in row]  # training rows (validation logs its own)
     assert launches == [1, 2, 3, 4]  # the relaunch started at step 3, not from scratch
     resumed = logged(resumed_dir)
     for step in (1, 2, 3, 4):  # 1-2: two launches of one config agree; 3-4: resume == uninterrupted
@@ -122,7 +127,9 @@ def test_skipped_nonfinite_update_leaves_critic_untouched_and_aborts(tiny_data, 
     frozen = logged(run(module, tiny_argv(tiny_data, tmp_path, "frozen_critic", "optim.critic_lr=0.0")))
     critic_loss = module.critic_loss
     monkeypatch.setattr(module, "critic_loss", lambda *a: critic_loss(*a) * float("nan"))
-    skipped = logged(run(module, tiny_argv(tiny_data, tmp_path, "nonfinite", "run.max_nonfinite_in_row=3")))
+    # health.patience=3: the health guard's non-finite check (2 log steps in a row by default) would stop it first.
+    argv = tiny_argv(tiny_data, tmp_path, "nonfinite", "run.max_nonfinite_in_row=3", "health.patience=3")
+    skipped = logged(run(module, argv))
     assert skipped[1]["train/nonfinite"] == 1 and skipped[2]["train/nonfinite"] == 2
     assert skipped[2]["loss/critic"] is None  # NaN is written as null
     # Step 2's student update runs against the step-1 critic: untouched, so the DMD loss equals the frozen run's.
