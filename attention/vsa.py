@@ -1,4 +1,4 @@
-"""VSA: video sparse attention (SPEC §2) — metadata, coarse stage, top-k, reference, autograd ops.
+"""VSA: video sparse attention (docs/METHOD.md §2) — metadata, coarse stage, top-k, reference, autograd ops.
 
 Design (beyond the reference implementation): the model permutes its tokens into tile order once per forward
 (`meta.token_order`, DESIGN.md), so attention receives (B, L, H, D) tokens already grouped by 4×4×4 tile and

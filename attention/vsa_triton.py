@@ -1,4 +1,4 @@
-"""Triton kernels of VSA (SPEC §2.3, §2.5, §2.7) on tile-ordered, unpadded tokens.
+"""Triton kernels of VSA (docs/METHOD.md §2.3, §2.5, §2.7) on tile-ordered, unpadded tokens.
 
 Layout: q, k, v, o are (B, L, H, D) with a unit last stride, read through their strides (no transposes). Tile i
 holds rows [tile_offsets[i], tile_offsets[i + 1]) of the sequence, at most BLOCK of them; a kernel reads a tile as a

@@ -1,4 +1,4 @@
-"""Per-step schedules of a training run: the learning-rate multiplier (SPEC §1.7) and the VSA sparsity ramp (§2.9).
+"""Per-step schedules of a training run: the learning-rate multiplier (docs/METHOD.md §1.7) and the VSA sparsity ramp (§2.9).
 
     scheduler = build_lr_scheduler(optimizer, "cosine_with_min_lr", warmup=100, total=4000, min_ratio=0.1)
     rho = sparsity_at(step, target=0.8, ramp=[0.5, 0.1, 100])   # [] = constant

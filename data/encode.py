@@ -51,7 +51,7 @@ def load_text_encoder(pipeline_dir: str | Path, device: str | torch.device = "cp
 @torch.no_grad()
 def encode_prompts(tokenizer: object, encoder: torch.nn.Module, prompts: Sequence[str],
                    max_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prompts -> (context (B, max_len, D) float32, mask (B, max_len) int64, lengths (B,)) as in SPEC §3.3b.
+    """Prompts -> (context (B, max_len, D) float32, mask (B, max_len) int64, lengths (B,)) as in docs/METHOD.md §3.3b.
 
     Tokens are truncated at max_len with special tokens added; each prompt keeps the hidden states of its `sum(mask)`
     real tokens, followed by zero rows. Padding to the longest prompt instead of max_len gives the same real-token states

@@ -1,4 +1,4 @@
-"""DMD2 losses and student rollouts (SPEC §1.4–§1.6, §8).
+"""DMD2 losses and student rollouts (docs/METHOD.md §1.4–§1.6, §8).
 
 Networks enter as callables `fn(x_t, t) -> velocity` with the conditioning already bound, so the same code serves
 any model, attention backend or parallel layout. The caller chooses grad / no-grad around each call.
@@ -20,7 +20,7 @@ def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_cond_x0: torch.Tensor
     x0_32 = x0.float()
     with torch.no_grad():
         real = real_cond_x0.float() + guidance * (real_cond_x0.float() - real_uncond_x0.float())
-        denom = torch.mean(torch.abs(x0_32 - real))  # one scalar over the whole batch (SPEC §1.5 note)
+        denom = torch.mean(torch.abs(x0_32 - real))  # one scalar over the whole batch (docs/METHOD.md §1.5 note)
         grad = torch.nan_to_num((fake_x0.float() - real) / denom)
     loss = 0.5 * torch.mean((x0_32 - (x0_32 - grad).detach()) ** 2)
     stats = {"dmd/denom": denom, "dmd/grad_abs_mean": grad.abs().mean()}
@@ -38,7 +38,7 @@ def _step_t(step: float, batch: int, device: torch.device) -> torch.Tensor:
 
 def student_rollout_data(student_fn: ModelFn, x_data: torch.Tensor, steps: Sequence[float],
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """Data mode (SPEC §1.4a): pick step j ~ U{0..|S|−1}, forward-noise the data to S_j and predict x0 in one
+    """Data mode (docs/METHOD.md §1.4a): pick step j ~ U{0..|S|−1}, forward-noise the data to S_j and predict x0 in one
     student call (with grad if grad is enabled). Returns (x0, S_j)."""
     j = int(torch.randint(len(steps), (1,), generator=generator, device=_gen_device(generator)))
     t = _step_t(steps[j], x_data.shape[0], x_data.device)
@@ -50,7 +50,7 @@ def student_rollout_data(student_fn: ModelFn, x_data: torch.Tensor, steps: Seque
 def student_rollout_simulate(student_fn: ModelFn, shape: Sequence[int], steps: Sequence[float],
                              generator: torch.Generator | None = None,
                              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
-    """Data-free mode (SPEC §1.4b): from pure noise run the student's whole chain without grad (predict x0, re-noise
+    """Data-free mode (docs/METHOD.md §1.4b): from pure noise run the student's whole chain without grad (predict x0, re-noise
     to the next step), keep the state at a random step j, then make the trained prediction at S_j (with grad if grad is
     enabled). The chain always runs all |S| − 1 steps, so the RNG stream does not depend on j. Returns (x0, S_j)."""
     device = _gen_device(generator)

@@ -1,4 +1,4 @@
-"""Rectified-flow pieces shared by pre-training, DMD2 distillation and sampling (SPEC §0, §1.2, §5.2).
+"""Rectified-flow pieces shared by pre-training, DMD2 distillation and sampling (docs/METHOD.md §0, §1.2, §5.2).
 
 Conventions: `t` is a float tensor `(B,)` on the 0..1000 scale, `sigma = t / 1000`,
 `x_sigma = (1 - sigma) * x0 + sigma * noise`, and a model predicts the velocity `v = noise - x0`.
@@ -69,7 +69,7 @@ def flow_matching_loss(v_pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tens
 
 def few_step_sample(model_fn: ModelFn, noise: torch.Tensor, steps: Sequence[float] = DMD_STEPS,
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """The DMD sampler (SPEC §5.2): at each step predict x0, then re-noise it to the next step with fresh noise;
+    """The DMD sampler (docs/METHOD.md §5.2): at each step predict x0, then re-noise it to the next step with fresh noise;
     return the last x0. `noise` is the starting point at steps[0] (σ = 1 for t = 1000)."""
     x = noise
     for i, step in enumerate(steps):

@@ -103,7 +103,7 @@ class WanConfig:
         }
 
 
-# Values checked against the public diffusers configs (SPEC §3.1).
+# Values checked against the public diffusers configs (docs/METHOD.md §3.1).
 WAN_CONFIGS: dict[str, WanConfig] = {
     "wan21_1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16, out_channels=16),
     "wan21_14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16, out_channels=16),
@@ -297,7 +297,7 @@ class WanModel(nn.Module):
         self.init_buffers(None)
         for block in self.blocks:
             if block.attn1.to_gate_compress is not None:
-                # A zero gate keeps VSA's coarse branch off until training moves it (SPEC §2.1).
+                # A zero gate keeps VSA's coarse branch off until training moves it (docs/METHOD.md §2.1).
                 nn.init.zeros_(block.attn1.to_gate_compress.weight)
                 nn.init.zeros_(block.attn1.to_gate_compress.bias)
 

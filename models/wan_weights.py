@@ -29,7 +29,7 @@ RENAMES: dict[str, str] = {
     ".ffn.net.0.proj.": ".ffn.fc1.",
     ".ffn.net.2.": ".ffn.fc2.",
 }
-# Parameters that sparse-distill adds to Wan; a checkpoint without them gets zeros (SPEC §2.1).
+# Parameters that sparse-distill adds to Wan; a checkpoint without them gets zeros (docs/METHOD.md §2.1).
 GATE_KEY = re.compile(r"^blocks\.\d+\.attn1\.to_gate_compress\.(weight|bias)$")
 # Keys diffusers itself drops when loading Wan checkpoints.
 IGNORED_KEYS = re.compile(r"norm_added_q")

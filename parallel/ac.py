@@ -1,4 +1,4 @@
-"""Activation checkpointing per transformer block (SPEC §6): "full" recomputes the whole block in backward,
+"""Activation checkpointing per transformer block (docs/METHOD.md §6): "full" recomputes the whole block in backward,
 "selective" saves the outputs of matmuls and attention and recomputes the cheap elementwise ops around them,
 "attention" saves only the attention outputs (the costliest recompute at video lengths; self + cross attention of
 Wan-1.3B at 29k tokens: ~5.4 GB in bf16) and recomputes everything else."""

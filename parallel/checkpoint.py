@@ -1,4 +1,4 @@
-"""Training-state checkpoints with torch.distributed.checkpoint (DCP), and the student export (SPEC §1.14).
+"""Training-state checkpoints with torch.distributed.checkpoint (DCP), and the student export (docs/METHOD.md §1.14).
 
     ckpt = Checkpointer(run_dir / "ckpt", keep_last=3, async_save=True)
     state = {"student": ModelState(student, student_opt, student_sched),

@@ -1,4 +1,4 @@
-"""FSDP2 (`fully_shard`) per transformer block, then the root (SPEC §6, §1.8).
+"""FSDP2 (`fully_shard`) per transformer block, then the root (docs/METHOD.md §6, §1.8).
 
 A 1-D mesh shards parameters, gradients and optimizer state over its ranks; a 2-D mesh
 `(dp_replicate, dp_shard_sp)` is HSDP: sharded inside a group, replicated (gradients all-reduced) across groups.

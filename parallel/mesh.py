@@ -1,6 +1,6 @@
 """Process groups and the device mesh: one mesh `(dp_replicate, dp_shard, sp)` for every recipe.
 
-Ranks are laid out row-major, so an SP group is a block of `sp` consecutive ranks (SPEC §6) and the data-parallel
+Ranks are laid out row-major, so an SP group is a block of `sp` consecutive ranks (docs/METHOD.md §6) and the data-parallel
 rank of a process is `rank // sp`. FSDP shards over `dp_shard × sp` (the SP ranks of a group hold different
 parameter shards and average their gradients like any other data-parallel peers; see `parallel/ulysses.py` for why
 that average is the right one) and replicates over `dp_replicate` (HSDP when > 1). The 14B recipe on 64 GPUs:

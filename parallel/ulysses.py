@@ -1,4 +1,4 @@
-"""Ulysses sequence parallelism (SPEC §6, §2.8), applied to a plain WanModel from outside.
+"""Ulysses sequence parallelism (docs/METHOD.md §6, §2.8), applied to a plain WanModel from outside.
 
 Every rank of an SP group holds the same sample. After the embeddings the model's `token_shard` seam pads the
 (tile-ordered) sequence to a multiple of `sp` and keeps this rank's contiguous chunk; blocks run on the chunk.
@@ -49,7 +49,7 @@ class SequenceLayout:
 
 
 def sp_seed(seed: int, dp_rank: int) -> int:
-    """Seed for noise/timesteps: identical on the ranks of one SP group, distinct across groups (SPEC §1.11)."""
+    """Seed for noise/timesteps: identical on the ranks of one SP group, distinct across groups (docs/METHOD.md §1.11)."""
     return seed + dp_rank
 
 

@@ -1,6 +1,6 @@
 """Toy sparse-distill: DMD2 distillation of the toy teacher into a 3-step student with VSA attention (CPU, minutes).
 
-The same method as the Wan sparse-distill recipes (SPEC §1, §8), on `recipes/toy_teacher.py`'s tiny Wan DiT and the
+The same method as the Wan sparse-distill recipes (docs/METHOD.md §1, §8), on `recipes/toy_teacher.py`'s tiny Wan DiT and the
 synthetic moving-blob latents of `data/synthetic.py`. Three networks, all initialised from the teacher export:
 student (trainable, VSA at `attn.sparsity` over 16 tiles of the (2, 16, 16) token grid, zero-initialised gate),
 teacher (frozen, dense, CFG against the zero "negative" caption in the DMD2 form cond + w·(cond − uncond)) and critic
@@ -76,7 +76,7 @@ class DataConfig:
     num_heldout: int
     seed: int  # the teacher's data seed: same clips, same held-out split
     # Data mode's latents: "teacher" = clips the teacher generates for the training captions at start-up, as FastVideo's
-    # Wan recipes train on teacher-generated latents (SPEC §1.4a); "clips" = the synthetic clips themselves.
+    # Wan recipes train on teacher-generated latents (docs/METHOD.md §1.4a); "clips" = the synthetic clips themselves.
     source: Literal["teacher", "clips"] = "teacher"
     num_teacher_clips: int = 480  # teacher samples generated for data mode (50-step Euler + CFG)
 
@@ -160,7 +160,7 @@ def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
 def rollout(
     student: WanModel, meta, x_data: torch.Tensor, context: torch.Tensor, dmd: DmdConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, float]:
-    """Student x0 at a random step of its list (SPEC §1.4); grad follows the caller's grad mode."""
+    """Student x0 at a random step of its list (docs/METHOD.md §1.4); grad follows the caller's grad mode."""
     student_fn = lambda x, t: student(x, t, context, attn_meta=meta)  # noqa: E731
     if dmd.rollout == "data":
         return student_rollout_data(student_fn, x_data, dmd.steps, generator)
@@ -183,7 +183,7 @@ def student_step(
 ) -> dict[str, torch.Tensor]:
     """DMD2 student update: move the student's x0 along (critic − teacher) x0 predictions at a noised point."""
     x0, t_student = rollout(student, meta, x_data, context, dmd, generator)
-    # One score timestep per clip: our batch stands for FastVideo's per-rank batch of 1 (SPEC §1.2).
+    # One score timestep per clip: our batch stands for FastVideo's per-rank batch of 1 (docs/METHOD.md §1.2).
     t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
     with torch.no_grad():
         x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator), t)

@@ -4,7 +4,7 @@ The method and the code are those of recipes/wan21_1_3b_sparse_distill.py (read 
 imports is a checked copy). What differs is the TOML: ρ = 0.9, flow shift 3, and the layout for a 14B model: Ulysses
 sequence parallel 4 and HSDP with one node (8 GPUs) per FSDP shard group, so 64 GPUs see 16 samples per step.
 Hyperparameters: FastVideo `examples/distill/Wan2.1-T2V/Wan-Syn-Data-480P/distill_dmd_VSA_t2v_14B.slurm` at HEAD
-(SPEC §1.15; where the docs disagree, the TOML follows the script: §1.16). Hardware: 8 nodes × 8 H100/H200; a single
+(docs/METHOD.md §1.15; where the docs disagree, the TOML follows the script: §1.16). Hardware: 8 nodes × 8 H100/H200; a single
 node runs it with parallel.dp_replicate=1.
     sbatch recipes/slurm/wan21_14b_sparse_distill.sbatch                              # 8 nodes
     torchrun --nproc_per_node 8 recipes/wan21_14b_sparse_distill.py parallel.dp_replicate=1 optim.grad_accum=4
@@ -209,13 +209,13 @@ def load_data(path: str, latent_shape: tuple[int, ...], text_dim: int) -> Latent
 
 
 def prepare_batch(batch: dict, shape: tuple, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> dict:
-    """Latents normalised with the VAE's per-channel statistics (SPEC §0) and caption embeddings, on the device."""
+    """Latents normalised with the VAE's per-channel statistics (docs/METHOD.md §0) and caption embeddings, on the device."""
     return dict(latents=normalize_latents(batch["latents"], mean, std).to(device), context=batch["context"].to(device))
 
 
 # ---- the method ----
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
-    """Student sample x0: one student step from data noised to a random step of its schedule (SPEC §1.4a)."""
+    """Student sample x0: one student step from data noised to a random step of its schedule (docs/METHOD.md §1.4a)."""
     return student_rollout_data(lambda x, t: student(x, t, batch["context"], meta), batch["latents"], steps, gen)[0]
 
 
@@ -230,7 +230,7 @@ def student_step(
     dmd: DMDConfig,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the DMD2 gradient over the micro-batches (SPEC §1.5); returns detached (loss, normaliser)."""
+    """Accumulate the DMD2 gradient over the micro-batches (docs/METHOD.md §1.5); returns detached (loss, normaliser)."""
     loss_sum, denom_sum = 0.0, 0.0
     for batch in batches:
         x0 = rollout(student, batch, meta, dmd.steps, gen)  # with grad, sparse attention
@@ -258,7 +258,7 @@ def critic_step(
     dmd: DMDConfig,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """Accumulate the critic's flow-matching loss on fresh no-grad student samples (SPEC §1.6); returns it detached."""
+    """Accumulate the critic's flow-matching loss on fresh no-grad student samples (docs/METHOD.md §1.6); returns it detached."""
     loss_sum = 0.0
     for batch in batches:
         with torch.no_grad():
@@ -275,7 +275,7 @@ def critic_step(
 def validate(
     student: WanModel, contexts: torch.Tensor, meta, steps: list[int], latent_shape: tuple[int, ...], seed: int
 ) -> torch.Tensor:
-    """The DMD sampler (SPEC §5.2) from fixed seeds on the fixed prompts: normalised latents (N, C, T, H, W)."""
+    """The DMD sampler (docs/METHOD.md §5.2) from fixed seeds on the fixed prompts: normalised latents (N, C, T, H, W)."""
     gen = torch.Generator(contexts.device).manual_seed(seed)
     noise = torch.randn((len(contexts), *latent_shape), generator=gen, device=contexts.device)
     return few_step_sample(lambda x, t: student(x, t, contexts, meta), noise, steps, gen)
@@ -296,7 +296,7 @@ def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
     wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     dataset = load_data(cfg.data.path, latent_shape, wan.text_dim)
-    mean, std = latent_stats_from_config(cfg.model.base)  # (C,) each, to normalise the latents (SPEC §0)
+    mean, std = latent_stats_from_config(cfg.model.base)  # (C,) each, to normalise the latents (docs/METHOD.md §0)
     rank, world, device = init_distributed()
     dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
     run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name

@@ -1,10 +1,10 @@
 """Wan2.2-TI2V-5B Sparse-distill, data-free: DMD2 distillation into a 3-step student by backward simulation.
 
 The method and code of recipes/wan21_1_3b_sparse_distill.py (read it first; marked code is a checked copy) except the
-rollout (SPEC §1.4b): the trained student step starts from a random state of its own no-grad [1000, 757, 522] chain from
+rollout (docs/METHOD.md §1.4b): the trained student step starts from a random state of its own no-grad [1000, 757, 522] chain from
 noise, so the data is only captions (`tools/preprocess.py --prompts-only`). `attn.student = "sdpa"` trains the released
 FastWan2.2-TI2V-5B-FullAttn. Hyperparameters: FastVideo `distill_dmd_t2v_5B_VSA.sh` (FullAttn: `distill_dmd_t2v_5B.sh`)
-in `examples/distill/Wan2.2-TI2V-5B-Diffusers/Data-free/` at HEAD (SPEC §1.15–§1.16). Hardware: 8 nodes × 8 H100/H200.
+in `examples/distill/Wan2.2-TI2V-5B-Diffusers/Data-free/` at HEAD (docs/METHOD.md §1.15–§1.16). Hardware: 8 nodes × 8 H100/H200.
     sbatch recipes/slurm/wan22_ti2v_5b_sparse_distill.sbatch                          # 8 nodes
     torchrun --nproc_per_node 8 recipes/wan22_ti2v_5b_sparse_distill.py parallel.dp_replicate=8 attn.student=sdpa
     python tools/make_tiny_data.py --out outputs/tiny_data                            # CPU, tiny random models:
@@ -214,7 +214,7 @@ def prepare_batch(batch: dict, shape: tuple, mean: torch.Tensor, std: torch.Tens
 
 # ---- the method ----
 def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
-    """Student x0 by backward simulation (SPEC §1.4b): its no-grad chain from noise, then one step at a random point."""
+    """Student x0 by backward simulation (docs/METHOD.md §1.4b): its no-grad chain from noise, then one step at a random point."""
     student_fn = lambda x, t: student(x, t, batch["context"], meta)  # noqa: E731
     return student_rollout_simulate(student_fn, batch["latents"].shape, steps, gen)[0]
 
@@ -231,7 +231,7 @@ def student_step(
     dmd: DMDConfig,
     gen: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Accumulate the DMD2 gradient over the micro-batches (SPEC §1.5); returns detached (loss, normaliser)."""
+    """Accumulate the DMD2 gradient over the micro-batches (docs/METHOD.md §1.5); returns detached (loss, normaliser)."""
     loss_sum, denom_sum = 0.0, 0.0
     for batch in batches:
         x0 = rollout(student, batch, meta, dmd.steps, gen)  # with grad, sparse attention
@@ -259,7 +259,7 @@ def critic_step(
     dmd: DMDConfig,
     gen: torch.Generator,
 ) -> torch.Tensor:
-    """Accumulate the critic's flow-matching loss on fresh no-grad student samples (SPEC §1.6); returns it detached."""
+    """Accumulate the critic's flow-matching loss on fresh no-grad student samples (docs/METHOD.md §1.6); returns it detached."""
     loss_sum = 0.0
     for batch in batches:
         with torch.no_grad():
@@ -276,7 +276,7 @@ def critic_step(
 def validate(
     student: WanModel, contexts: torch.Tensor, meta, steps: list[int], latent_shape: tuple[int, ...], seed: int
 ) -> torch.Tensor:
-    """The DMD sampler (SPEC §5.2) from fixed seeds on the fixed prompts: normalised latents (N, C, T, H, W)."""
+    """The DMD sampler (docs/METHOD.md §5.2) from fixed seeds on the fixed prompts: normalised latents (N, C, T, H, W)."""
     gen = torch.Generator(contexts.device).manual_seed(seed)
     noise = torch.randn((len(contexts), *latent_shape), generator=gen, device=contexts.device)
     return few_step_sample(lambda x, t: student(x, t, contexts, meta), noise, steps, gen)
@@ -297,7 +297,7 @@ def main(cfg: RecipeConfig) -> Path:
     # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
     wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     dataset = load_data(cfg.data.path, latent_shape, wan.text_dim)
-    mean, std = latent_stats_from_config(cfg.model.base)  # (C,) each, to normalise the latents (SPEC §0)
+    mean, std = latent_stats_from_config(cfg.model.base)  # (C,) each, to normalise the latents (docs/METHOD.md §0)
     rank, world, device = init_distributed()
     dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
     run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name

@@ -83,7 +83,7 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
 
 
 def student_row(student, meta, steps):
-    """The student's own 3-step sampler (SPEC §5.2): conditional only, no CFG."""
+    """The student's own 3-step sampler (docs/METHOD.md §5.2): conditional only, no CFG."""
     def run(x, ctx, g):
         return few_step_sample(lambda x, t: student(x, t, ctx, attn_meta=meta), x, steps, g)
     return run

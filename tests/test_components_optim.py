@@ -1,7 +1,7 @@
 """components/schedule.py and components/optim.py against their formulas and a hand-written update.
 
-LR multiplier: linear warmup k / warmup, then 0.5 + 0.5·cos(π·progress) floored at min_ratio, constant = 1 (SPEC §1.7);
-sparsity ramp min(start + inc·⌊k / interval⌋, target) (SPEC §2.9); apply_update == clip + AdamW step when finite, and a
+LR multiplier: linear warmup k / warmup, then 0.5 + 0.5·cos(π·progress) floored at min_ratio, constant = 1 (docs/METHOD.md §1.7);
+sparsity ramp min(start + inc·⌊k / interval⌋, target) (docs/METHOD.md §2.9); apply_update == clip + AdamW step when finite, and a
 non-finite loss or grad norm leaves the parameters and optimizer state untouched; the non-finite guard counts and
 aborts; the EMA follows ema ← d·ema + (1 − d)·p.
 """

@@ -1,5 +1,5 @@
 """DMD2 loss gradient vs the analytic formula, the CFG form, the critic loss, and both student rollouts checked
-against a hand-written replay of SPEC §1.4 with the same random stream."""
+against a hand-written replay of docs/METHOD.md §1.4 with the same random stream."""
 
 import pytest
 import torch

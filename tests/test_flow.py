@@ -1,4 +1,4 @@
-"""Flow-matching identities, the shifted timestep sampler against SPEC §1.2's table, and both samplers on a
+"""Flow-matching identities, the shifted timestep sampler against docs/METHOD.md §1.2's table, and both samplers on a
 point-mass data distribution whose exact velocity field is known in closed form."""
 
 import pytest
@@ -32,7 +32,7 @@ def test_x0_from_velocity_keeps_dtype_and_uses_float64():
 
 
 def test_shift_examples():
-    # SPEC §0: the shift is the identity for s = 1 and maps u = 1/2 to s / (s + 1)
+    # docs/METHOD.md §0: the shift is the identity for s = 1 and maps u = 1/2 to s / (s + 1)
     t = torch.linspace(0, 1000, 11)
     torch.testing.assert_close(shift_timestep(t, 1.0), t)
     assert shift_timestep(torch.tensor(500.0), 8.0).item() == pytest.approx(1000 * 8 / 9, rel=1e-6)

@@ -52,10 +52,10 @@ def losses(ac: str, compile: bool, steps: int = 4) -> list[float]:
     for step in range(1, steps + 1):
         gen.manual_seed(100 + step)
         if step % dmd.student_every == 0:
-            loss, _ = recipe.student_step(student, teacher, critic, [batch], negative, meta, dmd, gen)
+            loss, _ = recipe.student_step(student, teacher, critic, [batch], negative, meta, None, dmd, gen)  # None: dense critic
             recipe.apply_update(student, opts["student"], loss, 1.0)
             out.append(loss.item())
-        loss = recipe.critic_step(student, critic, [batch], meta, dmd, gen)
+        loss = recipe.critic_step(student, critic, [batch], meta, None, dmd, gen)
         recipe.apply_update(critic, opts["critic"], loss, 1.0)
         out.append(loss.item())
     return out

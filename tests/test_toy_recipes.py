@@ -96,7 +96,7 @@ def test_teacher_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path):
 
 
 def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
-    """Data mode first has the teacher generate its training latents (SPEC §1.4a: FastVideo's data are teacher
+    """Data mode first has the teacher generate its training latents (docs/METHOD.md §1.4a: FastVideo's data are teacher
     samples), then distils on them; a tiny run end to end, 2 steps."""
     teacher = [sys.executable, str(RECIPES / "toy_teacher.py"), "optim.steps=2", "data.num_train=48",
                "data.num_heldout=24", "run.num_eval=2", "flow.sample_steps=2", "run.threads=1", "run.name=t"]

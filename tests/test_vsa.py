@@ -59,7 +59,7 @@ def test_meta_tiles_are_cubes_in_raster_order(grid):
     assert meta.num_tiles == math.prod(-(-n // 4) for n in grid)
 
 
-@pytest.mark.parametrize("grid, tiles, topk8, topk9", [  # SPEC §2.12 worked sizes (HEAD topk)
+@pytest.mark.parametrize("grid, tiles, topk8, topk9", [  # docs/METHOD.md §2.12 worked sizes (HEAD topk)
     ((21, 30, 52), 624, 125, 63), ((21, 45, 80), 1440, 288, 144), ((31, 22, 40), 480, 96, 48),
     ((20, 28, 52), 455, 91, 46)])
 def test_meta_topk_matches_spec_table(grid, tiles, topk8, topk9):

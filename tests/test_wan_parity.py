@@ -34,7 +34,7 @@ def test_tiny_t2v_matches_diffusers():
 
 
 def test_tiny_ti2v_per_token_timesteps_match_diffusers():
-    # TI2V image conditioning: frame-0 tokens at t=0, all others at t (SPEC §3.6).
+    # TI2V image conditioning: frame-0 tokens at t=0, all others at t (docs/METHOD.md §3.6).
     shape = (1, 48, 3, 4, 6)
     tokens_per_frame = (4 // 2) * (6 // 2)
     t = torch.full((1, 3 * tokens_per_frame), 640.0)

@@ -1,4 +1,4 @@
-"""Videos + captions -> FastVideo-compatible latent parquet (SPEC §4), or prompts -> text-only parquet.
+"""Videos + captions -> FastVideo-compatible latent parquet (docs/METHOD.md §4), or prompts -> text-only parquet.
 
     # mp4 folder + captions (JSON [{"path", "cap"}], videos2caption.json, or captions.txt with name<TAB>caption)
     python tools/preprocess.py --model data/Wan2.1-T2V-1.3B-Diffusers --videos clips/ --captions clips/captions.txt \
@@ -218,7 +218,7 @@ def preprocess_videos(args: argparse.Namespace, out: Path) -> None:
         write_negative_prompt(args, tokenizer, encoder, out)
     if not todo:
         return
-    vae = load_vae(args.model, args.device, torch.float32)  # SPEC §3.3b: VAE encode in fp32
+    vae = load_vae(args.model, args.device, torch.float32)  # docs/METHOD.md §3.3b: VAE encode in fp32
     writer = LatentParquetWriter(out, args.rows_per_file, args.worker)
     bar, skipped = progress(len(todo), "clips"), []
     for start in range(0, len(todo), args.batch_size):
