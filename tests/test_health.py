@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_recipes import tiny_data  # noqa: F401  (the fixture: tiny random Wan pipeline and latents)
 
 from components.config import ConfigError, load_config
 from components.health import (
@@ -323,7 +322,7 @@ def test_toy_healthy_run_passes_and_forced_collapse_stops_with_last_healthy(tmp_
 
 
 # ------------------------------------------------------------------------------------------------------ Wan recipe
-def test_wan_recipe_makes_the_reference_once_across_a_resume(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+def test_wan_recipe_makes_the_reference_once_across_a_resume(tiny_data, tmp_path, monkeypatch):
     """The 1.3B recipe on tiny random models: the teacher's reference is sampled at the first launch only (a relaunch
     that resumes from the step-2 checkpoint reuses <run>/health/), health/* is logged at every validation, the
     reference and start videos are in TensorBoard, last_healthy follows the checkpoints, and the statistics cost
