@@ -56,8 +56,9 @@ def test_bench_model_smoke():
     assert all(math.isfinite(ms) and ms > 0 for ms in rows.values())
     share = next(x for x in out.splitlines() if x.startswith("attention share (ours)"))
     percent, delta, full = numbers(share.removeprefix("attention share (ours)"))
-    assert full == pytest.approx(rows["ours (cuDNN SDPA)"], abs=0.06) and percent == pytest.approx(100 * delta / full,
-                                                                                                    abs=0.1)
+    # The row prints delta to 0.1 ms: its rounding (up to 0.05 ms) bounds how well the printed share can be recomputed.
+    assert full == pytest.approx(rows["ours (cuDNN SDPA)"], abs=0.06)
+    assert percent == pytest.approx(100 * delta / full, abs=100 * 0.05 / full + 0.1)
 
 
 def test_bench_data_smoke():
