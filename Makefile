@@ -1,7 +1,9 @@
 # Two entry points: `make test` and `make demo`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -m "not gpu" --durations=15
+# Two xdist workers for the 2-core CI machine; tests/conftest.py gives each one thread, keeps the multi-process tests on
+# one worker and starts the slowest first.
+PYTEST_ARGS ?= -m "not gpu" --durations=25 -n 2 --dist loadgroup
 
 .PHONY: install test demo clean
 

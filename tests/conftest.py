@@ -5,6 +5,11 @@ A bare `pytest` (without `-m "not gpu"`) on a CPU machine must skip the GPU test
 In-process recipe runs call `init_distributed`, which writes RANK, WORLD_SIZE, MASTER_PORT, ... into os.environ and
 leaves a process group behind; a later test that launches torchrun or a subprocess would inherit them and depend on the
 test order. So each test gets the environment it started with back, and no process group outlives it.
+
+Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): each worker and the processes its tests start use one
+thread (two workers share the 2-core CI machine); every `multiproc` test goes to one worker (xdist_group), so two
+multi-process tests never run at once and oversubscribe the cores; and the slowest tests start first, so none of them is
+the last thing left running on one worker while the other idles.
 """
 
 from __future__ import annotations
@@ -19,7 +24,21 @@ import torch
 import torch.distributed as dist
 
 
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # set in xdist's worker processes only
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if XDIST_WORKER:
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"  # the scripts and torchrun launches the tests start inherit it
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if XDIST_WORKER:
+        for item in items:
+            if item.get_closest_marker("multiproc") is not None:
+                item.add_marker(pytest.mark.xdist_group("multiproc"))
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: `slow` first, else as collected
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu); run them on a GPU machine with `pytest -m gpu`")
