@@ -1,9 +1,9 @@
 # Two entry points: `make test` and `make demo`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Two xdist workers for the 2-core CI machine; tests/conftest.py gives each one thread, keeps the multi-process tests on
-# one worker and starts the slowest first.
-PYTEST_ARGS ?= -m "not gpu" --durations=25 -n 2 --dist loadgroup
+# Two xdist workers for the 2-core CI machine; tests/conftest.py gives each one thread, runs the multi-process tests
+# one at a time and starts the slowest first.
+PYTEST_ARGS ?= -m "not gpu" --durations=25 -n 2
 
 .PHONY: install test demo clean
 

@@ -6,14 +6,15 @@ In-process recipe runs call `init_distributed`, which writes RANK, WORLD_SIZE, M
 leaves a process group behind; a later test that launches torchrun or a subprocess would inherit them and depend on the
 test order. So each test gets the environment it started with back, and no process group outlives it.
 
-Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): each worker and the processes its tests start use one
-thread (two workers share the 2-core CI machine); every `multiproc` test goes to one worker (xdist_group), so two
-multi-process tests never run at once and oversubscribe the cores; and the slowest tests start first, so none of them is
-the last thing left running on one worker while the other idles.
+Under pytest-xdist (`make test` runs `-n 2`): each worker and the processes its tests start use one thread (two workers
+share the 2-core CI machine); `multiproc` tests take a lock shared by the workers, so two multi-process tests never run
+at once and oversubscribe the cores (xdist's own `xdist_group` does not reach pytest 9's test ids); and the `slow` tests
+start first, so none of them is the last thing left running on one worker while the other idles.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -33,12 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["OMP_NUM_THREADS"] = "1"  # the scripts and torchrun launches the tests start inherit it
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks into the test ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if XDIST_WORKER:
-        for item in items:
-            if item.get_closest_marker("multiproc") is not None:
-                item.add_marker(pytest.mark.xdist_group("multiproc"))
         items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: `slow` first, else as collected
     if torch.cuda.is_available():
         return
@@ -56,6 +53,17 @@ def isolated_environment():
         dist.destroy_process_group()
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def one_multiproc_test_at_a_time(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    if not XDIST_WORKER or request.node.get_closest_marker("multiproc") is None:
+        yield
+        return
+    # Every worker's basetemp (pytest-N/popen-gwK) has the run's folder as its parent: one lock file per run.
+    with open(tmp_path_factory.getbasetemp().parent / "multiproc.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 @pytest.fixture(scope="module")
