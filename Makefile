@@ -1,7 +1,10 @@
 # Two entry points: `make test` and `make demo`. Both create .venv on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?= -m "not gpu" --durations=15
+# Two xdist workers for the 2-core CI machine; tests/conftest.py gives each one thread, runs the multi-process tests
+# one at a time and starts the slowest first (--maxschedchunk 1: the workers take tests one by one as they free up,
+# so the `slow` tests at the front of the queue are shared out instead of all landing in the first worker's chunk).
+PYTEST_ARGS ?= -m "not gpu" --durations=25 -n 2 --maxschedchunk 1
 
 .PHONY: install test demo clean
 

@@ -2,7 +2,8 @@
 
 `fn(rank, world_size, *args)` must be a module-level function (spawned processes import it by name). The process
 group is initialised before `fn` runs and destroyed after a final barrier. An exception in any rank is re-raised
-here with that rank's traceback; a rank that does not finish within `timeout` seconds fails the test.
+here with that rank's traceback; a rank that does not finish within `timeout` seconds fails the test (the default leaves
+room for a loaded 2-core machine, where two ranks' imports alone can take a minute).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, args:
             dist.destroy_process_group()
 
 
-def run_multiproc(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 60.0) -> list[Any]:
+def run_multiproc(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 240.0) -> list[Any]:
     """`[fn(0, world_size, *args), ..., fn(world_size - 1, ...)]`, each computed in its own process."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()

@@ -23,6 +23,7 @@ def bench_rows(tmp_path: Path, *args: str) -> dict[str, float]:
     return {row["what"]: row["value"] for row in json.loads(out.read_text())}
 
 
+@pytest.mark.slow
 def test_bench_inference_smoke_runs_every_case(tmp_path):
     """speedup = 50 teacher CFG steps / student; frames/s = 81 / (denoise + fastest decode); --pipeline: the same
     denoise through VideoPipeline and its ratio to the sampler's time."""

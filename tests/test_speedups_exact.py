@@ -67,7 +67,7 @@ def plain() -> list[float]:
 
 
 @pytest.mark.parametrize("ac, compile", [("full", False), ("selective", False), ("attention", False),
-                                         ("selective", True)])
+                                         pytest.param("selective", True, marks=pytest.mark.slow)])
 def test_speed_switches_leave_losses_unchanged(plain, ac, compile):
     got = losses(ac, compile)
     assert len(got) == len(plain) == 6  # 4 critic + 2 DMD losses, in step order

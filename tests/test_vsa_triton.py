@@ -18,6 +18,7 @@ from tests.interpreter import run_under_interpreter
 
 if os.environ.get("TRITON_INTERPRET") != "1":
 
+    @pytest.mark.slow
     def test_kernels_under_triton_interpreter():
         run_under_interpreter(__file__)
 
