@@ -193,8 +193,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--collapse-steps", type=int, default=600, help="steps of a collapse run (it stops earlier)")
     parser.add_argument("--eval-every", type=int, default=25, help="validation interval of the collapse runs")
     parser.add_argument("--num", type=int, default=240, help="held-out clips for the last_healthy gate checks (>= 96)")
-    parser.add_argument("--start-step", type=int, default=None,
-                        help="continue the collapses from the healthy run's ckpt/step-NNNNNN instead of its student/")
+    parser.add_argument("--start", type=Path, default=None,
+                        help="continue the collapses from this student export (a copy of one of the healthy run's"
+                             " ckpt/step-NNNNNN, which rotation deletes) instead of the healthy run's student/")
     parser.add_argument("--pool", type=int, default=None,
                         help="data.num_teacher_clips of the collapse runs (default: the healthy run's 480; each run"
                              " generates its pool again, which costs as much as 480 clips x 100 teacher calls)")
@@ -222,9 +223,9 @@ def main(argv: list[str]) -> int:
         raise SystemExit(f"the healthy run exited {healthy['rc']} (log: {out / 'healthy.log'})")
     healthy_cfg = tomllib.loads((healthy["run_dir"] / "config.toml").read_text())
     runs = [healthy]
-    start = healthy["run_dir"] / ("student" if args.start_step is None else f"ckpt/step-{args.start_step:06d}")
+    start = (args.start or healthy["run_dir"] / "student").resolve()
     if not (start / "config.json").is_file():
-        raise SystemExit(f"{start}: no student export there (--start-step: a step the healthy run kept in ckpt/)")
+        raise SystemExit(f"--start {start}: no config.json there; pass a student export (a toy run's ckpt/step-N)")
     pool = [] if args.pool is None else [f"data.num_teacher_clips={args.pool}"]
     for name in args.collapses:
         change = collapse_overrides(name, healthy_cfg)
@@ -271,8 +272,9 @@ def main(argv: list[str]) -> int:
             print(f"{run['name']:<15}{row['step']:>6}{row['frechet']:>10.3f}{row['ratio']:>8.2f}"
                   f"{100 * row['cond_acc']:>7.1f}%  {'pass' if row['gates'] else 'FAIL':<10}{verdict:<58}{rc:>6}")
         if run.get("change"):
-            print(f"{'':<15}change: {run['change']}; continued from {start}" + (f", data pool {args.pool} teacher"
-                  " clips" if args.pool else ""))
+            resolved = tomllib.loads((run["run_dir"] / "config.toml").read_text())  # a reused run's own settings
+            print(f"{'':<15}change: {run['change']}; continued from {resolved['model']['student']}, data pool "
+                  f"{resolved['data']['num_teacher_clips']} teacher clips")
         if trip:
             print(f"{'':<15}stopped: {trip['message'][:width - 24]}...")
         print("-" * width)
