@@ -1,6 +1,6 @@
 """Training health on the toy (issue 20, acceptance 1): a healthy run never trips the guard, two collapses trip it.
 
-    PYTHONPATH=$PWD python scripts/health_acceptance.py                  # ~1 h on 2 busy cores; outputs in ./health_acceptance
+    PYTHONPATH=$PWD python scripts/health_acceptance.py                  # outputs in ./health_acceptance (2-core CPU under load 15: healthy run 80 min, each collapse 10-20 min)
     PYTHONPATH=$PWD python scripts/health_acceptance.py --reuse          # keep the runs whose log has an exit status
     PYTHONPATH=$PWD python scripts/health_acceptance.py --smoke          # minutes: tiny data, a few steps (no gates)
 
