@@ -1,8 +1,8 @@
 """Training health (components/health.py, issue 20): the statistics against analytic values, the guard's K-in-a-row
 rule and its message, loss divergence, last_healthy surviving checkpoint rotation, the reference cache, bad [health]
 tables failing before any model is built, the report tool; and the toy recipe in a few seconds: a healthy run never
-trips the guard, a forced collapse (learning rate x10^4 from a trained student) exits non-zero naming the statistic,
-with last_healthy holding the student it started from."""
+trips the guard; two forced collapses continued from its student (learning rate x10^4; a critic that never updates)
+exit non-zero naming the statistic, with last_healthy holding a student from before the collapse."""
 
 from __future__ import annotations
 
@@ -295,30 +295,68 @@ def run_toy(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_toy_healthy_run_passes_and_forced_collapse_stops_with_last_healthy(tmp_path):
-    """A short healthy run never trips the guard; the same config continued from its student with the learning rate
-    x10^4 and a student update every step collapses: exit status 1, the message names the statistic, and
-    last_healthy holds the student it started from (bit-identical to the healthy run's export)."""
-    healthy = run_toy(tmp_path, "optim.steps=8", "run.eval_every=4", "run.name=ok")
+def validations(run_dir: Path) -> dict[int, float]:
+    """step -> the toy's own quality number at that validation (Fréchet distance to held-out data, lower is better)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val/student_frechet"] for r in rows if "val/student_frechet" in r}
+
+
+@pytest.fixture(scope="module")
+def healthy_toy(tmp_path_factory) -> Path:
+    """A short healthy toy run (8 steps, a validation every 4): the student both collapse tests continue from."""
+    cwd = tmp_path_factory.mktemp("toy")
+    healthy = run_toy(cwd, "optim.steps=8", "run.eval_every=4", "run.name=ok")
     assert healthy.returncode == 0, healthy.stdout[-2000:] + healthy.stderr[-3000:]
     assert "left its range" not in healthy.stdout and "unhealthy" not in healthy.stdout
-    run_dir = tmp_path / "outputs/toy_sparse_distill/ok"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "health/latent_frechet" in r] == [0, 4, 8]
-    assert os.readlink(run_dir / "ckpt" / "last_healthy") == "healthy/step-000004"  # step 8: no later validation
+    return cwd / "outputs/toy_sparse_distill/ok"
 
+
+def test_toy_healthy_run_never_trips_and_keeps_last_healthy(healthy_toy):
+    assert list(validations(healthy_toy)) == [4, 8]
+    rows = [json.loads(line) for line in (healthy_toy / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "health/latent_frechet" in r] == [0, 4, 8]
+    assert os.readlink(healthy_toy / "ckpt" / "last_healthy") == "healthy/step-000004"  # 8: no later validation
+
+
+def assert_collapse_stopped(result: subprocess.CompletedProcess, run_dir: Path, healthy: Path) -> None:
+    """Exit status 1 with UnhealthyRun naming a statistic and its [health] limit; the toy's own metric shows the
+    collapse (the Fréchet distance at the trip is over twice the healthy run's last, which sampled the same start
+    student on the same captions and noise); last_healthy holds a student from before the first bad validation."""
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "UnhealthyRun: run unhealthy at step" in result.stderr
+    assert "left its range" in result.stderr and "(health.max_" in result.stderr
+    trip = int(result.stderr.split("UnhealthyRun: run unhealthy at step ")[1].split(",")[0])
+    frechet = validations(run_dir)
+    assert frechet[trip] > 2 * validations(healthy)[8], frechet
+    first_bad = min(int(line.split(":")[0].removeprefix("step ")) for line in result.stdout.splitlines()
+                    if "left its range" in line)
+    kept = os.readlink(run_dir / "ckpt" / "last_healthy")
+    assert int(kept.removeprefix("healthy/step-")) < first_bad, (kept, first_bad)
+
+
+def test_toy_learning_rate_collapse_stops_with_last_healthy(healthy_toy, tmp_path):
+    """Learning rate x10^4 and a student update every step: it trips, and last_healthy holds the student it started
+    from (bit-identical to the healthy run's export)."""
     collapse = run_toy(tmp_path, "optim.steps=12", "run.eval_every=2", "run.name=collapse", "optim.student_lr=1.0",
-                       "dmd.student_every=1", f"model.student={run_dir / 'student'}")
-    assert collapse.returncode == 1, collapse.stdout[-2000:] + collapse.stderr[-3000:]
-    assert "UnhealthyRun: run unhealthy at step" in collapse.stderr
-    assert "left its range" in collapse.stderr and "health." in collapse.stderr
+                       "dmd.student_every=1", f"model.student={healthy_toy / 'student'}")
     bad = tmp_path / "outputs/toy_sparse_distill/collapse"
+    assert_collapse_stopped(collapse, bad, healthy_toy)
     from safetensors.torch import load_file
 
     kept = load_file((bad / "ckpt" / "last_healthy").resolve() / "diffusion_pytorch_model.safetensors")
-    start = load_file(run_dir / "student" / "diffusion_pytorch_model.safetensors")
+    start = load_file(healthy_toy / "student" / "diffusion_pytorch_model.safetensors")
     assert os.readlink(bad / "ckpt" / "last_healthy") == "healthy/step-000000"
     assert all(torch.equal(kept[k], start[k]) for k in start)
+
+
+def test_toy_frozen_critic_collapse_stops(healthy_toy, tmp_path):
+    """A critic that never updates (critic lr 0): nothing pulls the DMD gradient back to the student's own
+    distribution and it drifts along the guidance direction without bound (scripts/health_acceptance.py shows it at
+    the demo's length). Shortened: student lr x3 and an update every step; the same settings with a learning critic
+    stay near the start over these steps (2026-12-02: Fréchet 33-50 vs 34 -> 314 at step 6, 16 held-out clips)."""
+    collapse = run_toy(tmp_path, "optim.steps=10", "run.eval_every=2", "run.name=frozen", "optim.critic_lr=0.0",
+                       "optim.student_lr=3e-4", "dmd.student_every=1", f"model.student={healthy_toy / 'student'}")
+    assert_collapse_stopped(collapse, tmp_path / "outputs/toy_sparse_distill/frozen", healthy_toy)
 
 
 # ------------------------------------------------------------------------------------------------------ Wan recipe
