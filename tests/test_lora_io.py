@@ -121,6 +121,18 @@ def test_export_layout(exported):
     assert sorted(full_gate) == [f"blocks.{i}.attn1.to_gate_compress.{p}" for i in (0, 1) for p in parts]
 
 
+def test_export_through_a_view_and_other_adapter(exported, tmp_path):
+    base, folder = exported["lora"]
+    view = export_lora(AdapterView(base, "student", base.blocks[0].attn1.attn_fn), tmp_path / "view")
+    theirs, ours = load_file(view / LORA_WEIGHTS_NAME), load_file(folder / LORA_WEIGHTS_NAME)
+    assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    critic = load_file(export_lora(base, tmp_path / "critic", adapter="critic") / LORA_WEIGHTS_NAME)
+    key = "transformer.blocks.0.attn1.to_q.lora_A.weight"
+    assert torch.equal(critic[key], base.blocks[0].attn1.to_q.lora_A["critic"].detach())
+    with pytest.raises(LoraError, match="no LoRA adapter 'ema'"):
+        export_lora(base, tmp_path / "none", adapter="ema")
+
+
 def _export_sharded_rank(rank: int, world: int, pipe: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
