@@ -7,6 +7,7 @@
     video = pipe("a cat walks on the grass", teacher=True, guidance=3.0, shift=3.0)   # 50-step dense CFG (UniPC)
     pipe = VideoPipeline.from_pretrained("FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers", device="cuda")
     video = pipe("a cat walks on the grass", image="cat.png")          # TI2V: the image is the first frame
+    pipe = VideoPipeline.from_pretrained("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", lora="outputs/RUN/export_lora")  # LoRA
 
 `from_pretrained` takes a diffusers pipeline folder (transformer/, vae/, text_encoder/, tokenizer/) or a hub id: it
 checks the config files first (a hub id downloads those alone), so bad input fails before any weights move. The
@@ -41,6 +42,15 @@ from data.encode import (
     vae_encode,
 )
 from inference.fp8 import fp8_device_problem
+from inference.lora import (
+    LoraFiles,
+    check_base_digest,
+    check_lora_fits,
+    check_scale,
+    checkpoint_digest,
+    load_lora,
+    read_lora,
+)
 from inference.parallel import (
     apply_sequence_parallel,
     broadcast_from_first,
@@ -53,7 +63,7 @@ from inference.prepare import prepare_for_inference
 from inference.samplers import denoise_student, denoise_teacher
 from inference.timer import StageTimer
 from losses.flow import DMD_STEPS
-from models.wan import WanModel
+from models.wan import WanConfig, WanModel
 from models.wan_weights import load_pretrained
 
 AttnFn = Callable[..., torch.Tensor]
@@ -231,6 +241,18 @@ def check_device(device: torch.device | str, dtype: torch.dtype, fp8: bool) -> N
             raise InputError(f"fp8 (--fp8) on a GPU needs dtype bf16 (got {dtype})")
 
 
+def check_pipeline_lora(files: PipelineFiles, lora: str | Path, scale: float) -> LoraFiles:
+    """A LoRA folder (inference/lora.py) read and checked against the pipeline's transformer config: scale, files,
+    architecture, every key's shape. Reads config files and tensor headers only; the base's weights digest is checked
+    once the checkpoint is local (`from_pretrained`)."""
+    check_scale(scale)
+    lora_files = read_lora(lora)
+    folder = files.folder if files.folder is not None else fetch(files.hub_id, HUB_CONFIGS)  # cached by inspect
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    check_lora_fits(lora_files, WanConfig.from_diffusers(config, vsa_gate=lora_files.needs_gate))
+    return lora_files
+
+
 # ---------------------------------------------------------------- components
 
 def student_attention(name: str) -> AttnFn:
@@ -341,14 +363,17 @@ class VideoPipeline:
                         dtype: torch.dtype = torch.bfloat16, attn: str | None = None, fp8: bool = False,
                         compile: bool = False, fused_rows: bool = True, text_encoder: bool = True,
                         vae_channels_last: bool = False, vae_compile: bool = False, sp: int = 1,
-                        cfg_parallel: bool = False) -> "VideoPipeline":
+                        cfg_parallel: bool = False, lora: str | Path | None = None,
+                        lora_scale: float = 1.0) -> "VideoPipeline":
         """A diffusers Wan pipeline folder or hub id -> VideoPipeline on `device` (default: cuda if available).
 
         dtype: DiT and VAE-decode precision (UMT5 and the VAE encoder run in fp32). attn: the student's attention,
         "vsa" (default; "sdpa" for TI2V-5B), "sdpa" or "vsa_fp8"; fp8: FP8 block linears (sm89+ GPU, or CPU) and,
         with VSA on sm90+, FP8 sparse attention; compile: per-block torch.compile; text_encoder=False skips UMT5
-        (pass `context` to `denoise`). sp, cfg_parallel: several GPUs (see the class). Configs are checked, and the
-        device and the process group, before any weights are read. Only rank 0 loads the text encoder.
+        (pass `context` to `denoise`). sp, cfg_parallel: several GPUs (see the class). lora: an adapter folder written
+        by inference/lora.py `export_lora`, merged into the DiT at `lora_scale` before FP8 / fused rows / compile.
+        Configs are checked, and the device, the process group and the adapter (shapes, base architecture and
+        weights digest), before any weights are read. Only rank 0 loads the text encoder.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         check_device(device, dtype, fp8)
@@ -358,11 +383,17 @@ class VideoPipeline:
         writer = not dist.is_initialized() or dist.get_rank() == 0
         if attn is not None and attn not in ATTN:
             raise InputError(f"attention {attn!r}; choose one of {sorted(ATTN)}")
+        lora_files = None if lora is None else check_pipeline_lora(files, lora, lora_scale)
         folder = files.download()
+        if lora_files is not None:  # a few MB of the checkpoint's small tensors, before any weights load
+            check_base_digest(lora_files, checkpoint_digest(folder))
         load_text = text_encoder and writer  # UMT5-XXL is 23 GB in fp32: rank 0 encodes and broadcasts
         tokenizer, encoder = load_text_encoder(folder, device, torch.float32) if load_text else (None, None)
         vae = load_vae(folder, device, torch.float32)
-        dit = load_pretrained(folder, dtype=dtype, device=device)
+        dit = load_pretrained(folder, dtype=dtype, device=device,
+                              vsa_gate=True if lora_files is not None and lora_files.needs_gate else None)
+        if lora_files is not None:
+            load_lora(dit, lora_files, lora_scale)
         return cls(dit, vae, tokenizer, encoder, attn=attn, ti2v=files.spec.ti2v, fp8=fp8, compile=compile,
                    fused_rows=fused_rows, vae_channels_last=vae_channels_last, vae_compile=vae_compile, sp=sp,
                    cfg_parallel=cfg_parallel)

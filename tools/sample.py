@@ -17,6 +17,8 @@ r"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled st
     # the teacher on 4 GPUs: the conditional and unconditional forwards on 2 GPUs each
     torchrun --nproc_per_node 4 tools/sample.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt "a cat" --teacher \
         --cfg-parallel
+    # a base model plus a LoRA adapter from a LoRA Sparse-distill run (inference/lora.py), at 0.8 of its strength
+    python tools/sample.py --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --lora outputs/RUN/export_lora:0.8 --prompt "a cat"
     # tiny CPU run (tests/test_sample.py)
     python tools/sample.py --model PIPE_DIR --prompt "a red car" --num-frames 9 --height 32 --width 32 \
         --device cpu --dtype fp32
@@ -42,6 +44,7 @@ import torch.distributed as dist
 
 from components.metrics import write_video
 from inference.fp8 import Float8Linear
+from inference.lora import check_base_digest, checkpoint_digest
 from inference.parallel import broadcast_from_first, check_same_request, check_sampling_sizes, check_token_grid
 from inference.pipeline import (
     ATTN,
@@ -49,6 +52,7 @@ from inference.pipeline import (
     InputError,
     VideoPipeline,
     check_device,
+    check_pipeline_lora,
     encode_text,
     inspect_pipeline,
 )
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale")
     p.add_argument("--shift", type=float, default=5.0, help="teacher flow shift")
     p.add_argument("--image", metavar="PATH", help="TI2V-5B image-to-video: the first frame")
+    p.add_argument("--lora", metavar="DIR[:SCALE]", help="merge a LoRA adapter folder (export_lora) into the base "
+                   "model, at SCALE (default 1: as trained)")
     p.add_argument("--out", default="outputs/samples", help="output folder")
     p.add_argument("--save-latents", action="store_true", help="also write the final normalised latents (.pt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT and VAE-decode precision")
@@ -115,6 +121,20 @@ def parse_steps(text: str) -> list[float]:
         raise InputError(f"--steps {text!r} must be comma-separated numbers, e.g. 1000,757,522") from None
 
 
+def parse_lora(text: str | None) -> tuple[Path | None, float]:
+    """--lora DIR[:SCALE] -> (DIR, SCALE); a DIR that exists as given wins (a folder name may contain ':')."""
+    if text is None:
+        return None, 1.0
+    path, sep, scale = text.rpartition(":")
+    if not sep or Path(text).is_dir():
+        return Path(text), 1.0
+    try:
+        return Path(path), float(scale)
+    except ValueError:
+        raise InputError(f"--lora {text!r}: scale {scale!r} is not a number (DIR[:SCALE], e.g. "
+                         "outputs/RUN/export_lora:0.8)") from None
+
+
 def slug(text: str, max_len: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:max_len] or "prompt"
 
@@ -141,7 +161,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         check_sampling_sizes(sp, args.cfg_parallel, files.num_heads, world)
         _, nt, nh, nw = size.latent_shape[1:]
         check_token_grid((nt, nh // files.spec.patch[0], nw // files.spec.patch[1]), sp)
+        lora, lora_scale = parse_lora(args.lora)
+        lora_files = None if lora is None else check_pipeline_lora(files, lora, lora_scale)
         model_dir = files.download()
+        if lora_files is not None:  # the base's small tensors (a few MB), before the text encoder runs
+            check_base_digest(lora_files, checkpoint_digest(model_dir))
     except ValueError as e:  # InputError and the parallel checks' errors
         sys.exit(f"sample.py: error: {e}")
     load = {}
@@ -158,7 +182,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     pipe = VideoPipeline.from_pretrained(model_dir, device=device, dtype=dtype, attn=args.attn, fp8=args.fp8,
                                          compile=args.compile, text_encoder=False,
                                          vae_channels_last=args.vae_channels_last, vae_compile=args.vae_compile,
-                                         sp=sp, cfg_parallel=args.cfg_parallel)
+                                         sp=sp, cfg_parallel=args.cfg_parallel, lora=lora, lora_scale=lora_scale)
     context = broadcast_from_first(context, pipe.groups, device)
     load["DiT + VAE load"] = time.perf_counter() - t0
     attn = "sdpa" if args.teacher else pipe.attn
@@ -168,6 +192,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn != 'sdpa' else ''}, "
               f"{size.num_frames}x{size.height}x{size.width} -> latents {size.latent_shape}, {args.dtype}"
               f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}{parallel}")
+        if lora_files is not None:
+            print(f"lora {lora} at scale {lora_scale:g}: {lora_files.describe()}, merged into the base")
         for name, s in load.items():
             print(f"{name}: {s:.1f} s")
 
