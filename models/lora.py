@@ -1,7 +1,7 @@
 """LoRA adapters on a shared Wan base: one frozen network serves as teacher, student and critic (single-device code).
 
     apply_lora(base, rank=32, alpha=32, targets=["self_attn", "cross_attn", "ffn"])   # on meta, before parallelize
-    ... parallelize_wan(base, ...); load_sharded(base, weights, device)  # (or load_pretrained + reset_lora_parameters)
+    ... parallelize_wan(base, ...); load_sharded(base, weights, device)  # (or load_pretrained, then apply_lora)
     student = AdapterView(base, "student", vsa_attention)           # base + student adapter, VSA + its gate
     critic = AdapterView(base, "critic", dense_gated_attention)     # base + critic adapter, dense + its gate
     teacher = AdapterView(base, None, sdpa_attention)               # the base itself: adapters off, dense
@@ -78,7 +78,7 @@ def initial_value(name: str, shape: tuple[int, ...]) -> torch.Tensor:
     """The fresh value of adapter parameter `name` (fp32, CPU): A uniform(±1/sqrt(in)) (Kaiming-uniform with a = √5,
     as nn.Linear's weight), B and the full deltas zero. Seeded by the name, so it does not depend on the order of
     initialisation nor on how the parameter is sharded."""
-    if ".lora_A." not in name:
+    if name.split(".")[-2] != "lora_A":
         return torch.zeros(shape)
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     bound = 1.0 / math.sqrt(shape[1])
@@ -99,9 +99,7 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.ParameterDict(
             {a: nn.Parameter(torch.empty(self.out_features, rank, device=device)) for a in adapters}
         )
-        self.active: str | None = None
-        if device.type != "meta":
-            reset_lora_parameters(self)
+        self.active: str | None = None  # uninitialised adapters: apply_lora / load_sharded initialise them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -129,9 +127,7 @@ class FullDeltaLinear(nn.Linear):
         self.delta_b = nn.ParameterDict(
             {a: nn.Parameter(torch.empty(self.out_features, device=device)) for a in adapters}
         )
-        self.active: str | None = None
-        if device.type != "meta":
-            reset_lora_parameters(self)
+        self.active: str | None = None  # uninitialised adapters: apply_lora / load_sharded initialise them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
@@ -178,6 +174,8 @@ def apply_lora(
             continue
         _swap(model, name, new)
         swapped.append(name)
+    if next(model.parameters()).device.type != "meta":
+        reset_lora_parameters(model)
     return swapped
 
 
@@ -229,13 +227,13 @@ def merge_lora(model: nn.Module, adapter: str) -> None:
 
 
 @torch.no_grad()
-def merged_state_dict(state: dict[str, torch.Tensor], adapter: str, scale: float) -> dict[str, torch.Tensor]:
+def merged_state_dict(state: dict[str, torch.Tensor], adapter: str | None, scale: float) -> dict[str, torch.Tensor]:
     """The base's state dict (full tensors, e.g. gathered for export) with `adapter` folded in and every adapter
     key dropped: the plain WanModel state dict a diffusers export takes. Merged weights are fp32 (a low-rank update
     is below bf16's resolution of the base weight); `scale` = alpha / rank of the LoRALinears."""
     out = {k: v for k, v in state.items() if not is_adapter_param(k)}
     for key, value in state.items():
-        if not is_adapter_param(key, adapter):
+        if adapter is None or not is_adapter_param(key, adapter):
             continue
         module, kind, _ = key.rsplit(".", 2)
         if kind == "lora_A":
@@ -315,8 +313,17 @@ class AdapterView(nn.Module):
     def token_grid(self, latent_shape) -> tuple[int, int, int]:
         return self.base.token_grid(latent_shape)
 
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base's state dict with this view's adapter folded in, no adapter keys (single-device tensors)."""
+        return merged_state_dict(self.base.state_dict(), self.adapter_name, lora_scale(self.base))
+
     def forward(
         self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, attn_meta: Any = None
     ) -> torch.Tensor:
         with replay_mode(self._mode):
             return self.base(latents, t, context, attn_meta)
+
+
+def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a diffusers export of `model` holds: a WanModel's state dict, or a view's base with its adapter merged."""
+    return model.merged_state_dict() if isinstance(model, AdapterView) else model.state_dict()
