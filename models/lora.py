@@ -293,7 +293,8 @@ class AdapterView(nn.Module):
         self.adapter = nn.Module()  # the adapter's parameters under the base's module paths
         for name, param in base.named_parameters():
             if adapter is not None and is_adapter_param(name, adapter):
-                *path, leaf = name.split(".")
+                # the base's state-dict name: without the activation-checkpoint wrapper's level (parallel/ac.py)
+                *path, leaf = name.replace("_checkpoint_wrapped_module.", "").split(".")
                 node = self.adapter
                 for part in path:
                     if not hasattr(node, part):
