@@ -47,6 +47,7 @@ from components.metrics import MetricsLogger, write_video
 from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from inference.lora import export_lora
 from models.lora import AdapterView, apply_lora, check_lora, export_weights, freeze_base
 from models.wan import WanModel
 from models.wan_weights import export_state_dict, load_pretrained
@@ -435,6 +436,8 @@ def main(cfg: RecipeConfig) -> Path:
     out = run_dir / "student"
     if rank == 0:
         export_state_dict(export_weights(student), student.cfg, out)
+    if cfg.lora.rank:  # the student adapter alone (diffusers' LoRA format + gate sidecar); a collective
+        export_lora(student, run_dir / "export_lora", base_model=str(cfg.model.teacher))
     metrics.close()
     if world > 1:
         dist.barrier()

@@ -43,6 +43,7 @@ from data.encode import compute_latent_shape, latent_stats_from_config, load_vae
 from data.loader import make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from inference.lora import export_lora
 from models.lora import AdapterView, apply_lora, check_lora
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
 from models.wan_weights import export_random_init, read_config
@@ -448,7 +449,9 @@ def main(cfg: RecipeConfig) -> Path:
             health.checkpoint_saved(step, ckpt.path(step))  # <run>/ckpt/last_healthy once a validation vouches for it
     # ---- save: the student (and its EMA) as diffusers pipelines: tools/sample.py --model <run>/export ----
     ckpt.wait()
-    export_student(student, run_dir / "export" / "transformer")
+    export_student(student, run_dir / "export" / "transformer")  # LoRA: merged into the base
+    if cfg.lora.rank:  # the student adapter alone: diffusers' LoRA format + gate sidecar (inference/lora.py)
+        export_lora(student, run_dir / "export_lora", base_model=str(weights))
     if ema:
         load_ema(student, ema)
         export_student(student, run_dir / "export_ema" / "transformer")

@@ -181,7 +181,7 @@ def _fsdp_rank(rank: int, world: int, path: str) -> tuple[list[dict], bool]:
 @pytest.mark.multiproc
 def test_fsdp_two_ranks_adapter_gradients_equal_one_process(tmp_path):
     export_pretrained(_base(), tmp_path / "base")
-    ranks = run_multiproc(_fsdp_rank, 2, str(tmp_path / "base"))
+    ranks = run_multiproc(_fsdp_rank, 2, str(tmp_path / "base"), timeout=300.0)  # a loaded 2-core CI machine
     model = _base()
     apply_lora(model, 4, 8.0, ALL)
     freeze_base(model)
@@ -239,6 +239,7 @@ def test_recipe_trains_only_adapters_keeps_base_and_resumes(tiny_data, tmp_path,
                                   .read_metadata().state_dict_metadata))
     assert "lora_A.student" in ckpt_keys and "lora_B.critic" in ckpt_keys and "ffn.fc1.weight" not in ckpt_keys
     assert (full / "export" / "transformer" / "config.json").is_file()
+    assert (full / "export_lora" / "pytorch_lora_weights.safetensors").is_file()
 
     # Killed during step 3 (after the step-2 checkpoint) and relaunched: steps 3-4 equal the uninterrupted run.
     critic_step, calls = module.critic_step, []
