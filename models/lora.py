@@ -20,9 +20,10 @@ The VSA gate `attn1.to_gate_compress` (zero-initialised Linear(dim, dim), docs/M
 student and critic each need their own in a shared base. `gate="lora"` swaps it for a LoRALinear of the same rank
 (its base stays the checkpoint's gate, zeros for a checkpoint without one); `gate="full"` swaps it for a
 `FullDeltaLinear`, a full (dim, dim) weight and (dim,) bias delta per adapter (`delta_W`, `delta_b`), which is what
-full fine-tuning trains. The default is "lora": at the 14B (dim 5120, 40 blocks) a full gate is 1.05 B parameters
-per adapter, 16.8 GB of fp32 weight, gradient and AdamW state each, against 13 M for rank 32; on the toy the two
-reach the same quality (recipes/toy_sparse_distill.toml's [lora] comment has the numbers).
+full fine-tuning trains. The default is "lora", chosen on memory: at the 14B (dim 5120, 40 blocks) a full gate is
+1.05 B parameters per adapter, i.e. 16.8 GB of fp32 weight + gradient + AdamW moments per adapter (33.6 GB for the
+two, more than the adapters of all other linears together), against 13 M parameters (0.2 GB) for rank 32. A toy
+quality comparison of the two modes has not been run yet (recipes/toy_sparse_distill.toml's [lora] comment).
 Either way the gate belongs to the adapter: `lora_state_dict` returns it, `merge_lora` folds it.
 
 Choosing the adapter per forward without a global context: `AdapterView` is a small module holding the shared base
