@@ -2,9 +2,10 @@
 
 Checks: a fresh adapter (B = 0) leaves every view bit-identical to the base; a merged adapter computes what the
 unmerged one does (fp32, 1e-6); activation checkpointing recomputes a block with the adapter and attention its
-forward used, although other views ran in between; 2 gloo ranks (FSDP2, sharded loading and adapter init) train the
-adapter like one process; the tiny recipe in LoRA mode gives gradients to adapter parameters only, leaves the base bit
-for bit, checkpoints only adapters and resumes to identical losses; bad [lora] values fail before any model.
+forward used, although other views ran in between; 2 gloo ranks (FSDP2, and Ulysses SP 2; sharded loading and
+adapter init) train the adapter like one process; the tiny recipe in LoRA mode gives gradients to adapter parameters
+only, leaves the base bit for bit, checkpoints only adapters, writes the merged and the adapter exports and resumes
+to identical losses; bad [lora] values fail before any model.
 """
 
 from __future__ import annotations
@@ -161,25 +162,32 @@ def _train_student(student: AdapterView, rows: slice) -> list[dict[str, torch.Te
     return out
 
 
-def _fsdp_rank(rank: int, world: int, path: str) -> tuple[list[dict], bool]:
+SP_LAYOUTS = [1, 2]  # FSDP shard 2 (a sample per rank); Ulysses SP 2 (both ranks hold the batch) + FSDP over them
+
+
+def _fsdp_rank(rank: int, world: int, path: str) -> list[tuple[list[dict], bool]]:
     from parallel.mesh import build_mesh
+    from parallel.ulysses import attention_for
     from parallel.wan import load_sharded, parallelize_wan
 
-    dims = build_mesh(world, 1, 1, "cpu", num_heads=CFG.num_heads)
-    with torch.device("meta"):
-        model = WanModel(CFG)
-    apply_lora(model, 4, 8.0, ALL)
-    parallelize_wan(model, dims, ac_mode="full", param_dtype=torch.float32, reduce_dtype=torch.float32)
-    load_sharded(model, path, "cpu")
-    student = AdapterView(model, "student", vsa_attention)
-    grads = _train_student(student, slice(rank, rank + 1))
-    base_frozen = all(p.grad is None and not p.requires_grad for n, p in model.named_parameters()
-                      if not is_adapter_param(n))
-    return grads, base_frozen
+    out = []
+    for sp in SP_LAYOUTS:
+        dims = build_mesh(world, 1, sp, "cpu", num_heads=CFG.num_heads)
+        with torch.device("meta"):
+            model = WanModel(CFG)
+        apply_lora(model, 4, 8.0, ALL)
+        parallelize_wan(model, dims, ac_mode="full", param_dtype=torch.float32, reduce_dtype=torch.float32)
+        load_sharded(model, path, "cpu")
+        student = AdapterView(model, "student", attention_for(model, vsa_attention))
+        grads = _train_student(student, slice(rank, rank + 1) if sp == 1 else slice(None))
+        base_frozen = all(p.grad is None and not p.requires_grad for n, p in model.named_parameters()
+                          if not is_adapter_param(n))
+        out.append((grads, base_frozen))
+    return out
 
 
 @pytest.mark.multiproc
-def test_fsdp_two_ranks_adapter_gradients_equal_one_process(tmp_path):
+def test_fsdp_and_sp_two_ranks_adapter_gradients_equal_one_process(tmp_path):
     export_pretrained(_base(), tmp_path / "base")
     ranks = run_multiproc(_fsdp_rank, 2, str(tmp_path / "base"), timeout=300.0)  # a loaded 2-core CI machine
     model = _base()
@@ -187,12 +195,14 @@ def test_fsdp_two_ranks_adapter_gradients_equal_one_process(tmp_path):
     freeze_base(model)
     expected = _train_student(AdapterView(model, "student", vsa_attention), slice(None))
     assert any(g.abs().max() > 0 for n, g in expected[1].items() if "lora_A" in n)  # B moved after step 1
-    for rank, (grads, base_frozen) in enumerate(ranks):
-        assert base_frozen, rank
-        for step in range(STEPS):
-            for name, g in expected[step].items():
-                # each rank's loss is the mean over its half of the batch; FSDP averages over ranks
-                torch.testing.assert_close(grads[step][name], g, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+    for i, sp in enumerate(SP_LAYOUTS):
+        for rank, (grads, base_frozen) in enumerate(r[i] for r in ranks):
+            assert base_frozen, rank
+            for step in range(STEPS):
+                for name, g in expected[step].items():
+                    # sp 1: each rank's loss is the mean over its half of the batch; FSDP averages over ranks
+                    msg = f"sp {sp} rank {rank} step {step} {name}"
+                    torch.testing.assert_close(grads[step][name], g, rtol=1e-5, atol=1e-7, msg=msg)
 
 
 # ---- the tiny recipe in LoRA mode ----
