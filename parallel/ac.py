@@ -5,12 +5,15 @@ Wan-1.3B at 29k tokens: ~5.4 GB in bf16) and recomputes everything else."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from models.lora import capture_mode, has_lora, replay_mode
 
 AC_MODES = ("none", "full", "selective", "attention")
 
@@ -40,17 +43,40 @@ def _save_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if _is_attention(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _replaying_contexts(block: nn.Module, policy) -> tuple:
+    """A LoRA base shared by several views (models/lora.py AdapterView): the recompute runs in backward, after the
+    view's forward has put the previous adapter and attention back, so it replays the ones the forward used."""
+    replay = replay_mode(capture_mode(block))
+    if policy is None:
+        return contextlib.nullcontext(), replay
+    forward_ctx, recompute_ctx = create_selective_checkpoint_contexts(policy)
+    stack = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def both():
+        with stack:
+            stack.enter_context(replay)
+            stack.enter_context(recompute_ctx)
+            yield
+
+    return forward_ctx, both()
+
+
 def apply_ac(model: nn.Module, mode: str) -> None:
-    """Wrap every `model.blocks[i]` in place; mode is one of AC_MODES."""
+    """Wrap every `model.blocks[i]` in place; mode is one of AC_MODES. Apply LoRA (models/lora.py) first."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing mode {mode!r} is not one of {AC_MODES}")
     if mode == "none":
         return
+    lora = has_lora(model)
     for i, block in enumerate(model.blocks):
-        if mode == "full":
+        policy = None if mode == "full" else _save_matmul_and_attention if mode == "selective" else _save_attention
+        if lora:
+            context_fn = functools.partial(_replaying_contexts, block, policy)
+        elif policy is not None:
+            context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+        else:
             # RNG state is not preserved: the blocks draw no random numbers (no dropout).
             model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
-        else:
-            policy = _save_matmul_and_attention if mode == "selective" else _save_attention
-            context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
-            model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)
+            continue
+        model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from models.lora import AdapterView, lora_scale, merged_state_dict
 from models.wan_weights import export_state_dict
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -178,9 +179,13 @@ class Checkpointer:
 
 
 def export_student(model: nn.Module, out_dir: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-    """Gather the full student on rank 0 (in host memory) and write it in diffusers' format; a collective."""
+    """Gather the full student on rank 0 (in host memory) and write it in diffusers' format; a collective.
+    An AdapterView (LoRA) is written merged: its base with its adapter folded in, in fp32; the base is not changed."""
+    net = model.base if isinstance(model, AdapterView) else model
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    state = get_model_state_dict(model, options=options)  # full tensors on rank 0, {} elsewhere
+    state = get_model_state_dict(net, options=options)  # full tensors on rank 0, {} elsewhere
     if dist.get_rank() == 0:
+        if isinstance(model, AdapterView):
+            state = merged_state_dict(state, model.adapter_name, lora_scale(net))
         export_state_dict(state, model.cfg, out_dir, dtype=dtype)
     dist.barrier()

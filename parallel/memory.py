@@ -12,6 +12,10 @@ What is counted (parallel/ as built: FSDP2 shards over S = dp_shard · sp ranks,
   saved tensors (BLOCK_SAVED below, per local token) plus a backward working set live at once;
 - the head (after the SP gather, on the full sequence) and the Ulysses all-to-all buffers;
 - the foreach AdamW step's temporary (one fp32 copy of the stepped network's sharded params).
+With LoRA (`lora_rank` > 0, models/lora.py): one bf16 base (with the VSA gate) sharded over S instead of three
+networks; student and critic adapters (every linear of a block, the gate low-rank) with fp32 weights, AdamW moments
+and gradients; the FSDP buffers gather base + both adapters per block, the reduce-scatter moves adapter gradients
+only; activations as above plus each LoRA linear's (tokens, rank) intermediate in the recomputed block.
 Peak of a step = static + the largest of: backward start (all saved inputs), backward end (all gradients), optimizer
 step. The student step is the larger one (VSA gate, larger network); both are printed.
 Not counted: the CUDA context (~0.5 GiB, outside torch's allocator), allocator fragmentation (reserved − allocated,
@@ -110,10 +114,19 @@ def tokens(recipe: Recipe, cfg: WanConfig) -> int:
     return (latent_t // pt) * (latent_h // ph) * (latent_w // pw)
 
 
+def lora_params(cfg: WanConfig, rank: int) -> tuple[int, int]:
+    """(whole model, one block) parameters of ONE adapter on every block linear and the VSA gate (models/lora.py
+    defaults: targets self_attn, cross_attn, ffn; gate "lora")."""
+    d, f = cfg.dim, cfg.ffn_dim
+    per_block = rank * (8 * 2 * d + (d + f) * 2 + 2 * d)  # 8 attention (d, d) linears, fc1/fc2, the gate
+    return cfg.num_layers * per_block, per_block
+
+
 def plan(
-    recipe: Recipe, batch: int = 1, rms_norm: str = "fused", teacher_offload: bool = False, ema: bool = False
+    recipe: Recipe, batch: int = 1, rms_norm: str = "fused", teacher_offload: bool = False, ema: bool = False,
+    lora_rank: int = 0,
 ) -> dict:
-    """Every term in bytes per GPU, and the peaks of the student and the critic step."""
+    """Every term in bytes per GPU, and the peaks of the student and the critic step (`lora_rank` > 0: LoRA mode)."""
     base = WAN_CONFIGS[recipe.model]
     dp_shard = check_parallel_sizes(recipe.gpus, recipe.dp_replicate, recipe.sp, base.num_heads)
     shard = dp_shard * recipe.sp  # FSDP shard group size (parallel/mesh.py)
@@ -125,6 +138,9 @@ def plan(
     local = batch * math.ceil(length / recipe.sp)  # tokens per rank inside the blocks
     dim, ffn = base.dim, base.ffn_dim
 
+    if lora_rank > 0:
+        return _plan_lora(recipe, batch, rms_norm, ema, lora_rank, dp_shard, shard, n_student, blk_student, local,
+                          length)
     static = {
         "student fp32 weights": 4 * n_student / shard,
         "student AdamW moments (2 × fp32)": 8 * n_student / shard,
@@ -185,3 +201,67 @@ def plan(
     }
 
 
+def _plan_lora(recipe: Recipe, batch: int, rms_norm: str, ema: bool, rank: int, dp_shard: int, shard: int,
+               n_base: int, blk_base: int, local: int, length: int) -> dict:
+    """`plan` in LoRA mode: one frozen bf16 base (with the gate) + two adapters; the same activation terms."""
+    base = WAN_CONFIGS[recipe.model]
+    n_ad, blk_ad = lora_params(base, rank)
+    vsa = recipe.student_attn == "vsa"
+    layers, dim, ffn = base.num_layers, base.dim, base.ffn_dim
+    root = n_base - layers * blk_base
+    static = {
+        "base bf16 weights (teacher = student = critic base)": 2 * n_base / shard,
+        "student + critic adapters fp32 weights": 2 * 4 * n_ad / shard,
+        "student + critic adapters AdamW moments (2 × fp32)": 2 * 8 * n_ad / shard,
+        "student adapter EMA (fp32; --ema)": 4 * n_ad / shard if ema else 0,
+    }
+
+    def step(vsa_net: bool, critic_step: bool) -> dict:
+        gathered = 2 * (2 * (blk_base + 2 * blk_ad) + root)
+        d = {
+            "adapter gradients (fp32, sharded)": 4 * n_ad / shard,
+            "FSDP: 2 unsharded bf16 blocks (base + adapters) + bf16 root": gathered,
+            "FSDP: one block's adapter bf16 grad + fp32 reduce-scatter copy": 6 * blk_ad,
+            "AC: saved bf16 input of every block": layers * local * dim * 2,
+            "AC: shared block inputs (text K/V source, modulation)": batch * TEXT_LEN * dim * 2,
+            "one recomputed block's saved tensors": local * block_saved_per_token(base, rms_norm, vsa_net),
+            "one block: LoRA (tokens, rank) intermediates (11 linears, bf16)": local * 11 * rank * 2,
+            "one block: cross-attn K/V over the text": batch * TEXT_LEN * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
+            "backward working set of that block": local * (BACKWARD_WORKSET[0] * dim + BACKWARD_WORKSET[1] * ffn),
+            "head on the full sequence": batch * length * HEAD_SAVED_D * dim,
+            "Ulysses all-to-all buffers (q, k, v[, gate] in and out)": (
+                2 * (4 if vsa_net else 3) * local * dim * 2 if recipe.sp > 1 else 0
+            ),
+            "AdamW foreach temporary (fp32 copy of one adapter)": 4 * n_ad / shard,
+            "no-grad forward working set": (1 if critic_step else 2) * local * (FORWARD_WORKSET[0] * dim
+                                                                              + FORWARD_WORKSET[1] * ffn),
+        }
+        saved = d["AC: saved bf16 input of every block"] + d["AC: shared block inputs (text K/V source, modulation)"]
+        saved += d["head on the full sequence"]
+        block = sum(d[k] for k in (
+            "one recomputed block's saved tensors", "one block: LoRA (tokens, rank) intermediates (11 linears, bf16)",
+            "one block: cross-attn K/V over the text", "backward working set of that block",
+            "FSDP: 2 unsharded bf16 blocks (base + adapters) + bf16 root",
+            "FSDP: one block's adapter bf16 grad + fp32 reduce-scatter copy",
+            "Ulysses all-to-all buffers (q, k, v[, gate] in and out)"))
+        grads = d["adapter gradients (fp32, sharded)"]
+        moments = {
+            "backward start (all saved inputs, no grads yet)": saved + block,
+            "backward end (all grads, last block)": grads + block,
+            "optimizer step": grads + d["AdamW foreach temporary (fp32 copy of one adapter)"],
+            "no-grad forward (student: teacher CFG; critic: rollout)": (0 if critic_step else saved)
+            + d["no-grad forward working set"] + gathered,
+        }
+        return {"terms": d, "moments": moments}
+
+    student, critic = step(vsa, critic_step=False), step(True, critic_step=True)  # the critic runs its gate
+    static_total = sum(static.values())
+    peaks = {
+        "student step": static_total + max(student["moments"].values()),
+        "critic step": static_total + max(critic["moments"].values()),
+    }
+    return {
+        "recipe": recipe, "dp_shard": dp_shard, "shard": shard, "tokens": length, "local_tokens": local,
+        "params": {"student": n_base, "teacher/critic": n_base, "block": blk_base, "adapter": n_ad},
+        "static": static, "student": student, "critic": critic, "peaks": peaks, "lora_rank": rank,
+    }

@@ -218,6 +218,13 @@ def ulysses_attention(attn_fn: AttnFn, layout: SequenceLayout) -> AttnFn:
     return attn
 
 
+def attention_for(model: nn.Module, attn_fn: AttnFn) -> AttnFn:
+    """`attn_fn` as `model`'s self-attentions must run it: Ulysses-wrapped when the model is sequence parallel
+    (for attention set from outside, e.g. models/lora.py AdapterView over a shared base)."""
+    shard = model.token_shard
+    return ulysses_attention(attn_fn, shard.layout) if isinstance(shard, SequenceShard) else attn_fn
+
+
 def apply_ulysses(model: nn.Module, sp_group: dist.ProcessGroup) -> SequenceLayout:
     """Install the SP seam on a WanModel and wrap every self-attention's `attn_fn`; returns the shared layout."""
     layout = SequenceLayout(sp_group)

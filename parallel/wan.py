@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from models.lora import has_lora, initial_value, is_adapter_param
 from models.wan_weights import GATE_KEY, IGNORED_KEYS, checkpoint_files, diffusers_key_map, resolve_transformer_dir
 from parallel.ac import apply_ac
 from parallel.compile import apply_compile
@@ -43,10 +44,14 @@ def parallelize_wan(
     """Sequence parallel → activation checkpointing → per-block compile → FSDP per block → root; in place.
 
     frozen: the teacher (parameters in `param_dtype`, no gradients; `cpu_offload` keeps its shards in host memory).
+    A model with LoRA adapters (models/lora.py `apply_lora`, before this call) trains only them: its base is frozen
+    and stored in `param_dtype` (one bf16 copy shared by teacher, student and critic), the adapters stay fp32 masters.
     Without FSDP and with sp > 1 the caller must average gradients over the SP group itself (parallel/ulysses.py).
     """
     if cpu_offload and not fsdp:
         raise ValueError("cpu_offload needs fsdp=True (the offload is FSDP2's CPUOffloadPolicy)")
+    if has_lora(model) and not frozen:
+        freeze_lora_base(model, param_dtype)
     if dims.sp > 1:
         apply_ulysses(model, dims.sp_group)
     if not frozen:  # no backward through the teacher: nothing to checkpoint
@@ -58,6 +63,16 @@ def parallelize_wan(
     elif fsdp:
         apply_fsdp(model, dims.fsdp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype, cpu_offload=cpu_offload)
     return model
+
+
+@torch.no_grad()
+def freeze_lora_base(model: nn.Module, dtype: torch.dtype) -> None:
+    """Everything but the adapter parameters: no gradients, stored in `dtype` (works on the meta device)."""
+    for name, param in model.named_parameters():
+        trainable = is_adapter_param(name)
+        param.requires_grad_(trainable)
+        if not trainable:
+            param.data = param.data.to(dtype)
 
 
 def _listing(keys) -> str:
@@ -90,6 +105,7 @@ def load_sharded(
 
     Every rank reads only the rows of each tensor its shard holds (safetensors slices), so no rank ever holds more
     than its shard plus one tensor's rows. Strict except for the VSA gate (zeros when the checkpoint lacks it).
+    LoRA adapter parameters (models/lora.py) start fresh: `initial_value`, whatever the sharding.
     """
     folder = resolve_transformer_dir(path)
     files = {k: f for k, f in checkpoint_files(folder).items() if not IGNORED_KEYS.search(k)}
@@ -109,7 +125,11 @@ def load_sharded(
     params = model.state_dict()  # FSDP2: the sharded DTensor parameters themselves, under the plain names
     by_file: dict[Path, list[str]] = {}
     for ours, param in params.items():
-        if theirs_of[ours] in files:
+        if is_adapter_param(ours):
+            local = param.to_local() if isinstance(param, DTensor) else param
+            start, stop = _local_rows(param)
+            local.copy_(initial_value(ours, tuple(param.shape))[start:stop])
+        elif theirs_of[ours] in files:
             by_file.setdefault(files[theirs_of[ours]], []).append(ours)
         else:  # the VSA gate of a checkpoint without one
             param.zero_()

@@ -41,14 +41,16 @@ import torch.distributed as dist
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
-from components.config import dump_toml, exit_on_config_error, load_config, require_paths
+from components.config import as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
 from components.health import HealthConfig, HealthGuard, reference_key
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from inference.lora import export_lora
+from models.lora import AdapterView, apply_lora, check_lora, export_weights, freeze_base
 from models.wan import WanModel
-from models.wan_weights import export_pretrained, load_pretrained
+from models.wan_weights import export_state_dict, load_pretrained
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -104,6 +106,14 @@ class OptimConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int  # 0 = full fine-tune (three networks); > 0: one frozen base, student and critic adapters (models/lora.py)
+    alpha: float  # adapter scale alpha / rank
+    targets: list[str]  # linears with adapters: "self_attn", "cross_attn", "ffn"
+    gate: Literal["lora", "full"]  # the VSA gate per adapter: low-rank (rank above) or a full (dim, dim) delta
+
+
+@dataclass
 class RunConfig:
     name: str  # outputs/toy_sparse_distill/<name>/
     seed: int
@@ -123,6 +133,7 @@ class RecipeConfig:
     optim: OptimConfig
     run: RunConfig
     health: HealthConfig  # training health (components/health.py)
+    lora: LoraConfig
 
 
 # --------------------------------------------------------------------------------------------- recipe-local choices
@@ -132,6 +143,16 @@ ATTN = {"vsa": vsa_attention, "sdpa": sdpa_attention, "dense_gated": dense_gated
 def build_wan(path: Path, attn: str) -> WanModel:
     """A role initialised from the teacher export; the VSA gate (student, gated critic) is new and starts at zero."""
     return load_pretrained(path, attn_fn=ATTN[attn], vsa_gate=attn in ("vsa", "dense_gated"))
+
+
+def build_lora_roles(path: Path, student_attn: str, critic_attn: str, lora: LoraConfig):
+    """LoRA mode: one frozen base from the teacher export; (student, teacher, critic) are views of it."""
+    base = load_pretrained(path, vsa_gate="vsa" in (student_attn, critic_attn) or critic_attn == "dense_gated")
+    apply_lora(base, lora.rank, lora.alpha, lora.targets, gate=lora.gate)
+    freeze_base(base)
+    views = [AdapterView(base, a, ATTN[attn]) for a, attn in (("student", student_attn), (None, "sdpa"),
+                                                              ("critic", critic_attn))]
+    return tuple(views)
 
 
 # Copied from recipes/toy_teacher.py:init_distributed
@@ -315,10 +336,10 @@ def evaluate(step: int, student, teacher, meta, heldout, cfg: RecipeConfig, run_
     health.checkpoint_saved(step, run_dir / "ckpt" / f"step-{step:06d}")
 
 
-def save_student(student: WanModel, ckpt_dir: Path, step: int, keep: int) -> Path:
-    """The toy's checkpoint: the student export in ckpt/step-NNNNNN/; keeps the newest `keep`."""
+def save_student(student: WanModel | AdapterView, ckpt_dir: Path, step: int, keep: int) -> Path:
+    """The toy's checkpoint: the student export (LoRA: merged) in ckpt/step-NNNNNN/; keeps the newest `keep`."""
     out = ckpt_dir / f"step-{step:06d}"
-    export_pretrained(student, out)
+    export_state_dict(export_weights(student), student.cfg, out)
     for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
         shutil.rmtree(old)
     return out
@@ -327,6 +348,10 @@ def save_student(student: WanModel, ckpt_dir: Path, step: int, keep: int) -> Pat
 # ------------------------------------------------------------------------------------------------------------ main
 def main(cfg: RecipeConfig) -> Path:
     require_paths({"model.teacher": cfg.model.teacher})  # written by recipes/toy_teacher.py
+    with as_config_error("lora"):
+        check_lora(cfg.lora.rank, cfg.lora.targets, cfg.lora.gate)
+        if cfg.lora.rank and cfg.model.student is not None:
+            raise ValueError("LoRA mode starts both adapters from the teacher: leave model.student unset")
     rank, world = init_distributed()
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
@@ -341,10 +366,13 @@ def main(cfg: RecipeConfig) -> Path:
 
     spec = ToySpec(frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width)
     train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
-    student = build_wan(cfg.model.student or cfg.model.teacher, cfg.attn.student)
-    teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
-    critic = build_wan(cfg.model.teacher, critic_attn)
+    if cfg.lora.rank:  # one frozen base; the optimizers below see only the adapters (AdapterView.parameters)
+        student, teacher, critic = build_lora_roles(cfg.model.teacher, cfg.attn.student, critic_attn, cfg.lora)
+    else:
+        student = build_wan(cfg.model.student or cfg.model.teacher, cfg.attn.student)
+        teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
+        critic = build_wan(cfg.model.teacher, critic_attn)
     tokens = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))  # (T', H', W')
     meta = vsa_meta(tokens, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
     critic_meta = vsa_meta(tokens, 0.0, "cpu") if critic_attn == "dense_gated" else None  # its tiles, for the gate
@@ -407,7 +435,9 @@ def main(cfg: RecipeConfig) -> Path:
 
     out = run_dir / "student"
     if rank == 0:
-        export_pretrained(student, out)
+        export_state_dict(export_weights(student), student.cfg, out)
+    if cfg.lora.rank:  # the student adapter alone (diffusers' LoRA format + gate sidecar); a collective
+        export_lora(student, run_dir / "export_lora", base_model=str(cfg.model.teacher))
     metrics.close()
     if world > 1:
         dist.barrier()

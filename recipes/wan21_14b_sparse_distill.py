@@ -44,10 +44,13 @@ from data.encode import compute_latent_shape, latent_stats_from_config, load_vae
 from data.loader import make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from inference.lora import export_lora
+from models.lora import AdapterView, apply_lora, check_lora
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
 from models.wan_weights import export_random_init, read_config
 from parallel.checkpoint import Checkpointer, ModelState, export_student
 from parallel.mesh import ParallelDims, build_mesh, check_parallel_sizes, init_distributed
+from parallel.ulysses import attention_for
 from parallel.wan import load_sharded, parallelize_wan
 
 
@@ -121,6 +124,15 @@ class ParallelConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int  # 0 = full fine-tune (three networks); > 0: one frozen bf16 base shared by all three, and
+    # student and critic adapters of this rank (models/lora.py); only the adapters train and are checkpointed
+    alpha: float  # adapter scale alpha / rank
+    targets: list[str]  # linears with adapters: "self_attn" (attn1 q/k/v/out), "cross_attn" (attn2), "ffn" (fc1/fc2)
+    gate: Literal["lora", "full"]  # the VSA gate per adapter: low-rank (this rank) or a full (dim, dim) delta
+
+
+@dataclass
 class RunConfig:
     name: str
     seed: int  # data order, noise and timesteps are pure functions of (seed, dp rank, step)
@@ -146,6 +158,7 @@ class RecipeConfig:
     parallel: ParallelConfig
     run: RunConfig
     health: HealthConfig  # training health: statistics against the teacher's samples, a guard (components/health.py)
+    lora: LoraConfig
 
 
 ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "dense_gated": dense_gated_attention}
@@ -168,6 +181,8 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
         raise ConfigError("need 0 <= attn.sparsity < 1, dmd.student_every >= 1 and optim.grad_accum >= 1")
     with as_config_error():
         check_parallel_sizes(world_size, cfg.parallel.dp_replicate, cfg.parallel.sp, wan.num_heads)
+    with as_config_error("lora"):
+        check_lora(cfg.lora.rank, cfg.lora.targets, cfg.lora.gate)
     with as_config_error("video"):
         v = cfg.video
         return wan, compute_latent_shape(wan.in_channels, v.num_frames, v.height, v.width, v.vae_stride)
@@ -196,6 +211,21 @@ def build_wan(
     )
     load_sharded(model, weights, device)
     return model
+
+
+def build_lora(
+    wan: WanConfig, attns: dict, weights: Path, dims: ParallelDims, device: torch.device, cfg: RecipeConfig
+) -> dict[str, AdapterView]:
+    """LoRA mode: ONE network built, parallelised and loaded once, with a frozen base and fresh student and critic
+    adapters; each role (name -> (adapter, attention) in `attns`) is a view of it (models/lora.py)."""
+    par, lora = cfg.parallel, cfg.lora
+    with torch.device("meta"):
+        base = WanModel(replace(wan, vsa_gate=any(a in ("vsa", "dense_gated") for _, a in attns.values())))
+    apply_lora(base, lora.rank, lora.alpha, lora.targets, gate=lora.gate)
+    dtype = torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32
+    parallelize_wan(base, dims, ac_mode=par.activation_checkpointing, compile=par.compile, param_dtype=dtype)
+    load_sharded(base, weights, device)
+    return {role: AdapterView(base, adapter, attention_for(base, ATTN[attn])) for role, (adapter, attn) in attns.items()}
 
 
 # ---- data ----
@@ -312,10 +342,14 @@ def main(cfg: RecipeConfig) -> Path:
     if cfg.model.preset and rank == 0:
         export_random_init(wan, weights, cfg.run.seed)
     torch.distributed.barrier()  # the weights exist before any rank reads them
-    student = build_wan(wan, cfg.attn.student, weights, dims, device, cfg.parallel, frozen=False)
-    teacher = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=True)
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
-    critic = build_wan(wan, critic_attn, weights, dims, device, cfg.parallel, frozen=False)
+    if cfg.lora.rank:  # one base; each view's parameters (optimizer, EMA, checkpoint) are its adapter only
+        attns = {"student": ("student", cfg.attn.student), "teacher": (None, "sdpa"), "critic": ("critic", critic_attn)}
+        student, teacher, critic = build_lora(wan, attns, weights, dims, device, cfg).values()
+    else:
+        student = build_wan(wan, cfg.attn.student, weights, dims, device, cfg.parallel, frozen=False)
+        teacher = build_wan(wan, "sdpa", weights, dims, device, cfg.parallel, frozen=True)
+        critic = build_wan(wan, critic_attn, weights, dims, device, cfg.parallel, frozen=False)
     grid = student.token_grid((1, *latent_shape))
     critic_meta = vsa_meta(grid, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
@@ -414,7 +448,9 @@ def main(cfg: RecipeConfig) -> Path:
             health.checkpoint_saved(step, ckpt.path(step))  # <run>/ckpt/last_healthy once a validation vouches for it
     # ---- save: the student (and its EMA) as diffusers pipelines: tools/sample.py --model <run>/export ----
     ckpt.wait()
-    export_student(student, run_dir / "export" / "transformer")
+    export_student(student, run_dir / "export" / "transformer")  # LoRA: merged into the base
+    if cfg.lora.rank:  # the student adapter alone: diffusers' LoRA format + gate sidecar (inference/lora.py)
+        export_lora(student, run_dir / "export_lora", base_model=str(weights))
     if ema:
         load_ema(student, ema)
         export_student(student, run_dir / "export_ema" / "transformer")

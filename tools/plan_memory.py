@@ -3,6 +3,7 @@
     python tools/plan_memory.py --recipe wan21_1.3b --gpus 1                  # one H100, the whole table
     python tools/plan_memory.py --recipe wan21_14b --gpus 64 --sp 4 --dp-replicate 8
     python tools/plan_memory.py --summary                                      # the README table
+    python tools/plan_memory.py --recipe wan21_14b --gpus 1 --sp 1 --lora 32   # LoRA: one base, two adapters
 
 What is counted and what is not: parallel/memory.py.
 """
@@ -20,8 +21,12 @@ def print_plan(p: dict) -> None:
           f"(FSDP shard group {p['shard']}); {r.frames}×{r.height}×{r.width} → {p['tokens']} tokens, "
           f"{p['local_tokens']} per rank; student attention {r.student_attn}")
     n = p["params"]
-    print(f"params: student {n['student'] / 1e9:.3f} B, teacher/critic {n['teacher/critic'] / 1e9:.3f} B, "
-          f"one block {n['block'] / 1e6:.1f} M")
+    if p.get("lora_rank"):
+        print(f"LoRA rank {p['lora_rank']}: one base {n['student'] / 1e9:.3f} B (bf16, frozen), "
+              f"each adapter {n['adapter'] / 1e6:.1f} M")
+    else:
+        print(f"params: student {n['student'] / 1e9:.3f} B, teacher/critic {n['teacher/critic'] / 1e9:.3f} B, "
+              f"one block {n['block'] / 1e6:.1f} M")
     print(f"{'term':<66}{'GiB':>9}")
     for name, value in p["static"].items():
         print(f"{name:<66}{value / GIB:9.2f}")
@@ -75,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher-offload", action="store_true", help="teacher shards in host memory")
     parser.add_argument("--ema", action="store_true", help="run.ema_decay > 0: an fp32 EMA of the student")
     parser.add_argument("--summary", action="store_true", help="one line per standard configuration (README)")
+    parser.add_argument("--lora", type=int, default=0, metavar="RANK",
+                        help="LoRA mode (the recipes' lora.rank): one frozen bf16 base + student/critic adapters")
     args = parser.parse_args(argv)
     if args.summary:
         print_summary(args.rms_norm)
@@ -88,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         r.model, r.vae_stride, args.frames or r.frames, args.height or r.height, args.width or r.width,
         gpus, sp, dp_replicate, args.student_attn or r.student_attn,
     )
-    print_plan(plan(recipe, args.batch, args.rms_norm, teacher_offload=args.teacher_offload, ema=args.ema))
+    if args.lora < 0:
+        parser.error(f"--lora {args.lora}: the rank must be >= 0 (0 = full fine-tune)")
+    print_plan(plan(recipe, args.batch, args.rms_norm, teacher_offload=args.teacher_offload, ema=args.ema,
+                    lora_rank=args.lora))
 
 
 if __name__ == "__main__":
