@@ -1,6 +1,6 @@
 """Load and export Wan transformers in diffusers' format (config.json + safetensors, single file or sharded).
 
-Our parameter names are diffusers' `WanTransformer3DModel` names except for the four renames in `RENAMES`.
+Our parameter names are diffusers' `WanTransformer3DModel` names except for the renames in `RENAMES`.
 Loading builds the model on the meta device and fills it tensor by tensor from the safetensors shards, so peak
 host memory stays about one copy of the weights (14B: ~57 GB in fp32, ~28 GB in bf16).
 """
@@ -28,6 +28,8 @@ RENAMES: dict[str, str] = {
     ".attn2.to_out.0.": ".attn2.to_out.",
     ".ffn.net.0.proj.": ".ffn.fc1.",
     ".ffn.net.2.": ".ffn.fc2.",
+    ".image_embedder.ff.net.0.proj.": ".image_embedder.fc1.",  # Wan2.1-I2V's CLIP-token embedder
+    ".image_embedder.ff.net.2.": ".image_embedder.fc2.",
 }
 # Parameters that sparse-distill adds to Wan; a checkpoint without them gets zeros (docs/METHOD.md §2.1).
 GATE_KEY = re.compile(r"^blocks\.\d+\.attn1\.to_gate_compress\.(weight|bias)$")
@@ -158,7 +160,8 @@ def load_pretrained(
 
 
 def _describe(cfg: WanConfig) -> str:
-    return f"dim={cfg.dim}, heads={cfg.num_heads}, layers={cfg.num_layers}, in={cfg.in_channels}, vsa_gate={cfg.vsa_gate}"
+    return (f"dim={cfg.dim}, heads={cfg.num_heads}, layers={cfg.num_layers}, in={cfg.in_channels}, "
+            f"image_dim={cfg.image_dim}, vsa_gate={cfg.vsa_gate}")
 
 
 def export_pretrained(
