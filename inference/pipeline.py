@@ -168,13 +168,13 @@ class VideoSpec:
                              f"this one is text-to-video only (VAE z_dim {self.z_dim})")
         if isinstance(image, (str, Path)) and not Path(image).is_file():
             raise InputError(f"image {str(image)!r} is not a file")
-        if size is not None:
+        if size is not None and self.i2v:  # TI2V keeps its cover-and-crop (tests/test_sample_sp.py relies on it)
             check_image_aspect(image, size.height, size.width)
 
 
 def check_image_aspect(image: ImageInput, height: int, width: int) -> None:
-    """Images are resized to the video size; one whose aspect ratio differs would lose a band to the crop: refused,
-    naming the sizes. Reads the image header only."""
+    """I2V images are resized to the video size; one whose aspect ratio differs would lose a band to the crop (or be
+    stretched, as diffusers' pipeline does): refused, naming the sizes. Reads the image header only."""
     from PIL import Image, UnidentifiedImageError
 
     try:
