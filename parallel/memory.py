@@ -4,7 +4,8 @@ The CLI is tools/plan_memory.py; tests/test_parallel_memory.py checks the activa
 What is counted (parallel/ as built: FSDP2 shards over S = dp_shard · sp ranks, replicates over dp_replicate):
 - student and critic: fp32 master weights (4 B/param) and AdamW moments (8 B/param), sharded over S;
   gradients (fp32, 4 B/param, sharded) exist only for the network being stepped (zero_grad frees them);
-- teacher: bf16 weights (2 B/param) sharded over S, no gradients, no optimizer (0 with `teacher_offload`);
+- teacher: bf16 weights (2 B/param) sharded over S, no gradients, no optimizer (0 with `teacher_offload`); a
+  two-expert teacher (Wan2.2-A14B) holds both experts, one running at a time;
 - with `ema`: the recipes' fp32 EMA of the student's shards (kept on the GPU);
 - FSDP buffers: bf16 unsharded weights of two blocks (current + prefetched) and of the root (embeddings and head,
   unsharded for the whole forward/backward), one block's unsharded bf16 gradient plus its fp32 reduce-scatter copy;
@@ -57,6 +58,10 @@ BLOCK_SAVED: dict[str, tuple[float, float]] = {
 # (CPU, or mismatched dtypes) saves the fp32 upcast input and the fp32 normalised tensor.
 RMS_NORM_SAVED = {"fused": 2, "composite": 8}
 VSA_SAVED_D = 4  # VSA student: gate (bf16) and the per-token coarse output (bf16), both saved by gate * coarse
+# Wan2.1-I2V's image cross-attention (257 CLIP tokens): its attention output and query as saved for backward, per
+# channel, plus an fp32 LSE per head (measured with saved-tensor hooks, tests/test_i2v_memory.py).
+I2V_CLIP_SAVED_D = 4
+CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches + CLS
 # Backward working set of the recomputed block (estimate): the two FFN-hidden gradients (bf16) and a few
 # D-wide gradients of the residual stream (fp32 and bf16 copies).
 BACKWARD_WORKSET = (12, 4)
@@ -75,6 +80,7 @@ class Recipe:
     sp: int
     dp_replicate: int
     student_attn: str  # "vsa" or "dense"
+    teacher_experts: int = 1  # 2: Wan2.2-A14B's high- and low-noise teachers, both resident
 
 
 # The meshes of FastVideo's slurm launchers (examples/distill/Wan2.1-T2V/Wan-Syn-Data-480P/*.slurm and the Wan2.2 ones);
@@ -84,6 +90,14 @@ RECIPES = {
     "wan21_14b": Recipe("wan21_14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8, student_attn="vsa"),
     "wan22_ti2v_5b": Recipe("wan22_ti2v_5b", (4, 16, 16), 121, 704, 1280, gpus=64, sp=1, dp_replicate=64,
                             student_attn="dense"),
+    # Not in FastVideo: the 14B mesh and training shape, the I2V models' inputs (36 channels, CLIP tokens for
+    # Wan2.1-I2V) and, for Wan2.2-A14B, a two-expert teacher; one student and one critic, as in every recipe.
+    "wan21_i2v_14b": Recipe("wan21_i2v_14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8,
+                            student_attn="vsa"),
+    "wan22_t2v_a14b": Recipe("wan22_t2v_a14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8,
+                             student_attn="vsa", teacher_experts=2),
+    "wan22_i2v_a14b": Recipe("wan22_i2v_a14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8,
+                             student_attn="vsa", teacher_experts=2),
 }
 
 
@@ -100,6 +114,9 @@ def block_saved_per_token(cfg: WanConfig, rms_norm: str = "fused", vsa: bool = F
     per_d = sum(d for d, _ in BLOCK_SAVED.values()) + 3 * RMS_NORM_SAVED[rms_norm] + (VSA_SAVED_D if vsa else 0)
     per_f = sum(f for _, f in BLOCK_SAVED.values())
     small = 2 * 4 * cfg.head_dim // 2 + 2 * 4 * cfg.num_heads  # RoPE cos/sin rows (fp32), attention LSE (fp32)
+    if cfg.image_dim is not None:
+        per_d += I2V_CLIP_SAVED_D
+        small += 4 * cfg.num_heads  # the image attention's LSE
     return per_d * cfg.dim + per_f * cfg.ffn_dim + small
 
 
@@ -122,6 +139,7 @@ def plan(
     n_student, blk_student = count_params(student_cfg)
     n_dense, blk_dense = count_params(base)  # teacher and critic: dense, no gate
     length = tokens(recipe, base)
+    context_len = TEXT_LEN + (CLIP_TOKENS if base.image_dim is not None else 0)  # cross-attention K/V rows
     local = batch * math.ceil(length / recipe.sp)  # tokens per rank inside the blocks
     dim, ffn = base.dim, base.ffn_dim
 
@@ -130,7 +148,7 @@ def plan(
         "student AdamW moments (2 × fp32)": 8 * n_student / shard,
         "critic fp32 weights": 4 * n_dense / shard,
         "critic AdamW moments (2 × fp32)": 8 * n_dense / shard,
-        "teacher bf16 weights": 0 if teacher_offload else 2 * n_dense / shard,
+        "teacher bf16 weights (× experts)": 0 if teacher_offload else 2 * n_dense * recipe.teacher_experts / shard,
         "student EMA (fp32, on the GPU; --ema)": 4 * n_student / shard if ema else 0,
     }
 
@@ -141,9 +159,9 @@ def plan(
             "FSDP: 2 unsharded bf16 blocks + bf16 root": 2 * (2 * blk + (n - layers * blk)),
             "FSDP: one block's bf16 grad + fp32 reduce-scatter copy": 6 * blk,
             "AC: saved bf16 input of every block": layers * local * dim * 2,
-            "AC: shared block inputs (text K/V source, modulation)": batch * TEXT_LEN * dim * 2,
+            "AC: shared block inputs (text K/V source, modulation)": batch * context_len * dim * 2,
             "one recomputed block's saved tensors": local * block_saved_per_token(base, rms_norm, vsa_net),
-            "one block: cross-attn K/V over the text": batch * TEXT_LEN * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
+            "one block: cross-attn K/V over the text": batch * context_len * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
             "backward working set of that block": local * (BACKWARD_WORKSET[0] * dim + BACKWARD_WORKSET[1] * ffn),
             "head on the full sequence": batch * length * HEAD_SAVED_D * dim,
             "Ulysses all-to-all buffers (q, k, v[, gate] in and out)": (
