@@ -158,7 +158,8 @@ class LatentDataset(Dataset):
         first T latent frames are those of the shorter clip), and clip_feature (L_img, D_img) where stored."""
         first = decode_optional_tensor(table, row, "first_frame_latent", where)
         if first is None:
-            raise DataError(f"{where}: first_frame_latent is empty; an I2V dataset needs it (tools/preprocess.py --i2v)")
+            raise DataError(f"{where}: first_frame_latent is empty; an I2V dataset needs it "
+                            "(tools/preprocess.py --i2v)")
         if self.num_latent_t is not None:
             first = first[:, : self.num_latent_t]
         if tuple(first.shape) != latent_shape:

@@ -401,6 +401,9 @@ class VideoPipeline:
     `prepare_for_inference`; its blocks get attention `attn`), `vae` a diffusers `AutoencoderKLWan` (its decoder is
     cast to the DiT's dtype, the encoder stays as given: fp32 for the TI2V image encode), `tokenizer` + `text_encoder`
     (UMT5) for prompts. Without a VAE, `denoise` still samples latents; without a text encoder, pass `context`.
+    Two experts (Wan2.2-A14B): `dit_2` the low-noise one with `boundary` = boundary_ratio * 1000 (a one-transformer
+    student of that family may pass `boundary` alone: teacher mode then refuses). I2V is read off the DiT
+    (in_channels = 2 z_dim + 4); Wan2.1-I2V also needs `image_processor` + `image_encoder` (CLIP) on rank 0.
 
     Several GPUs (inference/parallel.py): inside a process group of sp ranks (`torchrun --nproc_per_node sp`), sp=N
     spreads every DiT forward over them (Ulysses); cfg_parallel=True (teacher) runs the CFG branches on two groups of
@@ -486,7 +489,9 @@ class VideoPipeline:
         # CLIP ViT-H (0.6B) on rank 0 only, like UMT5: the image tokens are broadcast.
         processor, clip = load_image_encoder(folder, device) if files.spec.clip and writer else (None, None)
         dit = load_pretrained(folder, dtype=dtype, device=device)
-        dit_2 = load_pretrained(folder / "transformer_2", dtype=dtype, device=device) if files.spec.experts == 2 else None
+        dit_2 = None
+        if files.spec.experts == 2:  # Wan2.2-A14B's low-noise expert
+            dit_2 = load_pretrained(folder / "transformer_2", dtype=dtype, device=device)
         return cls(dit, vae, tokenizer, encoder, attn=attn, ti2v=files.spec.ti2v, fp8=fp8, compile=compile,
                    fused_rows=fused_rows, vae_channels_last=vae_channels_last, vae_compile=vae_compile, sp=sp,
                    cfg_parallel=cfg_parallel, dit_2=dit_2, boundary=files.spec.boundary, image_processor=processor,

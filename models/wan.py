@@ -261,7 +261,9 @@ class CrossAttention(nn.Module):
             self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
             self.norm_added_k = nn.RMSNorm(dim, eps=cfg.eps)
 
-    def forward(self, u: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, u: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = self.norm_q(self.to_q(u)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
         k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L_txt, Dh)
         v = self.to_v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

@@ -55,7 +55,8 @@ def test_i2v_rows_round_trip_bit_exact(tmp_path, clip):
     assert np.array_equal(first.reshape(table.column("first_frame_latent_shape")[0].as_py()),
                           written[0]["first_frame_latent"])
     if not clip:
-        assert table.column("clip_feature_bytes")[0].as_py() == b"" and table.column("clip_feature_shape")[0].as_py() == []
+        assert table.column("clip_feature_bytes")[0].as_py() == b""
+        assert table.column("clip_feature_shape")[0].as_py() == []
 
     dataset = LatentDataset(str(tmp_path), i2v=True)
     assert len(dataset) == len(written)
