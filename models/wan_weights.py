@@ -76,6 +76,28 @@ def resolve_transformer_dir(path: str | os.PathLike) -> Path:
     )
 
 
+def resolve_expert_dirs(path: str | os.PathLike) -> tuple[Path, Path, float]:
+    """A Wan2.2-A14B pipeline root -> (transformer/ high-noise, transformer_2/ low-noise, boundary t = boundary_ratio
+    * 1000), checked from the config files alone, so a one-expert folder fails before any weights load."""
+    root = Path(path)
+    high = resolve_transformer_dir(root)
+    index = root / "model_index.json"
+    ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
+    lacking = []
+    if high != root / "transformer":
+        lacking.append("transformer/ (this is a transformer folder, not a pipeline root)")
+    if not (root / "transformer_2" / "config.json").is_file():
+        lacking.append("transformer_2/config.json (the low-noise expert)")
+    if ratio is None:
+        lacking.append("boundary_ratio in model_index.json")
+    if lacking:
+        raise FileNotFoundError(
+            f"{str(root)!r} is not a two-expert Wan2.2-A14B pipeline: it lacks {' and '.join(lacking)}. A two-expert "
+            "teacher needs the full *-A14B-Diffusers folder (transformer/ high-noise, transformer_2/ low-noise)"
+        )
+    return high, root / "transformer_2", float(ratio) * 1000
+
+
 def checkpoint_files(folder: Path) -> dict[str, Path]:
     """Map every checkpoint key (diffusers names) to the safetensors file holding it."""
     index = folder / INDEX_NAME

@@ -404,3 +404,17 @@ def pipe_negative() -> str:
     from inference.pipeline import NEGATIVE_PROMPT
 
     return NEGATIVE_PROMPT
+
+
+def test_resolve_expert_dirs_for_two_expert_recipes(t2v_a14b, tmp_path):
+    """What a two-expert recipe calls on its teacher path: both experts and the boundary, or one clear error."""
+    from models.wan_weights import resolve_expert_dirs
+
+    high, low, boundary = resolve_expert_dirs(t2v_a14b)
+    assert (high, low, boundary) == (t2v_a14b / "transformer", t2v_a14b / "transformer_2", 875.0)
+    one = tmp_path / "one"
+    shutil.copytree(t2v_a14b, one, ignore=shutil.ignore_patterns("transformer_2"))
+    with pytest.raises(FileNotFoundError, match="not a two-expert Wan2.2-A14B pipeline: it lacks transformer_2/"):
+        resolve_expert_dirs(one)
+    with pytest.raises(FileNotFoundError, match="this is a transformer folder"):
+        resolve_expert_dirs(t2v_a14b / "transformer")
