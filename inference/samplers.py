@@ -105,7 +105,7 @@ def denoise_student(
             x = with_image(x, image_latent)
             t_model = t if image_latent is None else token_timesteps(t[:1], grid, batch)
             net, _ = expert(model, model_2, boundary, steps[i])
-            extra = {} if image_context is None else {"image_context": image_context}
+            extra = {} if image_context is None else {"image_context": image_context}  # T2V: the call as before
             v = net(i2v_input(x, condition).to(dtype), t_model, context, attn_meta=attn_meta, **extra)
             x0 = with_image(x0_from_velocity(x, v.float(), t), image_latent)
             if i + 1 < len(steps):
@@ -149,13 +149,14 @@ def denoise_teacher(
     host_steps = scheduler.timesteps.tolist()
     scheduler.set_timesteps(num_steps, device=device)
     guidance_2 = guidance if guidance_2 is None else guidance_2
+    image_context = None if image_context is None else image_context.to(dtype)
     grid = model.token_grid(model_input_shape(latent_shape, condition))
     x = torch.randn(latent_shape, generator=generator, device=device)
     for i, step in enumerate(tqdm(scheduler.timesteps, desc="teacher", disable=not progress)):
         net, low_noise = expert(model, model_2, boundary, host_steps[i])
         scale = guidance_2 if low_noise else guidance
         if image_context is not None:
-            net = functools.partial(net, image_context=image_context.to(dtype))
+            net = functools.partial(net, image_context=image_context)  # cfg_branches calls net(x, t, context)
         with timer.stage(f"denoise step {i + 1}"):
             x = with_image(x, image_latent)
             t = step.float().expand(batch) if image_latent is None else token_timesteps(step.float(), grid, batch)
