@@ -2,6 +2,7 @@
 
     ds = LatentDataset("dataA:2,dataB", num_latent_t=20, expect_latent_shape=(16, 20, 56, 104), rank=rank)
     ds[i]   # {"latents" (C,T,H,W), "context" (512,D), "context_mask" (512,), "caption", "id", "num_skipped"}
+    LatentDataset("i2v_data", i2v=True)[i]   # + "first_frame_latent" (C,T,H,W) [+ "clip_feature" (257, 1280)]
 
 The format and the row index: `data/parquet.py`; batches in step order: `data/loader.py`.
 """
@@ -19,10 +20,12 @@ import torch
 from torch.utils.data import Dataset
 
 from data.parquet import (
+    I2V_COLUMNS,
     LATENT_COLUMNS,
     TEXT_COLUMNS,
     TEXT_LEN,
     DataError,
+    decode_optional_tensor,
     decode_tensor,
     load_index,
     pad_context,
@@ -56,15 +59,18 @@ class LatentDataset(Dataset):
         on_error: str = "raise",
         rank: int = 0,
         index_timeout_s: float = 600.0,
+        i2v: bool = False,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}, expected 'raise' or 'skip'")
-        self.text_only = text_only
+        if text_only and i2v:
+            raise ValueError("text_only and i2v exclude each other: I2V rows carry latents")
+        self.text_only, self.i2v = text_only, i2v
         self.num_latent_t = num_latent_t
         self.expect_latent_shape = tuple(expect_latent_shape) if expect_latent_shape is not None else None
         self.text_len = text_len
         self.on_error = on_error
-        self.columns = TEXT_COLUMNS if text_only else LATENT_COLUMNS
+        self.columns = TEXT_COLUMNS if text_only else I2V_COLUMNS if i2v else LATENT_COLUMNS
         self.bad_files: list[str] = []
         self.num_skipped = 0
 
@@ -137,6 +143,8 @@ class LatentDataset(Dataset):
                     f"{where}: latent shape {tuple(latents.shape)} != expected (C, T, H, W) {self.expect_latent_shape}"
                 )
             sample["latents"] = torch.from_numpy(latents.copy())  # copy: arrow buffers are read-only
+        if self.i2v:
+            sample.update(self.read_i2v(table, in_group, where, tuple(latents.shape)))
         embedding = decode_tensor(table, in_group, "text_embedding", where)
         if embedding.ndim != 2:
             raise DataError(f"{where}: text_embedding_shape={list(embedding.shape)}, expected (L, D)")
@@ -144,6 +152,25 @@ class LatentDataset(Dataset):
         sample["caption"] = table.column("caption")[in_group].as_py() or ""
         sample["id"] = table.column("id")[in_group].as_py() or f"{Path(path).name}:{row}"
         return sample
+
+    def read_i2v(self, table: pa.Table, row: int, where: str, latent_shape: tuple[int, ...]) -> dict[str, Any]:
+        """first_frame_latent (C, T, H, W), cut to num_latent_t like the latents (the Wan VAE is causal in time: the
+        first T latent frames are those of the shorter clip), and clip_feature (L_img, D_img) where stored."""
+        first = decode_optional_tensor(table, row, "first_frame_latent", where)
+        if first is None:
+            raise DataError(f"{where}: first_frame_latent is empty; an I2V dataset needs it "
+                            "(tools/preprocess.py --i2v)")
+        if self.num_latent_t is not None:
+            first = first[:, : self.num_latent_t]
+        if tuple(first.shape) != latent_shape:
+            raise DataError(f"{where}: first_frame_latent shape {tuple(first.shape)} != latents {latent_shape}")
+        out = {"first_frame_latent": torch.from_numpy(first.copy())}
+        clip = decode_optional_tensor(table, row, "clip_feature", where)
+        if clip is not None:
+            if clip.ndim != 2:
+                raise DataError(f"{where}: clip_feature_shape={list(clip.shape)}, expected (L_img, D_img)")
+            out["clip_feature"] = torch.from_numpy(clip.copy())
+        return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if self.on_error == "raise":

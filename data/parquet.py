@@ -5,7 +5,12 @@ Format (FastVideo's `fastvideo/dataset/dataloader/schema.py`, `pyarrow_schema_t2
 the data root (`**/*.parquet`, sorted by path). Two variants:
 
 * latents: `vae_latent_*` (C, T, H, W) un-normalised VAE posterior mean + `text_embedding_*` (L, D) valid rows only;
-* text-only (data-free DMD): `id`, `text_embedding_*`, `caption`.
+* text-only (data-free DMD): `id`, `text_embedding_*`, `caption`;
+* I2V (`pyarrow_schema_i2v`): the latents columns plus `first_frame_latent_*` (C, T, H, W), the un-normalised VAE
+  posterior mean of [first frame, black frames...] the I2V models are conditioned on (the 4-channel first-frame mask
+  is not stored: it follows from the shape), `clip_feature_*` (257, 1280) CLIP penultimate hidden states for
+  Wan2.1-I2V (empty bytes and shape [] for Wan2.2-I2V-A14B, which has no image encoder), and `pil_image_*` (the
+  reference's validation image; written empty here).
 
 Reading rows: `data/dataset.py`; batching and DP×SP sharding: `data/loader.py`; writing: `data/writer.py`.
 """
@@ -57,8 +62,17 @@ TEXT_ONLY_SCHEMA = pa.schema(
         ("caption", pa.string()),
     ]
 )
+I2V_TENSORS = ("clip_feature", "first_frame_latent", "pil_image")
+I2V_SCHEMA = pa.schema(
+    list(LATENT_SCHEMA)[:7]  # id, vae_latent_*, text_embedding_*
+    + [pa.field(f"{name}_{part}", kind) for name in I2V_TENSORS
+       for part, kind in (("bytes", pa.binary()), ("shape", pa.list_(pa.int64())), ("dtype", pa.string()))]
+    + list(LATENT_SCHEMA)[7:]  # file_name ... fps
+)
 TEXT_COLUMNS = ["id", "text_embedding_bytes", "text_embedding_shape", "text_embedding_dtype", "caption"]
 LATENT_COLUMNS = TEXT_COLUMNS + ["vae_latent_bytes", "vae_latent_shape", "vae_latent_dtype"]
+I2V_COLUMNS = LATENT_COLUMNS + [f"{name}_{part}" for name in ("first_frame_latent", "clip_feature")
+                                for part in ("bytes", "shape", "dtype")]
 
 
 class DataError(ValueError):
@@ -172,6 +186,15 @@ def decode_tensor(table: pa.Table, row: int, name: str, where: str) -> np.ndarra
             "(bytes are float32)"
         )
     return np.frombuffer(buf, dtype="<f4").reshape(shape)
+
+
+def decode_optional_tensor(table: pa.Table, row: int, name: str, where: str) -> np.ndarray | None:
+    """`decode_tensor`, or None for the schema's "absent" value: empty bytes with shape [] (or nulls)."""
+    raw = table.column(f"{name}_bytes")[row]
+    shape = table.column(f"{name}_shape")[row].as_py()
+    if (not raw.is_valid or raw.as_buffer().size == 0) and not shape:
+        return None
+    return decode_tensor(table, row, name, where)
 
 
 def pad_context(embedding: np.ndarray | torch.Tensor, text_len: int = TEXT_LEN) -> tuple[torch.Tensor, torch.Tensor]:

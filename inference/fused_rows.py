@@ -303,8 +303,8 @@ class FusedWanBlock(WanBlock):
     parameters and submodules it shares (no copies: same objects, same state-dict keys).
 
     Each LayerNorm's rows go to their linears quantized once when those are fp8 (`quantize_linears_fp8`, before or
-    after this swap: the linears are looked at on each call). Batches and per-token timesteps (TI2V) take
-    `WanBlock.forward`: the row kernels take one (D,) shift/scale.
+    after this swap: the linears are looked at on each call). Batches, per-token timesteps (TI2V) and image tokens
+    (Wan2.1-I2V) take `WanBlock.forward`: the row kernels take one (D,) shift/scale and text-only cross-attention.
     """
 
     def __init__(self, block: WanBlock) -> None:
@@ -321,9 +321,10 @@ class FusedWanBlock(WanBlock):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_meta: Any = None,
+        image_context: torch.Tensor | None = None,  # Wan2.1-I2V's image tokens: the plain block's cross-attention
     ) -> torch.Tensor:
-        if x.shape[0] != 1 or tmod.ndim != 3:
-            return super().forward(x, context, tmod, cos, sin, attn_meta)
+        if x.shape[0] != 1 or tmod.ndim != 3 or image_context is not None:
+            return super().forward(x, context, tmod, cos, sin, attn_meta, image_context)
         mod = (self.scale_shift_table + tmod.float())[0]  # (1, 6, D) -> (6, D), fp32 as in WanBlock.forward
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(0)  # six (D,)
 

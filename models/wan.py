@@ -1,8 +1,13 @@
 """The Wan2.1 / Wan2.2 video diffusion transformer, single-device PyTorch.
 
-One model serves Wan2.1-T2V-1.3B, Wan2.1-T2V-14B and Wan2.2-TI2V-5B; the architecture is fixed by `WanConfig`.
-Parameter names equal diffusers' `WanTransformer3DModel` keys except for four readable renames kept in
-`models/wan_weights.py`, and the parity test against diffusers is the judge of every line here.
+One model serves Wan2.1-T2V-1.3B/14B, Wan2.1-I2V-14B, Wan2.2-TI2V-5B and each expert of Wan2.2-T2V/I2V-A14B; the
+architecture is fixed by `WanConfig`. Parameter names equal diffusers' `WanTransformer3DModel` keys except for the
+readable renames kept in `models/wan_weights.py`, and the parity test against diffusers is the judge of every line here.
+
+Image-to-video (I2V-14B, Wan2.2-I2V-A14B): the conditioning (4-channel first-frame mask + VAE latent of the image) is
+concatenated to the noise by the sampler, so the model only sees in_channels=36. Wan2.1-I2V adds CLIP image tokens
+(`image_context`, 257 x 1280): embedded once, then attended by every cross-attention through its own k/v projections
+(`add_k_proj`, `add_v_proj`), the result added to the text attention's. Without `image_dim` none of that exists.
 
 Shapes: latents (B, C, T, H, W); tokens x (B, L, D) with L = T' * H' * W' after the (1, 2, 2) patch; context
 (B, L_txt, D_txt); t (B,) or per-token (B, L) on the 0..1000 scale.
@@ -36,6 +41,7 @@ class WanConfig:
     cross_attn_norm: bool = True
     rope_max_seq_len: int = 1024  # longest token axis the RoPE tables cover
     vsa_gate: bool = False  # per-block `to_gate_compress` for VSA's coarse branch
+    image_dim: int | None = None  # CLIP image-token width (1280, Wan2.1-I2V); None: no image cross-attention
 
     @property
     def head_dim(self) -> int:
@@ -50,12 +56,19 @@ class WanConfig:
     @classmethod
     def from_diffusers(cls, config: dict[str, Any], vsa_gate: bool = False) -> "WanConfig":
         """Build from a diffusers `WanTransformer3DModel` config.json dict."""
-        for key, supported in (("image_dim", None), ("added_kv_proj_dim", None), ("pos_embed_seq_len", None)):
-            if config.get(key, supported) is not None:
-                raise ValueError(
-                    f"config.json: {key}={config[key]!r} (image-conditioned Wan2.1-I2V/FLF2V) is not supported; "
-                    "sparse-distill covers the T2V and TI2V transformers (image_dim must be null)"
-                )
+        if config.get("pos_embed_seq_len") is not None:
+            raise ValueError(
+                f"config.json: pos_embed_seq_len={config['pos_embed_seq_len']!r} (Wan2.1-FLF2V, first+last frame) is "
+                "not supported; sparse-distill covers T2V, TI2V and I2V transformers (pos_embed_seq_len must be null)"
+            )
+        image_dim, added_kv = config.get("image_dim"), config.get("added_kv_proj_dim")
+        inner = int(config.get("num_attention_heads", 0)) * int(config.get("attention_head_dim", 0))
+        # diffusers feeds add_k_proj/add_v_proj the image embedder's output (width dim): the only layout published.
+        if (image_dim is None) != (added_kv is None) or (added_kv is not None and int(added_kv) != inner):
+            raise ValueError(
+                f"config.json: image_dim={image_dim!r} with added_kv_proj_dim={added_kv!r}; Wan2.1-I2V has both "
+                f"(added_kv_proj_dim = num_attention_heads * attention_head_dim = {inner}), T2V/TI2V neither"
+            )
         qk_norm = config.get("qk_norm", "rms_norm_across_heads")
         if qk_norm != "rms_norm_across_heads":
             raise ValueError(f"config.json: qk_norm={qk_norm!r}; only 'rms_norm_across_heads' is supported")
@@ -76,6 +89,7 @@ class WanConfig:
                 cross_attn_norm=bool(config.get("cross_attn_norm", True)),
                 rope_max_seq_len=int(config.get("rope_max_seq_len", 1024)),
                 vsa_gate=vsa_gate,
+                image_dim=None if image_dim is None else int(image_dim),
             )
         except KeyError as e:
             raise ValueError(f"config.json is missing required key {e.args[0]!r} of WanTransformer3DModel") from None
@@ -96,8 +110,8 @@ class WanConfig:
             "cross_attn_norm": self.cross_attn_norm,
             "qk_norm": "rms_norm_across_heads",
             "eps": self.eps,
-            "image_dim": None,
-            "added_kv_proj_dim": None,
+            "image_dim": self.image_dim,
+            "added_kv_proj_dim": None if self.image_dim is None else self.dim,
             "rope_max_seq_len": self.rope_max_seq_len,
             "pos_embed_seq_len": None,
         }
@@ -108,6 +122,13 @@ WAN_CONFIGS: dict[str, WanConfig] = {
     "wan21_1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30, in_channels=16, out_channels=16),
     "wan21_14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16, out_channels=16),
     "wan22_ti2v_5b": WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_channels=48, out_channels=48),
+    # I2V: 16 noise + 4 mask + 16 image-latent channels in, 16 out. The 480P and 720P checkpoints share this config.
+    "wan21_i2v_14b": WanConfig(
+        dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=36, out_channels=16, image_dim=1280
+    ),
+    # Wan2.2-A14B: two experts of this shape each (transformer/ high-noise, transformer_2/ low-noise).
+    "wan22_t2v_a14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=16, out_channels=16),
+    "wan22_i2v_a14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_channels=36, out_channels=16),
     # CPU tests and the toy recipes; head_dim 32 keeps every RoPE axis non-trivial (12/10/10 channels).
     "tiny": WanConfig(
         dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_channels=4, out_channels=4, text_dim=32, freq_dim=32
@@ -160,6 +181,7 @@ class ConditionEmbedder(nn.Module):
         self.time_embedder = MLP2(cfg.freq_dim, cfg.dim, nn.SiLU())
         self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
         self.text_embedder = MLP2(cfg.text_dim, cfg.dim, nn.GELU(approximate="tanh"))
+        self.image_embedder = ImageEmbedder(cfg.image_dim, cfg.dim) if cfg.image_dim is not None else None
 
     def embed_time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (B,) -> temb (B, D), tmod (B, 6, D); per-token t (B, L) -> (B, L, D), (B, L, 6, D)."""
@@ -170,6 +192,32 @@ class ConditionEmbedder(nn.Module):
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         return self.text_embedder(context)
+
+    def embed_image(self, image_context: torch.Tensor) -> torch.Tensor:
+        """CLIP image tokens (B, L_img, image_dim) -> (B, L_img, D); only with cfg.image_dim."""
+        return self.image_embedder(image_context)
+
+
+class ImageEmbedder(nn.Module):
+    """CLIP tokens -> model width: LayerNorm -> Linear -> GELU (exact) -> Linear -> LayerNorm, the norms in fp32
+    with torch's default eps 1e-5 (diffusers' `WanImageEmbedding`)."""
+
+    def __init__(self, image_dim: int, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(image_dim)
+        self.fc1 = nn.Linear(image_dim, image_dim)
+        self.fc2 = nn.Linear(image_dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fp32_layer_norm(self.norm1, x)
+        return fp32_layer_norm(self.norm2, self.fc2(F.gelu(self.fc1(x))))
+
+
+def fp32_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """An affine LayerNorm computed in fp32, returned in x's dtype."""
+    out = F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    return out.type_as(x)
 
 
 class SelfAttention(nn.Module):
@@ -198,7 +246,8 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from video tokens, keys/values from the text; always dense (the text is short)."""
+    """Queries from video tokens, keys/values from the text; always dense (the text is short). With image tokens
+    (Wan2.1-I2V) the same queries also attend to them through `add_k_proj`/`add_v_proj`, and the two results add."""
 
     def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
@@ -207,12 +256,23 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
         self.norm_q = nn.RMSNorm(dim, eps=cfg.eps)
         self.norm_k = nn.RMSNorm(dim, eps=cfg.eps)
+        self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+        if cfg.image_dim is not None:
+            self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.norm_added_k = nn.RMSNorm(dim, eps=cfg.eps)
 
-    def forward(self, u: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, u: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         q = self.norm_q(self.to_q(u)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L, Dh)
         k = self.norm_k(self.to_k(context)).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L_txt, Dh)
         v = self.to_v(context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, Dh)
+        if image_context is not None:
+            k_img = self.norm_added_k(self.add_k_proj(image_context))
+            k_img = k_img.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, H, L_img, Dh)
+            v_img = self.add_v_proj(image_context).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            out = out + F.scaled_dot_product_attention(q, k_img, v_img).type_as(out)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -245,6 +305,7 @@ class WanBlock(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_meta: Any = None,
+        image_context: torch.Tensor | None = None,  # (B, L_img, D), Wan2.1-I2V's embedded CLIP tokens
     ) -> torch.Tensor:
         # Modulation in fp32 (as Wan does): (B, 1 or L, 6, D) -> six (B, 1 or L, D).
         mod = tmod.float() if tmod.ndim == 4 else tmod.float().unsqueeze(1)
@@ -257,7 +318,7 @@ class WanBlock(nn.Module):
         u = x
         if self.norm2 is not None:
             u = F.layer_norm(x.float(), (dim,), self.norm2.weight.float(), self.norm2.bias.float(), self.eps)
-        x = x + self.attn2(u.type_as(x), context)
+        x = x + self.attn2(u.type_as(x), context, image_context)
 
         u = (F.layer_norm(x.float(), (dim,), eps=self.eps) * (1 + scale2) + shift2).type_as(x)
         return (x.float() + self.ffn(u).float() * gate2).type_as(x)
@@ -366,6 +427,7 @@ class WanModel(nn.Module):
         t: torch.Tensor,  # (B,) or per-token (B, L)
         context: torch.Tensor,  # (B, L_txt, D_txt)
         attn_meta: Any = None,
+        image_context: torch.Tensor | None = None,  # (B, L_img, image_dim) CLIP tokens; only with cfg.image_dim
     ) -> torch.Tensor:
         grid = self.token_grid(latents.shape)
         batch, num_tokens = latents.shape[0], math.prod(grid)
@@ -373,11 +435,23 @@ class WanModel(nn.Module):
             raise ValueError(f"t must be ({batch},) or per-token ({batch}, {num_tokens}); got {tuple(t.shape)}")
         if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.cfg.text_dim:
             raise ValueError(f"context must be ({batch}, L_txt, {self.cfg.text_dim}); got {tuple(context.shape)}")
+        if self.cfg.image_dim is None and image_context is not None:
+            raise ValueError("image_context given, but this model has no image cross-attention (cfg.image_dim=None); "
+                             "only Wan2.1-I2V takes CLIP image tokens")
+        if self.cfg.image_dim is not None and (
+            image_context is None or image_context.ndim != 3 or image_context.shape[0] != batch
+            or image_context.shape[2] != self.cfg.image_dim
+        ):
+            got = None if image_context is None else tuple(image_context.shape)
+            raise ValueError(f"this Wan2.1-I2V model needs image_context ({batch}, L_img, {self.cfg.image_dim}) "
+                             f"(CLIP ViT-H/14 penultimate hidden states, L_img=257); got {got}")
 
         x = self.patch_embedding(latents).flatten(2).transpose(1, 2)  # (B, D, T', H', W') -> (B, L, D)
         cos, sin = self.rope_tables(grid)  # (L, Dh/2)
         temb, tmod = self.condition_embedder.embed_time(t)  # (B[, L], D), (B[, L], 6, D)
         context = self.condition_embedder.embed_text(context)  # (B, L_txt, D)
+        if self.cfg.image_dim is not None:
+            image_context = self.condition_embedder.embed_image(image_context)  # (B, L_img, D)
 
         # Reorder tokens once per forward into the attention's order (VSA tiles), not in every layer.
         order = getattr(attn_meta, "token_order", None)
@@ -399,7 +473,11 @@ class WanModel(nn.Module):
         if x.stride() != dense:
             x = x.clone(memory_format=torch.contiguous_format)
         for block in self.blocks:
-            x = block(x, context, tmod, cos, sin, attn_meta)
+            # T2V / TI2V blocks get the exact call they always got (compiled graphs and wrappers unchanged).
+            if image_context is None:
+                x = block(x, context, tmod, cos, sin, attn_meta)
+            else:
+                x = block(x, context, tmod, cos, sin, attn_meta, image_context)
         x = self.token_gather(x)
 
         # Output head: (B, 1 or L, 2, D) shift/scale, in fp32.

@@ -1,6 +1,6 @@
 """Load and export Wan transformers in diffusers' format (config.json + safetensors, single file or sharded).
 
-Our parameter names are diffusers' `WanTransformer3DModel` names except for the four renames in `RENAMES`.
+Our parameter names are diffusers' `WanTransformer3DModel` names except for the renames in `RENAMES`.
 Loading builds the model on the meta device and fills it tensor by tensor from the safetensors shards, so peak
 host memory stays about one copy of the weights (14B: ~57 GB in fp32, ~28 GB in bf16).
 """
@@ -28,6 +28,8 @@ RENAMES: dict[str, str] = {
     ".attn2.to_out.0.": ".attn2.to_out.",
     ".ffn.net.0.proj.": ".ffn.fc1.",
     ".ffn.net.2.": ".ffn.fc2.",
+    ".image_embedder.ff.net.0.proj.": ".image_embedder.fc1.",  # Wan2.1-I2V's CLIP-token embedder
+    ".image_embedder.ff.net.2.": ".image_embedder.fc2.",
 }
 # Parameters that sparse-distill adds to Wan; a checkpoint without them gets zeros (docs/METHOD.md §2.1).
 GATE_KEY = re.compile(r"^blocks\.\d+\.attn1\.to_gate_compress\.(weight|bias)$")
@@ -72,6 +74,28 @@ def resolve_transformer_dir(path: str | os.PathLike) -> Path:
         f"{str(root)!r} has neither config.json nor transformer/config.json: not a diffusers Wan transformer "
         "folder or pipeline root"
     )
+
+
+def resolve_expert_dirs(path: str | os.PathLike) -> tuple[Path, Path, float]:
+    """A Wan2.2-A14B pipeline root -> (transformer/ high-noise, transformer_2/ low-noise, boundary t = boundary_ratio
+    * 1000), checked from the config files alone, so a one-expert folder fails before any weights load."""
+    root = Path(path)
+    high = resolve_transformer_dir(root)
+    index = root / "model_index.json"
+    ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
+    lacking = []
+    if high != root / "transformer":
+        lacking.append("transformer/ (this is a transformer folder, not a pipeline root)")
+    if not (root / "transformer_2" / "config.json").is_file():
+        lacking.append("transformer_2/config.json (the low-noise expert)")
+    if ratio is None:
+        lacking.append("boundary_ratio in model_index.json")
+    if lacking:
+        raise FileNotFoundError(
+            f"{str(root)!r} is not a two-expert Wan2.2-A14B pipeline: it lacks {' and '.join(lacking)}. A two-expert "
+            "teacher needs the full *-A14B-Diffusers folder (transformer/ high-noise, transformer_2/ low-noise)"
+        )
+    return high, root / "transformer_2", float(ratio) * 1000
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:
@@ -158,7 +182,8 @@ def load_pretrained(
 
 
 def _describe(cfg: WanConfig) -> str:
-    return f"dim={cfg.dim}, heads={cfg.num_heads}, layers={cfg.num_layers}, in={cfg.in_channels}, vsa_gate={cfg.vsa_gate}"
+    return (f"dim={cfg.dim}, heads={cfg.num_heads}, layers={cfg.num_layers}, in={cfg.in_channels}, "
+            f"image_dim={cfg.image_dim}, vsa_gate={cfg.vsa_gate}")
 
 
 def export_pretrained(

@@ -4,7 +4,8 @@ The CLI is tools/plan_memory.py; tests/test_parallel_memory.py checks the activa
 What is counted (parallel/ as built: FSDP2 shards over S = dp_shard · sp ranks, replicates over dp_replicate):
 - student and critic: fp32 master weights (4 B/param) and AdamW moments (8 B/param), sharded over S;
   gradients (fp32, 4 B/param, sharded) exist only for the network being stepped (zero_grad frees them);
-- teacher: bf16 weights (2 B/param) sharded over S, no gradients, no optimizer (0 with `teacher_offload`);
+- teacher: bf16 weights (2 B/param) sharded over S, no gradients, no optimizer (0 with `teacher_offload`); a
+  two-expert teacher (Wan2.2-A14B) holds both experts, one running at a time;
 - with `ema`: the recipes' fp32 EMA of the student's shards (kept on the GPU);
 - FSDP buffers: bf16 unsharded weights of two blocks (current + prefetched) and of the root (embeddings and head,
   unsharded for the whole forward/backward), one block's unsharded bf16 gradient plus its fp32 reduce-scatter copy;
@@ -61,6 +62,10 @@ BLOCK_SAVED: dict[str, tuple[float, float]] = {
 # (CPU, or mismatched dtypes) saves the fp32 upcast input and the fp32 normalised tensor.
 RMS_NORM_SAVED = {"fused": 2, "composite": 8}
 VSA_SAVED_D = 4  # VSA student: gate (bf16) and the per-token coarse output (bf16), both saved by gate * coarse
+# Wan2.1-I2V's image cross-attention (257 CLIP tokens): its attention output and query as saved for backward, per
+# channel, plus an fp32 LSE per head (measured with saved-tensor hooks, tests/test_i2v_memory.py).
+I2V_CLIP_SAVED_D = 4
+CLIP_TOKENS = 257  # CLIP ViT-H/14 at 224 px: 256 patches + CLS
 # Backward working set of the recomputed block (estimate): the two FFN-hidden gradients (bf16) and a few
 # D-wide gradients of the residual stream (fp32 and bf16 copies).
 BACKWARD_WORKSET = (12, 4)
@@ -79,6 +84,7 @@ class Recipe:
     sp: int
     dp_replicate: int
     student_attn: str  # "vsa" or "dense"
+    teacher_experts: int = 1  # 2: Wan2.2-A14B's high- and low-noise teachers, both resident
 
 
 # The meshes of FastVideo's slurm launchers (examples/distill/Wan2.1-T2V/Wan-Syn-Data-480P/*.slurm and the Wan2.2 ones);
@@ -88,6 +94,14 @@ RECIPES = {
     "wan21_14b": Recipe("wan21_14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8, student_attn="vsa"),
     "wan22_ti2v_5b": Recipe("wan22_ti2v_5b", (4, 16, 16), 121, 704, 1280, gpus=64, sp=1, dp_replicate=64,
                             student_attn="dense"),
+    # Not in FastVideo: the 14B mesh and training shape, the I2V models' inputs (36 channels, CLIP tokens for
+    # Wan2.1-I2V) and, for Wan2.2-A14B, a two-expert teacher; one student and one critic, as in every recipe.
+    "wan21_i2v_14b": Recipe("wan21_i2v_14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8,
+                            student_attn="vsa"),
+    "wan22_t2v_a14b": Recipe("wan22_t2v_a14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8,
+                             student_attn="vsa", teacher_experts=2),
+    "wan22_i2v_a14b": Recipe("wan22_i2v_a14b", (4, 8, 8), 77, 448, 832, gpus=64, sp=4, dp_replicate=8,
+                             student_attn="vsa", teacher_experts=2),
 }
 
 
@@ -104,6 +118,9 @@ def block_saved_per_token(cfg: WanConfig, rms_norm: str = "fused", vsa: bool = F
     per_d = sum(d for d, _ in BLOCK_SAVED.values()) + 3 * RMS_NORM_SAVED[rms_norm] + (VSA_SAVED_D if vsa else 0)
     per_f = sum(f for _, f in BLOCK_SAVED.values())
     small = 2 * 4 * cfg.head_dim // 2 + 2 * 4 * cfg.num_heads  # RoPE cos/sin rows (fp32), attention LSE (fp32)
+    if cfg.image_dim is not None:
+        per_d += I2V_CLIP_SAVED_D
+        small += 4 * cfg.num_heads  # the image attention's LSE
     return per_d * cfg.dim + per_f * cfg.ffn_dim + small
 
 
@@ -135,18 +152,19 @@ def plan(
     n_student, blk_student = count_params(student_cfg)
     n_dense, blk_dense = count_params(base)  # teacher and critic: dense, no gate
     length = tokens(recipe, base)
+    context_len = TEXT_LEN + (CLIP_TOKENS if base.image_dim is not None else 0)  # cross-attention K/V rows
     local = batch * math.ceil(length / recipe.sp)  # tokens per rank inside the blocks
     dim, ffn = base.dim, base.ffn_dim
 
     if lora_rank > 0:
         return _plan_lora(recipe, batch, rms_norm, ema, lora_rank, dp_shard, shard, n_student, blk_student, local,
-                          length)
+                          length, context_len, n_dense)
     static = {
         "student fp32 weights": 4 * n_student / shard,
         "student AdamW moments (2 × fp32)": 8 * n_student / shard,
         "critic fp32 weights": 4 * n_dense / shard,
         "critic AdamW moments (2 × fp32)": 8 * n_dense / shard,
-        "teacher bf16 weights": 0 if teacher_offload else 2 * n_dense / shard,
+        "teacher bf16 weights (× experts)": 0 if teacher_offload else 2 * n_dense * recipe.teacher_experts / shard,
         "student EMA (fp32, on the GPU; --ema)": 4 * n_student / shard if ema else 0,
     }
 
@@ -157,9 +175,9 @@ def plan(
             "FSDP: 2 unsharded bf16 blocks + bf16 root": 2 * (2 * blk + (n - layers * blk)),
             "FSDP: one block's bf16 grad + fp32 reduce-scatter copy": 6 * blk,
             "AC: saved bf16 input of every block": layers * local * dim * 2,
-            "AC: shared block inputs (text K/V source, modulation)": batch * TEXT_LEN * dim * 2,
+            "AC: shared block inputs (text K/V source, modulation)": batch * context_len * dim * 2,
             "one recomputed block's saved tensors": local * block_saved_per_token(base, rms_norm, vsa_net),
-            "one block: cross-attn K/V over the text": batch * TEXT_LEN * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
+            "one block: cross-attn K/V over the text": batch * context_len * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
             "backward working set of that block": local * (BACKWARD_WORKSET[0] * dim + BACKWARD_WORKSET[1] * ffn),
             "head on the full sequence": batch * length * HEAD_SAVED_D * dim,
             "Ulysses all-to-all buffers (q, k, v[, gate] in and out)": (
@@ -202,7 +220,7 @@ def plan(
 
 
 def _plan_lora(recipe: Recipe, batch: int, rms_norm: str, ema: bool, rank: int, dp_shard: int, shard: int,
-               n_base: int, blk_base: int, local: int, length: int) -> dict:
+               n_base: int, blk_base: int, local: int, length: int, context_len: int, n_dense: int) -> dict:
     """`plan` in LoRA mode: one frozen bf16 base (with the gate) + two adapters; the same activation terms."""
     base = WAN_CONFIGS[recipe.model]
     n_ad, blk_ad = lora_params(base, rank)
@@ -211,6 +229,8 @@ def _plan_lora(recipe: Recipe, batch: int, rms_norm: str, ema: bool, rank: int, 
     root = n_base - layers * blk_base
     static = {
         "base bf16 weights (teacher = student = critic base)": 2 * n_base / shard,
+        # a two-expert teacher's other expert: a second frozen bf16 base, used by the teacher alone
+        "second expert's bf16 weights (two-expert teacher)": 2 * n_dense * (recipe.teacher_experts - 1) / shard,
         "student + critic adapters fp32 weights": 2 * 4 * n_ad / shard,
         "student + critic adapters AdamW moments (2 × fp32)": 2 * 8 * n_ad / shard,
         "student adapter EMA (fp32; --ema)": 4 * n_ad / shard if ema else 0,
@@ -223,10 +243,10 @@ def _plan_lora(recipe: Recipe, batch: int, rms_norm: str, ema: bool, rank: int, 
             "FSDP: 2 unsharded bf16 blocks (base + adapters) + bf16 root": gathered,
             "FSDP: one block's adapter bf16 grad + fp32 reduce-scatter copy": 6 * blk_ad,
             "AC: saved bf16 input of every block": layers * local * dim * 2,
-            "AC: shared block inputs (text K/V source, modulation)": batch * TEXT_LEN * dim * 2,
+            "AC: shared block inputs (text K/V source, modulation)": batch * context_len * dim * 2,
             "one recomputed block's saved tensors": local * block_saved_per_token(base, rms_norm, vsa_net),
             "one block: LoRA (tokens, rank) intermediates (11 linears, bf16)": local * 11 * rank * 2,
-            "one block: cross-attn K/V over the text": batch * TEXT_LEN * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
+            "one block: cross-attn K/V over the text": batch * context_len * dim * (2 + 2 + RMS_NORM_SAVED[rms_norm]),
             "backward working set of that block": local * (BACKWARD_WORKSET[0] * dim + BACKWARD_WORKSET[1] * ffn),
             "head on the full sequence": batch * length * HEAD_SAVED_D * dim,
             "Ulysses all-to-all buffers (q, k, v[, gate] in and out)": (

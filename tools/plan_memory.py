@@ -4,6 +4,7 @@
     python tools/plan_memory.py --recipe wan21_14b --gpus 64 --sp 4 --dp-replicate 8
     python tools/plan_memory.py --summary                                      # the README table
     python tools/plan_memory.py --recipe wan21_14b --gpus 1 --sp 1 --lora 32   # LoRA: one base, two adapters
+    python tools/plan_memory.py --recipe wan22_t2v_a14b --gpus 8 --sp 8       # two-expert teacher, one node
 
 What is counted and what is not: parallel/memory.py.
 """
@@ -11,15 +12,17 @@ What is counted and what is not: parallel/memory.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from parallel.memory import GIB, RECIPES, RMS_NORM_SAVED, Recipe, plan
+from parallel.memory import GIB, RECIPES, RMS_NORM_SAVED, plan
 
 
 def print_plan(p: dict) -> None:
     r = p["recipe"]
+    experts = f", teacher: {r.teacher_experts} experts" if r.teacher_experts > 1 else ""
     print(f"{r.model}: {r.gpus} GPUs, dp_replicate {r.dp_replicate} × dp_shard {p['dp_shard']} × sp {r.sp} "
           f"(FSDP shard group {p['shard']}); {r.frames}×{r.height}×{r.width} → {p['tokens']} tokens, "
-          f"{p['local_tokens']} per rank; student attention {r.student_attn}")
+          f"{p['local_tokens']} per rank; student attention {r.student_attn}{experts}")
     n = p["params"]
     if p.get("lora_rank"):
         print(f"LoRA rank {p['lora_rank']}: one base {n['student'] / 1e9:.3f} B (bf16, frozen), "
@@ -55,8 +58,7 @@ def print_summary(rms_norm: str) -> None:
     print("|---|---|---|---|---|---|")
     for name, gpus, sp, dp_replicate in SUMMARY:
         recipe = RECIPES[name]
-        recipe = Recipe(recipe.model, recipe.vae_stride, recipe.frames, recipe.height, recipe.width, gpus, sp,
-                        dp_replicate, recipe.student_attn)
+        recipe = dataclasses.replace(recipe, gpus=gpus, sp=sp, dp_replicate=dp_replicate)
         p = plan(recipe, rms_norm=rms_norm)
         shape = f"{recipe.frames}×{recipe.height}×{recipe.width}"
         peaks = p["peaks"]
@@ -91,12 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     dp_replicate = args.dp_replicate
     if dp_replicate is None:  # the recipe's mesh, or pure replication for another GPU count
         dp_replicate = r.dp_replicate if args.gpus is None else gpus // sp
-    recipe = Recipe(
-        r.model, r.vae_stride, args.frames or r.frames, args.height or r.height, args.width or r.width,
-        gpus, sp, dp_replicate, args.student_attn or r.student_attn,
-    )
     if args.lora < 0:
         parser.error(f"--lora {args.lora}: the rank must be >= 0 (0 = full fine-tune)")
+    recipe = dataclasses.replace(r, frames=args.frames or r.frames, height=args.height or r.height,
+                                 width=args.width or r.width, gpus=gpus, sp=sp, dp_replicate=dp_replicate,
+                                 student_attn=args.student_attn or r.student_attn)
     print_plan(plan(recipe, args.batch, args.rms_norm, teacher_offload=args.teacher_offload, ema=args.ema,
                     lora_rank=args.lora))
 

@@ -7,11 +7,17 @@
     python tools/preprocess.py --model data/Wan2.1-T2V-1.3B-Diffusers --prompts-only prompts.txt --out data/my_prompts
     # also store a negative-prompt embedding for teacher CFG: <out>/negative_prompt.safetensors
     ... --negative-prompt "blurry, low quality"
+    # image-to-video data (Wan2.1-I2V-14B, Wan2.2-I2V-A14B): + the first frame's I2V condition (and CLIP tokens when the
+    # model folder has image_encoder/), FastVideo's I2V schema
+    python tools/preprocess.py --model data/Wan2.1-I2V-14B-480P-Diffusers --i2v --videos clips/ ...
 
 Output: `<out>/combined_parquet_dataset/worker_0/data_chunk_<n>.parquet` (rows_per_file rows each, the last one smaller).
 Resumable: ids in `<out>/done_ids.txt` (appended after each flushed file) are skipped on the next run.
 Clips shorter than num_frames at the target fps are skipped with a message. Pixels map to [-1, 1]; the VAE posterior
-mean is stored un-normalised; the caption embedding keeps only its valid rows.
+mean is stored un-normalised; the caption embedding keeps only its valid rows. --i2v adds `first_frame_latent` (the
+VAE posterior mean of [frame 0, black frames...], un-normalised, as diffusers' WanImageToVideoPipeline encodes its
+condition) and, with image_encoder/ + image_processor/ in --model, `clip_feature` (CLIP's penultimate hidden states of
+frame 0) (data/parquet.py).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-file", type=int, default=8)
     p.add_argument("--worker", type=int, default=0,
                    help="writes worker_<w>/; parallel processes need distinct values and disjoint caption files")
+    p.add_argument("--i2v", action="store_true", help="image-to-video rows: + first-frame condition latents, + CLIP "
+                   "tokens when --model has image_encoder/ (Wan2.1-I2V)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
@@ -219,7 +227,12 @@ def preprocess_videos(args: argparse.Namespace, out: Path) -> None:
     if not todo:
         return
     vae = load_vae(args.model, args.device, torch.float32)  # docs/METHOD.md §3.3b: VAE encode in fp32
-    writer = LatentParquetWriter(out, args.rows_per_file, args.worker)
+    image_encoder = None  # (CLIP processor, CLIPVisionModel) for Wan2.1-I2V data
+    if args.i2v and (Path(args.model) / "image_encoder").is_dir():
+        from inference.pipeline import load_image_encoder
+
+        image_encoder = load_image_encoder(Path(args.model), args.device)
+    writer = LatentParquetWriter(out, args.rows_per_file, args.worker, i2v=args.i2v)
     bar, skipped = progress(len(todo), "clips"), []
     for start in range(0, len(todo), args.batch_size):
         batch = []
@@ -231,16 +244,43 @@ def preprocess_videos(args: argparse.Namespace, out: Path) -> None:
             else:
                 batch.append((clip_id, path, cap, *clip))
         if batch:
-            latents = vae_encode(vae, torch.stack([b[3] for b in batch]).to(args.device))  # (B, C, T, H', W')
+            pixels = torch.stack([b[3] for b in batch]).to(args.device)  # (B, 3, F, H, W) in [-1, 1]
+            latents = vae_encode(vae, pixels)  # (B, C, T, H', W')
             context, mask, _ = encode_prompts(tokenizer, encoder, [b[2] for b in batch])
+            i2v = [{} for _ in batch]
+            if args.i2v:
+                i2v = i2v_features(vae, image_encoder, pixels)
             for k, (clip_id, path, cap, _, src_fps, duration) in enumerate(batch):
                 mark_done(out, writer.write(clip_id, cap, trim_embedding(context[k], mask[k]), latents[k],
                                             height=args.height, width=args.width, fps=src_fps,
-                                            duration_sec=duration, file_name=path.name))
+                                            duration_sec=duration, file_name=path.name, **i2v[k]))
         bar.update(len(todo[start : start + args.batch_size]))
     mark_done(out, writer.close())
     bar.close()
     print(f"done: {len(todo) - len(skipped)} clips written, {len(skipped)} skipped as too short")
+
+
+def i2v_features(vae: torch.nn.Module, image_encoder: tuple | None,
+                 pixels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """Per clip: first_frame_latent (C, T, H', W') = VAE posterior mean of [frame 0, black frames], and clip_feature
+    (257, 1280) from frame 0 when a CLIP (processor, encoder) is given."""
+    import numpy as np
+    from PIL import Image
+
+    from inference.pipeline import clip_image_tokens
+
+    first = pixels[:, :, :1]  # (B, 3, 1, H, W)
+    condition = torch.cat([first, torch.zeros_like(pixels[:, :, 1:])], dim=2)
+    latents = vae_encode(vae, condition)  # (B, C, T, H', W')
+    rows = []
+    for k in range(pixels.shape[0]):
+        row = {"first_frame_latent": latents[k]}
+        if image_encoder is not None:
+            frame = ((first[k, :, 0].permute(1, 2, 0).float().cpu() + 1) * 127.5).round().clamp(0, 255)
+            image = Image.fromarray(frame.to(torch.uint8).numpy().astype(np.uint8))
+            row["clip_feature"] = clip_image_tokens(*image_encoder, image)[0]  # (257, 1280)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:

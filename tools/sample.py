@@ -8,6 +8,12 @@ r"""Sample videos from a Wan checkpoint: few-step DMD with VSA (the distilled st
     # Wan2.2 TI2V-5B: text-to-video, or image-to-video with --image (dense attention by default for the 5B)
     python tools/sample.py --model FastVideo/FastWan2.2-TI2V-5B-FullAttn-Diffusers --prompts prompts.txt \
         --image cat.png
+    # Wan2.2-A14B, two experts (transformer/ for t >= 875, transformer_2/ below), 40-step CFG teacher as published
+    python tools/sample.py --model Wan-AI/Wan2.2-T2V-A14B-Diffusers --prompt "a cat" --teacher --teacher-steps 40 \
+        --guidance 4 --guidance-2 3 --shift 12
+    # image-to-video: Wan2.1-I2V-14B (CLIP + VAE conditioning) or Wan2.2-I2V-A14B (VAE conditioning, two experts)
+    python tools/sample.py --model Wan-AI/Wan2.2-I2V-A14B-Diffusers --prompt "a cat" --image cat.png --teacher \
+        --teacher-steps 40 --guidance 3.5
     # FP8 (e4m3) linear layers in the DiT blocks and, on Hopper, FP8 sparse attention: faster, slightly different
     # numerics
     python tools/sample.py --model FastVideo/FastWan2.1-T2V-1.3B-Diffusers --prompt "a cat walks on the grass" --fp8 \
@@ -78,11 +84,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsity", type=float, default=0.8, help="VSA sparsity in [0, 1) (0.9 for the 14B)")
     p.add_argument("--teacher", action="store_true", help="many-step CFG flow sampling with dense attention instead")
     p.add_argument("--teacher-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale")
+    p.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale (two experts: the high-noise one's)")
+    p.add_argument("--guidance-2", type=float, help="two-expert teacher (Wan2.2-A14B): the low-noise expert's CFG "
+                   "scale (default: --guidance)")
     p.add_argument("--shift", type=float, default=5.0, help="teacher flow shift")
-    p.add_argument("--image", metavar="PATH", help="TI2V-5B image-to-video: the first frame")
     p.add_argument("--lora", metavar="DIR[:SCALE]", help="merge a LoRA adapter folder (export_lora) into the base "
                    "model, at SCALE (default 1: as trained)")
+    p.add_argument("--image", metavar="PATH", help="image-to-video: the first frame (TI2V-5B, Wan2.1-I2V, "
+                   "Wan2.2-I2V-A14B; required by I2V checkpoints); resized to the video size, which must have the "
+                   "image's aspect ratio")
     p.add_argument("--out", default="outputs/samples", help="output folder")
     p.add_argument("--save-latents", action="store_true", help="also write the final normalised latents (.pt)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT and VAE-decode precision")
@@ -157,7 +167,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
             raise InputError("--cfg-parallel splits the teacher's CFG branches; the student has none (add --teacher)")
         files = inspect_pipeline(args.model)
         size = files.spec.size(args.height, args.width, args.num_frames)
-        files.spec.check_sampling(steps, args.sparsity, args.teacher, args.teacher_steps, args.image)
+        files.spec.check_sampling(steps, args.sparsity, args.teacher, args.teacher_steps, args.image, size)
+        if args.guidance_2 is not None and files.spec.experts < 2:
+            raise InputError("--guidance-2 is the low-noise expert's CFG scale; this model has one transformer")
         check_sampling_sizes(sp, args.cfg_parallel, files.num_heads, world)
         _, nt, nh, nw = size.latent_shape[1:]
         check_token_grid((nt, nh // files.spec.patch[0], nw // files.spec.patch[1]), sp)
@@ -191,7 +203,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parallel = f", sp {sp}{' x 2 CFG branches' if args.cfg_parallel else ''}" if world > 1 else ""
         print(f"model {args.model}: {attn} attention{f' (sparsity {args.sparsity})' if attn != 'sdpa' else ''}, "
               f"{size.num_frames}x{size.height}x{size.width} -> latents {size.latent_shape}, {args.dtype}"
-              f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}{parallel}")
+              f"{f', fp8 linears ({fp8_layers} layers)' if args.fp8 else ''}, {device}{parallel}"
+              f"{f', two experts (switch at t = {files.spec.boundary:g})' if pipe.dit_2 is not None else ''}")
         if lora_files is not None:
             print(f"lora {lora} at scale {lora_scale:g}: {lora_files.describe()}, merged into the base")
         for name, s in load.items():
@@ -204,7 +217,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                                height=size.height, width=size.width, num_frames=size.num_frames, seed=args.seed,
                                steps=steps, sparsity=args.sparsity, teacher=args.teacher,
                                teacher_steps=args.teacher_steps, guidance=args.guidance, shift=args.shift,
-                               image=args.image, timer=timer)
+                               image=args.image, guidance_2=args.guidance_2, timer=timer)
         frames = pipe.decode(latents, timer)
         if not writer:  # the other ranks hold the same latents; rank 0 decoded them and writes
             continue
