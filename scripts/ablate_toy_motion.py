@@ -3,6 +3,7 @@
     python scripts/ablate_toy_motion.py base base_sim guidance_0 dense    # the variants to run, in order
     python scripts/ablate_toy_motion.py --list                            # every variant and its overrides
     python scripts/ablate_toy_motion.py --no-reference base guidance_0    # finished variants are read, not re-run
+    python scripts/ablate_toy_motion.py --frame-dependence                # does the teacher's score couple frames?
 
 Each variant is `recipes/toy_sparse_distill.py` from the stored demo teacher with the TOML's values plus the variant's
 overrides, shortened (`--steps`, evaluations every `--eval-every` steps on `--num-eval` held-out captions, the health
@@ -26,7 +27,7 @@ import torch
 
 from attention.sdpa import sdpa_attention
 from data.synthetic import ToySpec, evaluate_samples, make_split
-from losses.flow import few_step_sample, teacher_sample
+from losses.flow import add_noise, few_step_sample, teacher_sample, x0_from_velocity
 from models.wan_weights import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,6 +111,29 @@ def reference_rows(teacher_path: Path, num_eval: int) -> dict[str, dict]:
             "student at step 0": evaluate_samples(init, factors, heldout)}
 
 
+@torch.no_grad()
+def frame_dependence(model_path: Path, num: int = 96, seed: int = 3) -> None:
+    """Does a network's denoiser use frame 0 to predict frame 1? Its frame-1 x0 error on held-out clips against the
+    same clips whose frame 1 comes from another clip of the same caption (same marginals, no dependence between the
+    frames), with the same noise. Equal errors: the score carries no motion for DMD to transfer."""
+    spec = ToySpec()
+    _, heldout = make_split(spec, 4800, 240, 0)
+    x, ctx, factors = heldout.latents[:num], heldout.context[:num], heldout.factors[:num]
+    unrelated = x.clone()
+    for i in range(num):  # the next clip with the same caption (12 captions: one is always among 96)
+        j = next(k for k in [*range(i + 1, num), *range(i)] if torch.equal(factors[k], factors[i]))
+        unrelated[i, :, 1] = x[j, :, 1]
+    model = load_pretrained(model_path, attn_fn=sdpa_attention).eval()
+    g = torch.Generator().manual_seed(seed)
+    for t_val in (200.0, 400.0, 600.0, 800.0, 950.0):
+        noise, t = torch.randn(x.shape, generator=g), torch.full((num,), t_val)
+        err = []
+        for clips in (x, unrelated):
+            x_t = add_noise(clips, noise, t)
+            err.append(float((x0_from_velocity(x_t, model(x_t, t, ctx), t) - clips)[:, :, 1].square().mean()))
+        print(f"t = {t_val:4.0f}: frame-1 x0 error, clips {err[0]:.4f}, frames unrelated {err[1]:.4f}", flush=True)
+
+
 def print_table(rows: dict[str, dict]) -> None:
     print(f"{'variant':<20}{'motion':>8}{'chance':>8}{'temporal':>10}{'frechet':>9}{'acc':>7}{'wall s':>8}  motion@step")
     for name, r in rows.items():
@@ -130,7 +154,13 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--no-reference", action="store_true", help="skip the teacher-50 / step-0 rows")
     parser.add_argument("--rerun", action="store_true", help="train variants whose run already finished again")
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument("--frame-dependence", action="store_true",
+                        help="only probe whether the teacher's denoiser uses frame 0 for frame 1 (`frame_dependence`)")
     args = parser.parse_args(argv)
+    if args.frame_dependence:
+        torch.set_num_threads(1)
+        frame_dependence(args.teacher)
+        return {}
     if args.list:
         for name, overrides in VARIANTS.items():
             print(f"{name:<14}{' '.join(overrides)}")
