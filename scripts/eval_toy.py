@@ -14,7 +14,8 @@ far as the held-out clips' do; `scripts/demo.py` gates it against teacher-50) an
 with frames shuffled between clips: what unrelated frames score; motion near it means the row's frames are unrelated,
 far below it means frozen).
 Rows: teacher-50 (Euler + CFG, 100 network calls), teacher-3 (Euler + CFG on 3 steps, 6 calls), teacher-3-dmd
-(the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls).
+(the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls),
+and two floors: fresh clips (a new draw of the data) and the same clips frozen (every frame the first).
 """
 
 import argparse
@@ -83,6 +84,8 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
         table[name] = evaluate_samples(torch.cat(chunks), factors, heldout)
     fresh = make_clips(num, spec, data["seed"] + 17)  # the floor: a new draw of real clips
     table["data (fresh clips)"] = evaluate_samples(fresh.latents, fresh.factors, heldout)
+    frozen = fresh.latents[:, :, :1].expand_as(fresh.latents)  # the frozen-motion baseline: every frame the first
+    table["data (frozen clips)"] = evaluate_samples(frozen, fresh.factors, heldout)
     return table
 
 
