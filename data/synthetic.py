@@ -12,14 +12,19 @@ rate and batch, 12 000-24 000 steps each, 6-12x the demo's): direction accuracy 
 the two frames' blobs stayed uncoupled, while colour, brightness and size reached 98-100 % within 2000-3000 steps.
 Motion stays in the data, and `evaluate_samples` reports how much of it the samples keep ("motion").
 `scripts/probe_toy_factors.py --factor direction` re-runs that experiment on `make_direction_clips`.
+The demo teacher's frames are unrelated (measured 2026-12-02, tests/assets/toy_teacher, 96 held-out captions,
+teacher-50: motion 41.7 %, the same samples with frames shuffled between clips 42.7 %): its "motion" is the chance that
+two independently placed blobs lie one travel apart, not motion it learned (issue 25).
 
 A caption is a text-like embedding `(L_txt, D_txt)`: one fixed random "word" vector per factor value in rows 0..2,
 zero padding after; the unconditional ("negative") caption is all zeros. Everything is generated from seeds.
 
 Evaluation (`evaluate_samples`): Fréchet distance between hand-designed features of generated and held-out clips
 (per-frame blob centroid, spread, peak, mass, per-channel mass, velocity), standardised by the held-out statistics,
-conditioning accuracy (colour, brightness and size decoded by `decode_factors` all equal to the caption's) and motion
-coherence (the blob moves the clip's travel distance between the first and last frame, ±30 %).
+conditioning accuracy (colour, brightness and size decoded by `decode_factors` all equal to the caption's), motion
+coherence (the blob moves the clip's travel distance between the first and last frame, ±30 %) next to its chance level
+(frames shuffled between clips), and a temporal distance: Fréchet distance of frame-to-frame change features (centroid
+step, relative change of spread, peak and mass) in units of the travel, which the per-clip distance barely sees.
 """
 
 import math
@@ -211,10 +216,27 @@ def clip_features(latents: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
+def temporal_features(latents: torch.Tensor, travel: float) -> torch.Tensor:
+    """Frame-to-frame change of the blob, (N, 6·(T − 1)): per consecutive pair the centroid step (dy, dx) and its
+    length in units of `travel`, and the relative change (b − a) / (a + b) of spread, peak and mass. All zero for a
+    static clip; a clip moving by s pixels per frame has step s / travel and no other change."""
+    s = blob_statistics(latents)
+    step = (s["centroid"][:, 1:] - s["centroid"][:, :-1]) / travel  # (N, T-1, 2)
+
+    def rel(x: torch.Tensor) -> torch.Tensor:  # (N, T) -> (N, T-1), bounded in [-1, 1]
+        return (x[:, 1:] - x[:, :-1]) / (x[:, 1:] + x[:, :-1] + 1e-6)
+
+    parts = [step, step.norm(dim=-1, keepdim=True), *(rel(s[k])[..., None] for k in ("spread", "peak", "mass"))]
+    return torch.cat(parts, dim=-1).flatten(1)
+
+
+def frechet_distance(features: torch.Tensor, reference: torch.Tensor, standardise: bool = True) -> float:
     """Fréchet distance between Gaussian fits of two feature sets, after standardising both with the reference's
-    mean and std (so every feature counts in units of its spread in real data)."""
+    mean and std (so every feature counts in units of its spread in real data). `standardise=False` keeps the
+    features' own units (for features that are constant in the data, such as the temporal ones' speed)."""
     mu_ref, std_ref = reference.double().mean(0), reference.double().std(0) + 1e-6
+    if not standardise:
+        mu_ref, std_ref = torch.zeros_like(mu_ref), torch.ones_like(std_ref)
     a = (features.double() - mu_ref) / std_ref
     b = (reference.double() - mu_ref) / std_ref
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -226,13 +248,33 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
     return float((mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
 
 
+def shuffle_frames(latents: torch.Tensor) -> torch.Tensor:
+    """Clips (N, C, T, H, W) whose frames 1.. come from the next clip (frame 0 stays): each frame keeps its marginal
+    distribution, every dependence between the frames of a clip is gone."""
+    out = latents.clone()
+    out[:, :, 1:] = latents.roll(1, dims=0)[:, :, 1:]
+    return out
+
+
 def evaluate_samples(samples: torch.Tensor, factors: torch.Tensor, heldout: ToyClips) -> dict[str, float]:
-    """Distance of generated clips to held-out data, the fraction whose decoded factors all match the caption, and
-    the fraction that move as far as the held-out clips do (`motion_coherence`; the travel is their median)."""
+    """Scores of generated clips (N, C, T, H, W) against held-out data:
+    frechet      distance of per-clip features (`clip_features`, standardised by the held-out spread)
+    temporal     distance of frame-to-frame change (`temporal_features`, units of the travel: frozen clips ≈ 2)
+    cond_acc     fraction whose decoded factors all match the caption
+    motion       fraction that move as far as the held-out clips do (`motion_coherence`; travel = their median)
+    motion_chance  `motion` of the same samples with frames shuffled between clips (`shuffle_frames`): what
+                 independent frames score. motion ≈ motion_chance means the frames are unrelated; below it, the blob
+                 moves less than two independently placed blobs would (frozen)."""
     travel = float(displacement(heldout.latents).median())
     accuracy = (decode_factors(samples) == factors).all(dim=1).double().mean()  # exact: 108/120 is 0.9
+    temporal = temporal_features(samples, travel), temporal_features(heldout.latents, travel)
+
+    def motion(x: torch.Tensor) -> float:
+        return float(motion_coherence(x, travel).float().mean())
+
     return {"frechet": frechet_distance(clip_features(samples), clip_features(heldout.latents)),
-            "cond_acc": float(accuracy), "motion": float(motion_coherence(samples, travel).float().mean())}
+            "temporal": frechet_distance(*temporal, standardise=False),
+            "cond_acc": float(accuracy), "motion": motion(samples), "motion_chance": motion(shuffle_frames(samples))}
 
 
 def clips_to_rgb(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:

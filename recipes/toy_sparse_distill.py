@@ -283,11 +283,7 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
     ctx, shape = heldout.context[:n], heldout.latents[:n].shape
     student_x0 = sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed)
     scores = evaluate_samples(student_x0, heldout.factors[:n], heldout)
-    out = {
-        "val/student_frechet": scores["frechet"],
-        "val/student_cond_acc": scores["cond_acc"],
-        "val/student_motion": scores["motion"],
-    }
+    out = {f"val/student_{name}": value for name, value in scores.items()}  # frechet, temporal, cond_acc, motion, ...
     out["time/val_s"] = time.perf_counter() - t0
     if grid:
         k = min(8, n)

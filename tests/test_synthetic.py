@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from data.synthetic import (DIRECTIONS, ToySpec, all_factors, clip_features, clips_to_rgb, decode_factors,
                             encode_captions, evaluate_samples, frechet_distance, make_clips, make_split,
-                            motion_coherence, negative_context, num_captions)
+                            motion_coherence, negative_context, num_captions, shuffle_frames, temporal_features)
 
 SPEC = ToySpec()
 
@@ -67,6 +67,35 @@ def test_frechet_matches_closed_form_for_gaussians():
     # standardised reference ≈ N(0, I); x ≈ N((1, 0), 4I): |Δμ|² + tr(4I + I − 2·2I) = 1 + 2
     assert abs(frechet_distance(x, ref) - 3.0) < 0.05
     assert clip_features(make_clips(4, SPEC, 0).latents).shape == (4, 5 * SPEC.frames + 5)
+
+
+def test_temporal_features_of_static_and_shifted_clips():
+    """Analytic cases: a static clip has no frame-to-frame change; a clip whose frames are the first one rolled by a
+    known (dy, dx) per frame has exactly that centroid step and no change of spread, peak or mass."""
+    spec = ToySpec(frames=3)
+    first = make_clips(8, spec, seed=7).latents[:, :, :1]  # (8, C, 1, H, W), blobs within 13 px of the centre
+    static = first.expand(-1, -1, 3, -1, -1)
+    assert torch.equal(temporal_features(static, travel=10.0), torch.zeros(8, 12))
+    dy, dx = 2, -3
+    moved = torch.cat([first.roll((k * dy, k * dx), dims=(3, 4)) for k in range(3)], dim=2)  # (8, C, 3, H, W)
+    f = temporal_features(moved, travel=10.0).view(8, 2, 6)  # (N, pairs, features)
+    expected = torch.tensor([dy / 10, dx / 10, (dy**2 + dx**2) ** 0.5 / 10, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(f, expected.expand(8, 2, 6), atol=2e-3, rtol=0)  # blob tails cut at the border
+
+
+def test_temporal_distance_and_chance_motion_separate_moving_unrelated_and_frozen_clips():
+    train, heldout = make_split(SPEC, 240, 240, seed=8)
+    frozen = train.latents[:, :, :1].expand_as(train.latents)
+    scores = {name: evaluate_samples(x, train.factors, heldout) for name, x in
+              (("data", train.latents), ("unrelated", shuffle_frames(train.latents)), ("frozen", frozen))}
+    assert scores["data"]["temporal"] < 0.05 and scores["data"]["motion"] == 1.0
+    # frozen: the step (0, 0) and speed 0 against steps of length 1 in four directions: |Δμ|² = 1, tr = 1 -> 2
+    assert abs(scores["frozen"]["temporal"] - 2.0) < 0.1 and scores["frozen"]["motion"] == 0.0
+    assert 0.3 < scores["unrelated"]["temporal"] < 1.5
+    # unrelated frames move "right" by chance only; a clip's own frames always, frozen ones never
+    for name in scores:
+        assert 0.3 < scores[name]["motion_chance"] < 0.7
+    assert abs(scores["unrelated"]["motion"] - scores["unrelated"]["motion_chance"]) < 0.15
 
 
 def test_rgb_visualisation_shape():
