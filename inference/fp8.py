@@ -197,6 +197,14 @@ def quantize_linears_fp8(model: nn.Module) -> int:
     `torch.compile`. Layers whose feature counts are not multiples of 16 stay as they are. Returns how many were
     swapped.
     """
+    # A Linear subclass carries more than its weight (models/lora.py LoRALinear: unmerged adapters); swapping it
+    # would silently drop that, so refuse before touching anything.
+    extended = sorted({f"{type(m).__name__} ({name})" for name, m in model.blocks.named_modules()
+                       if isinstance(m, nn.Linear) and type(m) is not nn.Linear and not isinstance(m, Float8Linear)})
+    if extended:
+        raise ValueError(f"FP8 linears: {len(extended)} block linears are not plain nn.Linear, e.g. {extended[0]}: "
+                         "quantize a plain WanModel with the adapter merged into its weights (models/lora.py "
+                         "merged_state_dict, or inference/lora.py load_lora / VideoPipeline(lora=...))")
     swapped = 0
     for block in model.blocks:
         ffn = getattr(block, "ffn", None)

@@ -108,6 +108,17 @@ def test_merged_adapter_equals_unmerged(gate):
     torch.testing.assert_close(out, unmerged, rtol=1e-6, atol=atol)
 
 
+def test_fp8_refuses_unmerged_adapters():
+    """FP8 swaps a block's linears for its own: an unmerged LoRALinear would lose its adapter without a word."""
+    from inference.fp8 import quantize_linears_fp8
+
+    model = _base()
+    apply_lora(model, 4, 8.0, ALL)
+    with pytest.raises(ValueError, match=r"not plain nn.Linear, e.g. LoRALinear \(0\.attn1\.\w+\).*merged"):
+        quantize_linears_fp8(model)
+    assert quantize_linears_fp8(_plain(vsa_attention)) > 0  # a plain model (the merged export) quantizes
+
+
 @pytest.mark.parametrize("rank, targets, message", [
     (-1, ALL, "rank must be >= 0"),
     (4, ["self_attn", "mlp"], r"unknown LoRA target\(s\) \['mlp'\]; valid: \['cross_attn', 'ffn', 'self_attn'\]"),

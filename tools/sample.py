@@ -50,7 +50,6 @@ import torch.distributed as dist
 
 from components.metrics import write_video
 from inference.fp8 import Float8Linear
-from inference.lora import check_base_digest, checkpoint_digest
 from inference.parallel import broadcast_from_first, check_same_request, check_sampling_sizes, check_token_grid
 from inference.pipeline import (
     ATTN,
@@ -61,6 +60,7 @@ from inference.pipeline import (
     check_pipeline_lora,
     encode_text,
     inspect_pipeline,
+    lora_base,
 )
 from inference.timer import StageTimer, timing_table
 from parallel.mesh import init_distributed
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         lora_files = None if lora is None else check_pipeline_lora(files, lora, lora_scale)
         model_dir = files.download()
         if lora_files is not None:  # the base's small tensors (a few MB), before the text encoder runs
-            check_base_digest(lora_files, checkpoint_digest(model_dir))
+            lora_base(model_dir, files.spec.experts, lora_files)
     except ValueError as e:  # InputError and the parallel checks' errors
         sys.exit(f"sample.py: error: {e}")
     load = {}
