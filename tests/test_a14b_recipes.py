@@ -1,0 +1,198 @@
+"""The Wan2.2-A14B T2V Sparse-distill recipe on CPU: tiny random experts (tests/assets/tiny.toml), world of 1.
+
+A tiny two-expert pipeline folder (diffusers layout: tokenizer, UMT5, VAE, scheduler, transformer/ and transformer_2/
+with different random weights, model_index.json boundary_ratio 0.875) is the base. Checks: full and LoRA (rank 4)
+runs train, a run killed after its step-2 checkpoint and relaunched logs the same step-3/4 losses as an uninterrupted
+run, the export is one transformer that VideoPipeline loads in student mode (and the LoRA adapter on the two-expert
+folder finds its expert by digest); the teachers the recipe builds are the folder's experts; `real_score` scores each
+row with the expert of its timestep, compared with each expert called directly; a one-expert folder, a boundary that
+disagrees with the folder and LoRA with two different init experts fail before any model is built.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from components.config import ConfigError, load_config
+from models.wan import WAN_CONFIGS
+from models.wan_weights import export_random_init, load_pretrained
+from tests.recipe_shims import load_recipe as load_path
+from tests.tiny_pipeline import build_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "assets" / "tiny.toml"
+NAME = "wan22_a14b_t2v_sparse_distill"
+LOSSES = ("loss/critic", "loss/dmd", "grad_norm/critic", "grad_norm/student", "dmd/denom")
+
+
+def load_recipe():
+    return load_path(ROOT / "recipes" / f"{NAME}.py")
+
+
+@pytest.fixture(scope="module")
+def two_experts(tmp_path_factory) -> Path:
+    """A tiny Wan2.2-A14B-layout pipeline folder: the experts differ (seeds 1 and 2)."""
+    root = build_tiny_pipeline(tmp_path_factory.mktemp("a14b") / "pipe")
+    export_random_init(WAN_CONFIGS["tiny"], root / "transformer", seed=1)
+    export_random_init(WAN_CONFIGS["tiny"], root / "transformer_2", seed=2)
+    index = json.loads((root / "model_index.json").read_text())
+    wan = ["diffusers", "WanTransformer3DModel"]
+    (root / "model_index.json").write_text(json.dumps({**index, "transformer": wan, "transformer_2": wan,
+                                                       "boundary_ratio": 0.875}))
+    return root
+
+
+def argv(data: Path, base: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["--toml", str(TINY), "model.preset=none", f"model.base={base}", f"data.path={data / 'latents'}",
+            f"data.negative_prompt={data / 'negative_prompt.safetensors'}", f"data.val_prompts={data / 'prompts'}",
+            f"run.out_dir={out}", f"run.name={name}", *extra]
+
+
+def run(module, args: list[str]) -> Path:
+    return module.main(load_config(module.RecipeConfig, args, default_toml=ROOT / "recipes" / f"{NAME}.toml"))
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    merged: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        merged.setdefault(row["step"], {}).update(row)
+    return merged
+
+
+def losses(row: dict) -> dict:
+    return {k: row[k] for k in LOSSES if k in row}
+
+
+def cfg_x0(model, x, t, context, negative, w):
+    """One expert's DMD2-form CFG x0 of a batch, computed here from the model alone."""
+    from losses.flow import x0_from_velocity
+
+    cond = x0_from_velocity(x, model(x, t, context), t)
+    uncond = x0_from_velocity(x, model(x, t, negative.expand_as(context)), t)
+    return cond + w * (cond - uncond)
+
+
+def test_real_score_uses_the_expert_of_each_timestep(two_experts):
+    module = load_recipe()
+    high, low = load_pretrained(two_experts / "transformer"), load_pretrained(two_experts / "transformer_2")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((4, 4, 5, 8, 16), generator=gen)
+    t = torch.tensor([950.0, 300.0, 875.0, 874.0])  # boundary 875: high, low, high (>=), low
+    context, negative = torch.randn((4, 7, 32), generator=gen), torch.randn((1, 7, 32), generator=gen)
+    w = {"high": 3.0, "low": 2.0}
+    with torch.no_grad():
+        real = module.real_score({"high": high, "low": low}, 875.0, w, x, t, context, negative)
+        for i, expert in enumerate(["high", "low", "high", "low"]):
+            rows = slice(i, i + 1)
+            net, other = (high, low) if expert == "high" else (low, high)
+            expected = cfg_x0(net, x[rows], t[rows], context[rows], negative, w[expert])
+            torch.testing.assert_close(real[rows], expected, rtol=1e-5, atol=1e-5)
+            wrong = cfg_x0(other, x[rows], t[rows], context[rows], negative, w[expert])
+            assert (real[rows] - wrong).abs().max() > 1e-2  # the experts differ: the check above can tell them apart
+        # A batch with no low-noise row runs the low expert not at all.
+        calls = []
+        spy = lambda *a: calls.append(1) or low(*a)  # noqa: E731
+        module.real_score({"high": high, "low": spy}, 875.0, w, x[:1], t[:1], context[:1], negative)
+        assert calls == []
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_train_resume_export(lora, tiny_data, two_experts, tmp_path, monkeypatch):
+    from diffusers import WanTransformer3DModel
+
+    from inference.pipeline import VideoPipeline
+
+    module = load_recipe()
+    monkeypatch.setattr(module, "save_samples", lambda *args: None)  # decoding costs most of a tiny run's time
+    extra = ("run.max_steps=4", "run.val_every=4", f"lora.rank={lora}", "health.action=off")
+    # The teachers the recipe built are the folder's experts, checked at its first real-score call.
+    real_score, seen = module.real_score, []
+
+    def checked_real_score(teachers, boundary, *args):
+        if not seen:
+            probe = torch.randn((1, 4, 5, 8, 16), generator=torch.Generator().manual_seed(1))
+            t, ctx = torch.tensor([500.0]), torch.randn((1, 5, 32), generator=torch.Generator().manual_seed(2))
+            for expert, sub in (("high", "transformer"), ("low", "transformer_2")):
+                direct = load_pretrained(two_experts / sub)(probe, t, ctx)
+                torch.testing.assert_close(teachers[expert](probe, t, ctx), direct, rtol=1e-5, atol=1e-5)
+            seen.append(boundary)
+        return real_score(teachers, boundary, *args)
+
+    monkeypatch.setattr(module, "real_score", checked_real_score)
+    full = run(module, argv(tiny_data, two_experts, tmp_path, "full", *extra))
+    assert seen == [875.0]
+    monkeypatch.setattr(module, "real_score", real_score)
+    rows = logged(full)
+    assert "loss/dmd" in rows[2] and "loss/dmd" in rows[4]
+    assert all(torch.isfinite(torch.tensor(list(losses(r).values()))).all() for r in rows.values())
+
+    # Killed during step 3 (after the step-2 checkpoint), relaunched: steps 3-4 equal the uninterrupted run.
+    critic_step, calls = module.critic_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return critic_step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
+    args = argv(tiny_data, two_experts, tmp_path, "killed", *extra)
+    with pytest.raises(KeyboardInterrupt):
+        run(module, args)
+    dist.destroy_process_group()
+    monkeypatch.setattr(module, "critic_step", critic_step)
+    resumed_dir = run(module, args)
+    lines = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines if "loss/critic" in row] == [1, 2, 3, 4]
+    resumed = logged(resumed_dir)
+    for step in (1, 2, 3, 4):
+        assert losses(resumed[step]) == pytest.approx(losses(rows[step]), rel=1e-6, abs=1e-9), step
+
+    # Export: one transformer, the base's other parts linked; a student-mode pipeline of the A14B family.
+    export = full / "export"
+    assert not (export / "transformer_2").exists()
+    assert WanTransformer3DModel.from_pretrained(export / "transformer").config.num_layers == 2
+    pipe = VideoPipeline.from_pretrained(export, device="cpu", dtype=torch.float32, text_encoder=False)
+    assert pipe.dit_2 is None and pipe.spec.boundary == 875.0
+    exported = load_pretrained(export / "transformer").state_dict()
+    assert all(torch.equal(v.float(), exported[k].float()) for k, v in pipe.dit.state_dict().items() if k in exported)
+    if lora:  # the adapter on the two-expert folder: merged into transformer/ (student_init "high"), found by digest
+        adapted = VideoPipeline.from_pretrained(two_experts, device="cpu", dtype=torch.float32, text_encoder=False,
+                                                lora=full / "export_lora")
+        assert adapted.dit_2 is None
+        merged = adapted.dit.state_dict()
+        for key, value in exported.items():
+            if key in merged:
+                torch.testing.assert_close(merged[key].float(), value.float(), rtol=1e-5, atol=1e-5)
+
+
+def one_expert_folder(root: Path) -> Path:
+    build_tiny_pipeline(root)
+    export_random_init(WAN_CONFIGS["tiny"], root / "transformer", seed=1)
+    return root
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one_expert", "a one-expert folder given to a two-expert recipe"),
+    ("boundary", r"model\.boundary_ratio=0\.9 but .* sets boundary_ratio 0\.875"),
+    ("lora_inits", r"model\.critic_init='low' != model\.student_init='high'"),
+])
+def test_errors_before_any_model(case, message, tiny_data, two_experts, tmp_path, monkeypatch):
+    module = load_recipe()
+    for builder in ("build_wan", "build_lora", "write_random_experts"):
+        monkeypatch.setattr(module, builder, lambda *a, **k: pytest.fail("a model was built"))
+    base, extra = two_experts, []
+    if case == "one_expert":
+        base = one_expert_folder(tmp_path / "one")
+    elif case == "boundary":
+        extra = ["model.boundary_ratio=0.9"]
+    else:
+        extra = ["lora.rank=4", "model.critic_init=low"]
+    with pytest.raises(ConfigError, match=message):
+        run(module, argv(tiny_data, base, tmp_path, "bad", *extra))
