@@ -196,3 +196,22 @@ def test_errors_before_any_model(case, message, tiny_data, two_experts, tmp_path
         extra = ["lora.rank=4", "model.critic_init=low"]
     with pytest.raises(ConfigError, match=message):
         run(module, argv(tiny_data, base, tmp_path, "bad", *extra))
+
+
+def test_gpu_check_smoke(tmp_path):
+    """scripts/check_lora_gpu.py's a14b_lora part (the lead's one-H200 check) runs tiny on the CPU and ends without
+    an export; its plan for the real size fits one H200."""
+    import subprocess
+    import sys
+
+    from tests.recipe_shims import load_recipe as load_script
+
+    cmd = [sys.executable, str(ROOT / "scripts" / "check_lora_gpu.py"), "--smoke", "--part", "a14b_lora",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1].split()[:2] == ["a14b_lora", "3"]
+    run_dir = tmp_path / NAME / "a14b_lora"
+    assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "export").exists()
+    script = load_script(ROOT / "scripts" / "check_lora_gpu.py")
+    assert 60 < script.planned_gib("wan22_t2v_a14b", 32, False, (81, 480, 832)) < 139
