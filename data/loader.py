@@ -18,9 +18,10 @@ from data.parquet import DataError
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples: {"latents" (B,C,T,H,W), "context" (B,L,D), "context_mask" (B,L), "caption", "id", "num_skipped"}."""
+    """Stack samples: {"latents" (B,C,T,H,W), "context" (B,L,D), "context_mask" (B,L), "caption", "id", "num_skipped"};
+    I2V rows add "first_frame_latent" (B,C,T,H,W) and, where stored, "clip_feature" (B,L_img,D_img)."""
     batch: dict[str, Any] = {}
-    for key in ("latents", "context", "context_mask"):
+    for key in ("latents", "context", "context_mask", "first_frame_latent", "clip_feature"):
         if key not in samples[0]:
             continue
         shapes = {tuple(s[key].shape) for s in samples}
