@@ -6,7 +6,12 @@ runs train, a run killed after its step-2 checkpoint and relaunched logs the sam
 run, the export is one transformer that VideoPipeline loads in student mode (and the LoRA adapter on the two-expert
 folder finds its expert by digest); the teachers the recipe builds are the folder's experts; `real_score` scores each
 row with the expert of its timestep, compared with each expert called directly; a one-expert folder, a boundary that
-disagrees with the folder and LoRA with two different init experts fail before any model is built.
+disagrees with the folder and LoRA with two different init experts fail before any model is built; the GPU check
+script's a14b_lora part runs in its --smoke form.
+The I2V recipe (tiny I2V folders: 12 = 2·4 + 4 input channels): Wan2.2-I2V-A14B (two experts, full and LoRA) and
+Wan2.1-I2V-14B (one expert with CLIP tokens, through its overlay TOML) train, resume to the same losses and export;
+every network call sees [x, mask, image latent] (+ CLIP); `real_score` against each expert called directly; the
+one-expert / two-expert / T2V-model / LoRA-with-CLIP mix-ups fail before any model is built.
 """
 
 from __future__ import annotations
@@ -215,3 +220,144 @@ def test_gpu_check_smoke(tmp_path):
     assert (run_dir / "metrics.jsonl").is_file() and not (run_dir / "export").exists()
     script = load_script(ROOT / "scripts" / "check_lora_gpu.py")
     assert 60 < script.planned_gib("wan22_t2v_a14b", 32, False, (81, 480, 832)) < 139
+
+
+# ---- the I2V recipe (Wan2.2-I2V-A14B; Wan2.1-I2V-14B through its overlay TOML) ----
+I2V = "wan22_a14b_i2v_sparse_distill"
+WAN21_OVERLAY = ROOT / "recipes" / f"{I2V}.wan21_i2v_14b.toml"
+
+
+def tiny_i2v(clip: bool):
+    from dataclasses import replace
+
+    return replace(WAN_CONFIGS["tiny"], in_channels=2 * 4 + 4, image_dim=16 if clip else None)
+
+
+def i2v_folder(root: Path, experts: int, clip: bool) -> Path:
+    """A tiny I2V pipeline folder: 12 = 2·4 + 4 input channels; two experts (boundary 0.9) or one with CLIP."""
+    build_tiny_pipeline(root)
+    wan = ["diffusers", "WanTransformer3DModel"]
+    index = {**json.loads((root / "model_index.json").read_text()), "transformer": wan}
+    for i, sub in enumerate(("transformer", "transformer_2")[:experts]):
+        export_random_init(tiny_i2v(clip), root / sub, seed=1 + i)
+    if experts == 2:
+        index.update(transformer_2=wan, boundary_ratio=0.9)
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.fixture(scope="module")
+def i2v_data(tmp_path_factory) -> Path:
+    """tools/make_tiny_data.py --i2v --clip 5,16: I2V rows with CLIP tokens (the A14B models ignore them)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny_i2v")
+    tool = ROOT / "tools" / "make_tiny_data.py"
+    subprocess.run([sys.executable, str(tool), "--out", str(out), "--i2v", "--clip", "5,16"], check=True, timeout=300)
+    return out
+
+
+def i2v_argv(data: Path, base: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["--toml", str(TINY), "model.preset=none", f"model.base={base}", f"data.path={data / 'latents'}",
+            f"data.negative_prompt={data / 'negative_prompt.safetensors'}", f"data.val_data={data / 'latents'}",
+            f"run.out_dir={out}", f"run.name={name}", *extra]
+
+
+def run_i2v(module, args: list[str]) -> Path:
+    return module.main(load_config(module.RecipeConfig, args, default_toml=ROOT / "recipes" / f"{I2V}.toml"))
+
+
+def test_i2v_real_score_sees_the_condition_and_the_expert(tmp_path):
+    from inference.pipeline import i2v_mask
+    from losses.flow import x0_from_velocity
+
+    module = load_path(ROOT / "recipes" / f"{I2V}.py")
+    root = i2v_folder(tmp_path / "pipe", 2, clip=False)
+    high, low = load_pretrained(root / "transformer"), load_pretrained(root / "transformer_2")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((2, 4, 5, 8, 16), generator=gen)
+    condition = torch.cat([i2v_mask((2, 4, 5, 8, 16), "cpu"), torch.randn((2, 4, 5, 8, 16), generator=gen)], dim=1)
+    batch = {"context": torch.randn((2, 7, 32), generator=gen), "condition": condition, "image_context": None}
+    negative = torch.randn((1, 7, 32), generator=gen)
+    t = torch.tensor([950.0, 300.0])  # boundary 900
+    with torch.no_grad():
+        real = module.real_score({"high": high, "low": low}, 900.0, {"high": 2.5, "low": 1.5}, x, t, batch, negative)
+        for i, (net, w) in enumerate([(high, 2.5), (low, 1.5)]):
+            inp = torch.cat([x[i : i + 1], condition[i : i + 1]], dim=1)  # (1, 12, T, H, W): [x, mask, image latent]
+            cond = x0_from_velocity(x[i : i + 1], net(inp, t[i : i + 1], batch["context"][i : i + 1]), t[i : i + 1])
+            uncond = x0_from_velocity(x[i : i + 1], net(inp, t[i : i + 1], negative), t[i : i + 1])
+            torch.testing.assert_close(real[i : i + 1], cond + w * (cond - uncond), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["a14b", "a14b_lora", "wan21_clip"])
+def test_i2v_train_resume_export(variant, i2v_data, tmp_path, monkeypatch):
+    from diffusers import WanTransformer3DModel
+
+    module = load_path(ROOT / "recipes" / f"{I2V}.py")
+    monkeypatch.setattr(module, "save_samples", lambda *args: None)
+    experts, clip = (1, True) if variant == "wan21_clip" else (2, False)
+    base = i2v_folder(tmp_path / "pipe", experts, clip)
+    extra = ["run.max_steps=4", "run.val_every=4", "health.teacher_steps=2"]
+    extra += ["lora.rank=4"] if variant == "a14b_lora" else []
+    overlay = ["--toml", str(WAN21_OVERLAY)] if variant == "wan21_clip" else []
+    # Every call of every network sees the I2V input (and, for Wan2.1-I2V, CLIP tokens of width 16).
+    forward, shapes = module.forward, set()
+
+    def recording_forward(net, x, t, batch, meta=None):
+        shapes.add((x.shape[1] + batch["condition"].shape[1],
+                    None if batch["image_context"] is None else batch["image_context"].shape[-1]))
+        return forward(net, x, t, batch, meta)
+
+    monkeypatch.setattr(module, "forward", recording_forward)
+    full = run_i2v(module, [*overlay, *i2v_argv(i2v_data, base, tmp_path, "full", *extra)])
+    assert shapes == {(12, 16 if clip else None)}
+    rows = logged(full)
+    assert "loss/dmd" in rows[2] and "loss/dmd" in rows[4]
+    assert all(torch.isfinite(torch.tensor(list(losses(r).values()))).all() for r in rows.values())
+
+    critic_step, calls = module.critic_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return critic_step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
+    args = [*overlay, *i2v_argv(i2v_data, base, tmp_path, "killed", *extra)]
+    with pytest.raises(KeyboardInterrupt):
+        run_i2v(module, args)
+    dist.destroy_process_group()
+    monkeypatch.setattr(module, "critic_step", critic_step)
+    resumed = logged(run_i2v(module, args))
+    for step in (1, 2, 3, 4):
+        assert losses(resumed[step]) == pytest.approx(losses(rows[step]), rel=1e-6, abs=1e-9), step
+    exported = WanTransformer3DModel.from_pretrained(full / "export" / "transformer")
+    assert exported.config.in_channels == 12 and exported.config.image_dim == (16 if clip else None)
+    assert not (full / "export" / "transformer_2").exists()
+    assert (full / "export_lora").is_dir() == (variant == "a14b_lora")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("one_expert", "a one-expert folder given to a two-expert recipe"),
+    ("two_as_one", r"has transformer_2/ .* but model\.experts=1"),
+    ("t2v_model", r"in_channels=4 is not 2 · out_channels \+ 4 = 12"),
+    ("lora_clip", r"lora\.rank > 0 with a CLIP-conditioned model"),
+])
+def test_i2v_errors_before_any_model(case, message, i2v_data, two_experts, tmp_path, monkeypatch):
+    module = load_path(ROOT / "recipes" / f"{I2V}.py")
+    for builder in ("build_wan", "build_lora", "write_random_experts"):
+        monkeypatch.setattr(module, builder, lambda *a, **k: pytest.fail("a model was built"))
+    overlay, extra = [], []
+    if case == "one_expert":
+        base = i2v_folder(tmp_path / "one", 1, clip=True)
+    elif case == "two_as_one":
+        base, overlay = i2v_folder(tmp_path / "two", 2, clip=False), ["--toml", str(WAN21_OVERLAY)]
+    elif case == "t2v_model":
+        base, extra = two_experts, ["model.boundary_ratio=0.875"]
+    else:
+        base, overlay = i2v_folder(tmp_path / "one", 1, clip=True), ["--toml", str(WAN21_OVERLAY)]
+        extra = ["lora.rank=4"]
+    with pytest.raises(ConfigError, match=message):
+        run_i2v(module, [*overlay, *i2v_argv(i2v_data, base, tmp_path, "bad", *extra)])

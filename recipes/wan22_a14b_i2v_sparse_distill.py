@@ -1,0 +1,649 @@
+"""Wan2.2-I2V-A14B (and Wan2.1-I2V-14B) Sparse-distill: DMD2 distillation of an image-to-video teacher into one 3-step
+VSA student (ρ = 0.9).
+
+The method is recipes/wan22_a14b_t2v_sparse_distill.py's (read it and recipes/wan21_1_3b_sparse_distill.py first; the
+functions marked "Copied from" are checked copies): the real score from the expert of each row's score timestep
+(high-noise transformer/ for t >= boundary_ratio · 1000, low-noise transformer_2/ below), one student and one critic
+initialised from `model.student_init` / `model.critic_init`, LoRA with the student_init expert as the shared frozen
+base and the other expert as a second frozen base. What differs is the input. Every network call (student, critic,
+teacher, the negative-prompt branch too) sees [noisy latent (C), first-frame mask (4), image latent (C)] along
+channels, 2 C + 4 = 36 in, C = 16 out, as diffusers' pipelines/wan/pipeline_wan_i2v.py conditions them; the mask is 1
+on latent frame 0; the image latent is the clip's `first_frame_latent` (the VAE latent of [frame 0, black frames],
+tools/preprocess.py --i2v), normalised like the latents. Wan2.1-I2V also passes its CLIP image tokens (the
+`clip_feature` column) to every call. Validation conditions on the first `run.val_count` rows of `data.val_data`.
+Wan2.1-I2V-14B has one transformer: its TOML sets `model.experts = 1` (allowed only for it; boundary_ratio 0 then:
+every t is the one expert's), and the student and critic start from it.
+Hyperparameters: as the T2V A14B recipe (the Wan2.1-14B DMD values); boundary, CFG scales and shape are Wan2.2's
+i2v_A14B (boundary_ratio 0.9, guidance 3.5 / 3.5 in standard CFG, 81×480×832).
+    torchrun --nproc_per_node 8 recipes/wan22_a14b_i2v_sparse_distill.py parallel.dp_replicate=1 lora.rank=32
+    torchrun --nproc_per_node 8 recipes/wan22_a14b_i2v_sparse_distill.py \
+        --toml recipes/wan22_a14b_i2v_sparse_distill.wan21_i2v_14b.toml              # Wan2.1-I2V-14B (one expert)
+    python tools/make_tiny_data.py --out outputs/tiny_i2v --i2v     # CPU, tiny experts: tests/test_a14b_recipes.py
+LoRA with CLIP tokens (Wan2.1-I2V) is refused: models/lora.py's AdapterView passes no image tokens yet.
+Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from attention.sdpa import sdpa_attention
+from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
+from components.config import (
+    ConfigError,
+    as_config_error,
+    data_folders,
+    dump_toml,
+    exit_on_config_error,
+    load_config,
+    require_paths,
+)
+from components.health import HealthConfig, HealthGuard, reference_key
+from components.metrics import MetricsLogger, reduce_for_log, step_scalars
+from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_ema, load_ema, update_ema
+from components.run_dir import link_pipeline_parts, save_samples, write_run_files
+from components.schedule import build_lr_scheduler, sparsity_at
+from data.dataset import LatentDataset, check_first_row, load_negative_context
+from data.encode import compute_latent_shape, latent_stats_from_config, load_vae, normalize_latents
+from data.loader import collate, make_loader
+from losses.dmd import critic_loss, dmd_loss, student_rollout_data
+from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from inference.lora import export_lora
+from inference.pipeline import i2v_mask
+from models.lora import AdapterView, apply_lora, check_lora
+from models.wan import WAN_CONFIGS, WanConfig, WanModel
+from models.wan_weights import export_random_init, read_config, resolve_expert_dirs, resolve_transformer_dir
+from parallel.checkpoint import Checkpointer, ModelState, export_student
+from parallel.mesh import ParallelDims, build_mesh, check_parallel_sizes, init_distributed
+from parallel.ulysses import attention_for
+from parallel.wan import load_sharded, parallelize_wan
+
+
+# ---- config: one dataclass per TOML table; the TOML holds the values and their provenance ----
+@dataclass
+class ModelConfig:
+    base: Path  # diffusers I2V pipeline root: transformer/ (high noise) [+ transformer_2/ (low noise)], vae/
+    experts: Literal[1, 2]  # 2: Wan2.2-I2V-A14B; 1: Wan2.1-I2V-14B (one transformer, its TOML only)
+    student_init: Literal["high", "low"]  # the expert the student starts from (LoRA: the shared frozen base)
+    critic_init: Literal["high", "low"]  # the expert the critic starts from (LoRA: must equal student_init)
+    # expert switch t = boundary_ratio · 1000; must equal model.base's model_index.json (a check, not an override);
+    # with model.preset it is where the two random experts switch; 0 with one expert
+    boundary_ratio: float
+    preset: str | None = None  # a WAN_CONFIGS name: seeded random experts of that size instead of base's
+
+
+# Copied from recipes/wan21_1_3b_sparse_distill.py:AttnConfig..VideoConfig
+@dataclass
+class AttnConfig:
+    student: Literal["vsa", "sdpa"]  # student self-attention; the teacher is always dense
+    # critic self-attention: "dense_gated" = dense + VSA's coarse branch through a trainable zero-initialised gate
+    # (VSA at ρ = 0, as the released FastWan runs trained it), "dense" = plain SDPA
+    critic: Literal["dense_gated", "dense"]
+    sparsity: float  # VSA ρ: the fraction of kv tiles each query tile skips
+    sparsity_ramp: list[float]  # [] = constant ρ; [start, step, interval]: ρ_k = min(start + step·⌊k/interval⌋, ρ)
+
+
+@dataclass
+class VideoConfig:
+    num_frames: int  # pixel frames of a clip (training latents and validation samples)
+    height: int
+    width: int
+    vae_stride: list[int]  # (T, H, W): latent T = (frames − 1)/stride_t + 1, H = height/stride_h, W likewise
+    fps: int  # of the validation mp4s
+
+
+# Copied from recipes/wan22_a14b_t2v_sparse_distill.py:DMDConfig
+@dataclass
+class DMDConfig:
+    steps: list[int]  # the student's few-step schedule (timesteps on 0..1000)
+    student_every: int  # one student update every N steps; the critic updates every step
+    guidance: float  # high-noise expert's CFG in the DMD2 form: real = cond + w·(cond − uncond) (standard CFG w + 1)
+    guidance_2: float  # low-noise expert's CFG, same form (t < boundary)
+    flow_shift: float  # score-timestep sampler: t = clamp(shift(U{0..999}), t_min, t_max)
+    t_min: float
+    t_max: float
+
+
+# Copied from recipes/wan21_1_3b_sparse_distill.py:OptimConfig
+@dataclass
+class OptimConfig:
+    lr: float  # student AdamW
+    critic_lr: float
+    betas: list[float]
+    weight_decay: float
+    grad_clip: float  # max global grad norm, per network
+    scheduler: Literal["constant", "cosine_with_min_lr"]  # student LR schedule, stepped every (critic) step
+    critic_scheduler: Literal["constant", "cosine_with_min_lr"]
+    warmup_steps: int  # cosine_with_min_lr only
+    min_lr_ratio: float  # cosine floor
+    grad_accum: int  # micro-batches per update
+
+
+@dataclass
+class DataConfig:
+    path: str  # I2V latent parquet folder(s) (first_frame_latent [, clip_feature]): "dirA:2,dirB" repeats dirA twice
+    negative_prompt: Path  # the teacher's unconditional caption embedding (.safetensors or .parquet)
+    val_data: Path  # I2V latent parquet; its first run.val_count rows (caption, first frame, CLIP) are the validation
+    batch_size: int  # per SP group and micro-batch
+    num_workers: int = 4
+
+
+# Copied from recipes/wan21_1_3b_sparse_distill.py:ParallelConfig..LoraConfig
+@dataclass
+class ParallelConfig:
+    dp_replicate: int  # HSDP replicas; each shards over world / (dp_replicate · sp) ranks (= 1: pure replication)
+    sp: int  # Ulysses sequence parallel size (divides the head count)
+    mixed_precision: Literal["bf16", "fp32"]  # compute dtype; master weights and optimizer state stay fp32
+    activation_checkpointing: Literal["none", "full", "selective", "attention"] = "full"
+    compile: bool = False
+
+
+@dataclass
+class LoraConfig:
+    rank: int  # 0 = full fine-tune (three networks); > 0: one frozen bf16 base shared by all three, and
+    # student and critic adapters of this rank (models/lora.py); only the adapters train and are checkpointed
+    alpha: float  # adapter scale alpha / rank
+    targets: list[str]  # linears with adapters: "self_attn" (attn1 q/k/v/out), "cross_attn" (attn2), "ffn" (fc1/fc2)
+    gate: Literal["lora", "full"]  # the VSA gate per adapter: low-rank (this rank) or a full (dim, dim) delta
+
+
+# Copied from recipes/wan22_a14b_t2v_sparse_distill.py:RunConfig
+@dataclass
+class RunConfig:
+    name: str
+    seed: int  # data order, noise and timesteps are pure functions of (seed, dp rank, step)
+    max_steps: int
+    ema_decay: float  # EMA of the student (exported next to it); 0 = off
+    log_every: int = 10
+    ckpt_every: int = 500  # and after the last step; 0 = no training-state checkpoints
+    keep_ckpts: int = 3
+    val_every: int = 200
+    val_count: int = 4  # validation prompts (their noise is drawn from run.seed)
+    max_nonfinite_in_row: int = 3  # abort after this many consecutive steps with a skipped (non-finite) update
+    out_dir: Path = Path("outputs")
+    export: bool = True  # false: no export after the last step (memory/speed checks; a 14B merged export is 57 GB)
+
+
+# Copied from recipes/wan21_1_3b_sparse_distill.py:RecipeConfig
+@dataclass
+class RecipeConfig:
+    model: ModelConfig
+    attn: AttnConfig
+    video: VideoConfig
+    dmd: DMDConfig
+    optim: OptimConfig
+    data: DataConfig
+    parallel: ParallelConfig
+    run: RunConfig
+    health: HealthConfig  # training health: statistics against the teacher's samples, a guard (components/health.py)
+    lora: LoraConfig
+
+
+ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "dense_gated": dense_gated_attention}
+EXPERTS = ("high", "low")  # transformer/ (t >= boundary), transformer_2/ (t < boundary)
+I2V_MASK = 4  # first-frame mask channels of the I2V input
+
+
+def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[int, ...]]:
+    """Everything checkable without building a model; returns (model config, latent shape (C, T, H, W) of the
+    denoised latents: the network's out_channels)."""
+    require_paths(
+        {
+            "model.base": [cfg.model.base, cfg.model.base / "vae"],
+            "data.path": data_folders(cfg.data.path),
+            "data.negative_prompt": cfg.data.negative_prompt,
+            "data.val_data": cfg.data.val_data,
+        }
+    )
+    m = cfg.model
+    if m.experts == 2 and not 0 < m.boundary_ratio < 1:
+        raise ConfigError(f"model.boundary_ratio={m.boundary_ratio} must be in (0, 1) (Wan2.2-I2V-A14B: 0.9)")
+    if m.experts == 1 and (m.boundary_ratio != 0 or m.student_init != "high" or m.critic_init != "high"):
+        raise ConfigError("model.experts=1 (Wan2.1-I2V-14B): set model.boundary_ratio=0 (every t is the one "
+                          "expert's) and model.student_init = model.critic_init = \"high\" (its transformer/)")
+    if m.preset is not None and m.preset not in WAN_CONFIGS:
+        raise ConfigError(f"model.preset={m.preset!r}; choose one of {sorted(WAN_CONFIGS)}")
+    if m.preset:
+        wan = WAN_CONFIGS[m.preset]
+    elif m.experts == 1:
+        if (m.base / "transformer_2").exists():
+            raise ConfigError(f"model.base: {m.base} has transformer_2/ (a two-expert Wan2.2-A14B folder) but "
+                              "model.experts=1; set model.experts=2 and model.boundary_ratio")
+        with as_config_error("model.base"):
+            try:
+                wan = WanConfig.from_diffusers(read_config(resolve_transformer_dir(m.base)))
+            except FileNotFoundError as e:
+                raise ConfigError(f"model.base: {e}") from None
+    else:
+        try:
+            high, low, boundary = resolve_expert_dirs(m.base)
+        except FileNotFoundError as e:
+            raise ConfigError(f"model.base: a one-expert folder given to a two-expert recipe (model.experts=1 is "
+                              f"for Wan2.1-I2V-14B only): {e}") from None
+        if boundary != m.boundary_ratio * 1000:
+            raise ConfigError(f"model.boundary_ratio={m.boundary_ratio} but {m.base}/model_index.json sets "
+                              f"boundary_ratio {boundary / 1000:g}; set model.boundary_ratio={boundary / 1000:g}")
+        wan, wan_2 = (WanConfig.from_diffusers(read_config(d)) for d in (high, low))
+        if wan != wan_2:
+            raise ConfigError(f"model.base: transformer/ and transformer_2/ differ ({wan} vs {wan_2}); the two "
+                              "experts of a Wan2.2-A14B folder share one architecture")
+    if wan.in_channels != 2 * wan.out_channels + I2V_MASK:
+        raise ConfigError(f"model: in_channels={wan.in_channels} is not 2 · out_channels + {I2V_MASK} = "
+                          f"{2 * wan.out_channels + I2V_MASK}: not an I2V model (a T2V one: "
+                          "recipes/wan22_a14b_t2v_sparse_distill.py)")
+    if cfg.lora.rank and wan.image_dim is not None:
+        raise ConfigError("lora.rank > 0 with a CLIP-conditioned model (Wan2.1-I2V): LoRA views pass no image tokens "
+                          "yet; train it in full (lora.rank=0)")
+    if cfg.lora.rank and m.critic_init != m.student_init:
+        raise ConfigError(f"model.critic_init={m.critic_init!r} != model.student_init={m.student_init!r}: with LoRA "
+                          "student and critic are adapters on one frozen base expert; set them equal")
+    if not (0 <= cfg.attn.sparsity < 1 and cfg.dmd.student_every >= 1 and cfg.optim.grad_accum >= 1):
+        raise ConfigError("need 0 <= attn.sparsity < 1, dmd.student_every >= 1 and optim.grad_accum >= 1")
+    with as_config_error():
+        check_parallel_sizes(world_size, cfg.parallel.dp_replicate, cfg.parallel.sp, wan.num_heads)
+    with as_config_error("lora"):
+        check_lora(cfg.lora.rank, cfg.lora.targets, cfg.lora.gate)
+    with as_config_error("video"):
+        v = cfg.video
+        return wan, compute_latent_shape(wan.out_channels, v.num_frames, v.height, v.width, v.vae_stride)
+
+
+def write_random_experts(wan: WanConfig, root: Path, boundary_ratio: float, seed: int, experts: int) -> Path:
+    """model.preset: a pipeline root of seeded random experts (different seeds; one expert: transformer/ alone) and
+    the boundary. Existing expert folders are kept (a resumed run reuses its initial weights)."""
+    for i, sub in enumerate(("transformer", "transformer_2")[:experts]):
+        export_random_init(wan, root / sub, seed + i)
+    index = {"_class_name": "WanImageToVideoPipeline", **({"boundary_ratio": boundary_ratio} if experts == 2 else {})}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def expert_dirs(root: Path, experts: int) -> tuple[dict[str, Path], float]:
+    """({"high": transformer/, "low": transformer_2/}, boundary t); one expert: both its folder, boundary 0."""
+    if experts == 1:
+        folder = resolve_transformer_dir(root)
+        return {"high": folder, "low": folder}, 0.0
+    high, low, boundary = resolve_expert_dirs(root)
+    return {"high": high, "low": low}, boundary
+
+
+# Copied from recipes/wan21_1_3b_sparse_distill.py:build_wan..build_lora
+def build_wan(
+    wan: WanConfig,
+    attn: str,
+    weights: Path,
+    dims: ParallelDims,
+    device: torch.device,
+    par: ParallelConfig,
+    frozen: bool,
+) -> WanModel:
+    """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
+    with torch.device("meta"):
+        # The VSA gate (student, gated critic) starts at 0 unless `weights` has one.
+        model = WanModel(replace(wan, vsa_gate=attn in ("vsa", "dense_gated")), attn_fn=ATTN[attn])
+    parallelize_wan(
+        model,
+        dims,
+        ac_mode=par.activation_checkpointing,
+        compile=par.compile,
+        frozen=frozen,
+        param_dtype=torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32,
+    )
+    load_sharded(model, weights, device)
+    return model
+
+
+def build_lora(
+    wan: WanConfig, attns: dict, weights: Path, dims: ParallelDims, device: torch.device, cfg: RecipeConfig
+) -> dict[str, AdapterView]:
+    """LoRA mode: ONE network built, parallelised and loaded once, with a frozen base and fresh student and critic
+    adapters; each role (name -> (adapter, attention) in `attns`) is a view of it (models/lora.py)."""
+    par, lora = cfg.parallel, cfg.lora
+    with torch.device("meta"):
+        base = WanModel(replace(wan, vsa_gate=any(a in ("vsa", "dense_gated") for _, a in attns.values())))
+    apply_lora(base, lora.rank, lora.alpha, lora.targets, gate=lora.gate)
+    dtype = torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32
+    parallelize_wan(base, dims, ac_mode=par.activation_checkpointing, compile=par.compile, param_dtype=dtype)
+    load_sharded(base, weights, device)
+    return {role: AdapterView(base, adapter, attention_for(base, ATTN[attn])) for role, (adapter, attn) in attns.items()}
+
+
+# ---- data ----
+def load_data(path: str, latent_shape: tuple[int, ...], wan: WanConfig) -> LatentDataset:
+    """I2V latent parquet; its first row is read now, so a shape mismatch or missing CLIP tokens fail before any model
+    is built."""
+    with as_config_error("data.path"):  # a file without latent columns, or bad rows: one clean message
+        rank = int(os.environ.get("RANK", 0))
+        dataset = LatentDataset(path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape, rank=rank,
+                                i2v=True)
+        check_first_row(dataset, wan.text_dim)
+        clip = dataset[0].get("clip_feature")  # (L_img, D_img) or None
+        if wan.image_dim is not None and (clip is None or clip.shape[-1] != wan.image_dim):
+            got = "no clip_feature" if clip is None else f"clip_feature of width {clip.shape[-1]}"
+            raise ConfigError(f"data.path: {path} has {got}; this model takes CLIP tokens of width {wan.image_dim} "
+                              "(Wan2.1-I2V: tools/preprocess.py --i2v with a model folder that has image_encoder/)")
+    return dataset
+
+
+def prepare_batch(batch: dict, mean: torch.Tensor, std: torch.Tensor, device: torch.device, clip: bool) -> dict:
+    """Latents and the first-frame latent normalised with the VAE's per-channel statistics (docs/METHOD.md §0), the
+    I2V condition [mask, image latent] (B, 4 + C, T, H, W), caption embeddings and (clip) CLIP tokens, on the device."""
+    latents = normalize_latents(batch["latents"], mean, std).to(device)  # (B, C, T, H, W)
+    image = normalize_latents(batch["first_frame_latent"], mean, std).to(device)  # (B, C, T, H, W)
+    condition = torch.cat([i2v_mask(tuple(latents.shape), device), image], dim=1)  # (B, 4 + C, T, H, W)
+    tokens = batch["clip_feature"].to(device) if clip else None  # (B, L_img, D_img)
+    return {"latents": latents, "context": batch["context"].to(device), "condition": condition, "image_context": tokens}
+
+
+def first_rows(path: Path, count: int, shape: tuple[int, ...], mean, std, device, clip: bool) -> dict:
+    """The validation conditioning: the first `count` rows of an I2V parquet as one prepared batch."""
+    with as_config_error("data.val_data"):
+        dataset = LatentDataset(str(path), num_latent_t=shape[1], expect_latent_shape=shape, i2v=True)
+        rows = [dataset[i] for i in range(min(count, len(dataset)))]
+    return prepare_batch(collate(rows), mean, std, device, clip)
+
+
+# ---- the method ----
+def forward(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, batch: dict, meta=None) -> torch.Tensor:
+    """One network call on the I2V input: [x (C), mask (4), image latent (C)] along channels, + CLIP tokens."""
+    tokens = {} if batch["image_context"] is None else {"image_context": batch["image_context"]}
+    return net(torch.cat([x, batch["condition"].to(x.dtype)], dim=1), t, batch["context"], meta, **tokens)
+
+
+def rollout(student: WanModel, batch: dict, meta, steps: list[int], gen: torch.Generator) -> torch.Tensor:
+    """Student sample x0: one student step from data noised to a random step of its schedule (docs/METHOD.md §1.4a)."""
+    return student_rollout_data(lambda x, t: forward(student, x, t, batch, meta), batch["latents"], steps, gen)[0]
+
+
+@torch.no_grad()
+def real_score(
+    teachers: dict[str, torch.nn.Module],
+    boundary: float,
+    guidance: dict[str, float],
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    batch: dict,
+    negative: torch.Tensor,
+) -> torch.Tensor:
+    """The teacher's CFG x0 (DMD2 form, per expert scale) of each row by the expert of its score timestep: "high" for
+    t >= boundary, "low" below. Each expert runs only on its rows, conditional and negative prompt as one batch of 2n
+    (both with the row's image conditioning). Returns fp32 (B, C, T, H, W)."""
+    rows = {"high": t >= boundary, "low": t < boundary}  # (B,) each
+    # Every rank calls an expert that any rank needs (FSDP's all-gathers are collectives); a rank with no rows for it
+    # runs it on one row and drops the result.
+    need = torch.stack([rows[e].any() for e in EXPERTS]).int()
+    if dist.is_initialized():
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    real = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
+    for expert, needed in zip(EXPERTS, need.tolist()):
+        if not needed:
+            continue
+        idx = rows[expert].nonzero()[:, 0]  # (n,)
+        keep = len(idx) > 0
+        idx = idx if keep else torch.zeros(1, dtype=torch.long, device=t.device)
+        ctx = batch["context"][idx]
+        two = {  # (2n, ...): the conditional rows, then the same rows with the negative prompt
+            "context": torch.cat([ctx, negative.expand_as(ctx)]),
+            "condition": torch.cat([batch["condition"][idx]] * 2),
+            "image_context": None if batch["image_context"] is None else torch.cat([batch["image_context"][idx]] * 2),
+        }
+        x, tt = torch.cat([x_t[idx]] * 2), torch.cat([t[idx]] * 2)
+        cond, uncond = x0_from_velocity(x, forward(teachers[expert], x, tt, two), tt).float().chunk(2)
+        if keep:
+            real[idx] = cond + guidance[expert] * (cond - uncond)
+    return real
+
+
+def student_step(
+    student: WanModel,
+    teachers: dict[str, torch.nn.Module],
+    critic: WanModel,
+    batches: list[dict],
+    negative: torch.Tensor,
+    meta,
+    critic_meta,
+    dmd: DMDConfig,
+    boundary: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the DMD2 gradient over the micro-batches (docs/METHOD.md §1.5), the real score from the expert of
+    each row's score timestep; returns detached (loss, normaliser)."""
+    loss_sum, denom_sum = 0.0, 0.0
+    guidance = {"high": dmd.guidance, "low": dmd.guidance_2}
+    for batch in batches:
+        x0 = rollout(student, batch, meta, dmd.steps, gen)  # with grad, sparse attention
+        with torch.no_grad():
+            t = sample_score_timesteps(x0.shape[0], dmd.flow_shift, dmd.t_min, dmd.t_max, gen).to(x0.device)
+            x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=gen, device=x0.device), t)
+            fake = x0_from_velocity(x_t, forward(critic, x_t, t, batch, critic_meta), t)
+            real = real_score(teachers, boundary, guidance, x_t, t, batch, negative)
+        loss, stats = dmd_loss(x0, fake, real, real, 0.0)  # real is already guided per expert: w = 0 keeps it
+        (loss / len(batches)).backward()
+        loss_sum = loss_sum + loss.detach() / len(batches)
+        denom_sum = denom_sum + stats["dmd/denom"] / len(batches)
+    return loss_sum, denom_sum
+
+
+def critic_step(
+    student: WanModel,
+    critic: WanModel,
+    batches: list[dict],
+    meta,
+    critic_meta,
+    dmd: DMDConfig,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Accumulate the critic's flow-matching loss on fresh no-grad student samples (docs/METHOD.md §1.6); returns it detached."""
+    loss_sum = 0.0
+    for batch in batches:
+        with torch.no_grad():
+            x0 = rollout(student, batch, meta, dmd.steps, gen)
+        t = sample_score_timesteps(x0.shape[0], dmd.flow_shift, dmd.t_min, dmd.t_max, gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
+        loss = critic_loss(forward(critic, add_noise(x0, noise, t), t, batch, critic_meta), noise, x0)
+        (loss / len(batches)).backward()
+        loss_sum = loss_sum + loss.detach() / len(batches)
+    return loss_sum
+
+
+@torch.no_grad()
+def validate(
+    student: WanModel, val: dict, meta, steps: list[int], latent_shape: tuple[int, ...], seed: int
+) -> torch.Tensor:
+    """The DMD sampler (docs/METHOD.md §5.2) from fixed seeds on the fixed validation rows: normalised latents
+    (N, C, T, H, W)."""
+    gen = torch.Generator(val["context"].device).manual_seed(seed)
+    noise = torch.randn((len(val["context"]), *latent_shape), generator=gen, device=val["context"].device)
+    return few_step_sample(lambda x, t: forward(student, x, t, val, meta), noise, steps, gen)
+
+
+@torch.no_grad()
+def teacher_reference(
+    teachers: dict[str, torch.nn.Module],
+    boundary: float,
+    val: dict,
+    negative: torch.Tensor,
+    shape: tuple[int, ...],
+    cfg: RecipeConfig,
+) -> torch.Tensor:
+    """The health reference: the teacher's many-step Euler samples with CFG (DMD2's w is CFG w + 1; the expert and
+    its scale by the step's t, as diffusers' WanImageToVideoPipeline switches), validate's noise and rows."""
+    gen = torch.Generator(val["context"].device).manual_seed(cfg.run.seed)
+    noise = torch.randn((len(val["context"]), *shape), generator=gen, device=val["context"].device)
+    unconditional = {**val, "context": negative.expand_as(val["context"])}
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # t: one value for the whole batch
+        expert = "high" if float(t[0]) >= boundary else "low"
+        w = cfg.dmd.guidance if expert == "high" else cfg.dmd.guidance_2
+        cond, uncond = forward(teachers[expert], x, t, val), forward(teachers[expert], x, t, unconditional)
+        return uncond + (w + 1) * (cond - uncond)
+
+    # guidance 1: teacher_sample takes `guided` as the (already guided) velocity
+    return teacher_sample(guided, guided, noise, cfg.health.teacher_steps, cfg.health.teacher_shift, 1.0)
+
+
+def main(cfg: RecipeConfig) -> Path:
+    # ---- setup: everything checkable is checked before any process group, model or GPU memory ----
+    wan, latent_shape = check_config(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    dataset = load_data(cfg.data.path, latent_shape, wan)
+    mean, std = latent_stats_from_config(cfg.model.base)  # (C,) each, to normalise the latents (docs/METHOD.md §0)
+    rank, world, device = init_distributed()
+    dims = build_mesh(world, cfg.parallel.dp_replicate, cfg.parallel.sp, device.type, wan.num_heads)
+    run_dir = cfg.run.out_dir / Path(__file__).stem / cfg.run.name
+    if rank == 0:
+        write_run_files(run_dir, dump_toml(cfg), Path(__file__))
+    metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
+    health = HealthGuard(cfg.health, run_dir, metrics, device, main_process=rank == 0)
+    negative = load_negative_context(cfg.data.negative_prompt)[0][None].to(device)  # (1, 512, D)
+    clip = wan.image_dim is not None  # Wan2.1-I2V: CLIP tokens into every call
+    val = first_rows(cfg.data.val_data, cfg.run.val_count, latent_shape, mean, std, device, clip)  # fixed noise each
+    vae = load_vae(cfg.model.base, device) if rank == 0 else None  # decodes the validation samples
+    # ---- models: student (VSA + gate) and critic (dense [+ gate]) from one expert each, two frozen dense teachers ----
+    m = cfg.model
+    weights = run_dir / "random_init" if m.preset else m.base  # preset: seeded random experts
+    if m.preset and rank == 0:
+        write_random_experts(wan, weights, m.boundary_ratio, cfg.run.seed, m.experts)
+    torch.distributed.barrier()  # the weights exist before any rank reads them
+    experts, boundary = expert_dirs(weights, m.experts)
+    critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
+    if cfg.lora.rank:  # one base; each view's parameters (optimizer, EMA, checkpoint) are its adapter only
+        attns = {"student": ("student", cfg.attn.student), "teacher": (None, "sdpa"), "critic": ("critic", critic_attn)}
+        student, base_teacher, critic = build_lora(wan, attns, experts[m.student_init], dims, device, cfg).values()
+        other = "low" if m.student_init == "high" else "high"  # the second frozen base: no adapters
+        teachers = {m.student_init: base_teacher, other: base_teacher}
+        if m.experts == 2:
+            teachers[other] = build_wan(wan, "sdpa", experts[other], dims, device, cfg.parallel, frozen=True)
+    else:
+        student = build_wan(wan, cfg.attn.student, experts[m.student_init], dims, device, cfg.parallel, frozen=False)
+        teachers = {e: build_wan(wan, "sdpa", experts[e], dims, device, cfg.parallel, frozen=True)
+                    for e in EXPERTS[: m.experts]}
+        teachers.setdefault("low", teachers["high"])  # one expert (boundary 0): only "high" is ever called
+        critic = build_wan(wan, critic_attn, experts[m.critic_init], dims, device, cfg.parallel, frozen=False)
+    grid = student.token_grid((1, wan.in_channels, *latent_shape[1:]))  # the I2V input's token grid
+    critic_meta = vsa_meta(grid, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
+    # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----
+    o = cfg.optim
+    opts = {
+        m: ShardedAdamW(net.parameters(), lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+        for m, net, lr in (("student", student, o.lr), ("critic", critic, o.critic_lr))
+    }
+    scheds = {
+        m: build_lr_scheduler(opts[m], kind, o.warmup_steps, cfg.run.max_steps, o.min_lr_ratio)
+        for m, kind in (("student", o.scheduler), ("critic", o.critic_scheduler))
+    }
+    ema = init_ema(student) if cfg.run.ema_decay > 0 else {}  # exported next to the student
+    # ---- resume: relaunching a run.name continues from its latest checkpoint ----
+    ckpt = Checkpointer(run_dir / "ckpt", keep_last=cfg.run.keep_ckpts)
+    state = {
+        "student": ModelState(student, opts["student"], scheds["student"]),
+        "critic": ModelState(critic, opts["critic"], scheds["critic"]),
+        "ema": ema,
+    }
+    start = ckpt.load(state) or 0
+    loader = iter(
+        make_loader(
+            dataset,
+            cfg.data.batch_size,
+            dims.dp_rank,
+            dims.dp_size,
+            cfg.run.seed,
+            start_step=start * o.grad_accum,
+            num_workers=cfg.data.num_workers,
+        )
+    )
+    # ---- loop ----
+    amp = torch.autocast(device.type, torch.bfloat16, enabled=cfg.parallel.mixed_precision == "bf16")
+    gen = torch.Generator(device)
+    tokens_per_step = math.prod(grid) * cfg.data.batch_size * o.grad_accum * dims.dp_size
+    guard = NonfiniteGuard(cfg.run.max_nonfinite_in_row, run_dir / "ckpt", verbose=rank == 0)
+    val_meta = vsa_meta(grid, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
+    if health.enabled:  # the teacher's and the untrained student's validation samples, made once (<run>/health/)
+        h = cfg.health
+        settings = [cfg.run.seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, cfg.dmd.guidance_2, boundary,
+                    m.student_init, cfg.dmd.steps, cfg.attn.sparsity]
+        make = lambda: (  # noqa: E731
+            teacher_reference(teachers, boundary, val, negative, latent_shape, cfg),
+            validate(student, val, val_meta, cfg.dmd.steps, latent_shape, cfg.run.seed),
+        )
+        save = lambda x, tag: save_samples(vae, x, run_dir / "samples" / tag, metrics, 0, cfg.video.fps, tag)  # noqa: E731
+        tensors = [val["context"], val["condition"], negative]
+        key = reference_key(weights, tensors, {"settings": [*settings, latent_shape]})
+        health.prepare(key, make, save if rank == 0 else None, amp)
+    for step in range(start + 1, cfg.run.max_steps + 1):
+        t0 = time.perf_counter()
+        batches = [prepare_batch(next(loader), mean, std, device, clip) for _ in range(o.grad_accum)]
+        data_s = time.perf_counter() - t0
+        # Noise and timesteps: the same in an SP group, and a resumed run needs only the step (int hashes are fixed).
+        gen.manual_seed(hash((cfg.run.seed, dims.dp_rank, step)))
+        rho = sparsity_at(step, cfg.attn.sparsity, cfg.attn.sparsity_ramp)
+        meta = vsa_meta(grid, rho, device) if cfg.attn.student == "vsa" else None
+        logs = {f"lr/{m}": s.get_last_lr()[0] for m, s in scheds.items()}
+        ok_student = True
+        with amp:
+            if step % cfg.dmd.student_every == 0:
+                loss, denom = student_step(
+                    student, teachers, critic, batches, negative, meta, critic_meta, cfg.dmd, boundary, gen
+                )
+                norm, ok_student = apply_update(student, opts["student"], loss, o.grad_clip)
+                if ema and ok_student:
+                    update_ema(ema, student, cfg.run.ema_decay)
+                logs.update({"loss/dmd": loss, "dmd/denom": denom, "grad_norm/student": norm})
+            loss = critic_step(student, critic, batches, meta, critic_meta, cfg.dmd, gen)
+            norm, ok_critic = apply_update(critic, opts["critic"], loss, o.grad_clip)
+            logs.update({"loss/critic": loss, "grad_norm/critic": norm})
+        for s in scheds.values():
+            s.step()
+        guard.record(step, skipped=(not ok_student) + (not ok_critic))  # raises after too many bad steps in a row
+        step_s, last = time.perf_counter() - t0, step == cfg.run.max_steps
+        if step % cfg.run.log_every == 0 or last:
+            logs = reduce_for_log(logs, ("loss/", "dmd/"))
+            metrics.log(
+                step,
+                {
+                    **logs,
+                    "attn/vsa_sparsity": rho if meta else 0.0,
+                    "train/nonfinite": guard.total,
+                    **step_scalars(step_s, data_s, tokens_per_step, device),
+                },
+            )
+            health.check_losses(step, logs)  # raises UnhealthyRun when losses or grad norms diverge
+        if step % cfg.run.val_every == 0 or last:
+            t0, video = time.perf_counter(), None
+            with amp:
+                samples = validate(student, val, val_meta, cfg.dmd.steps, latent_shape, cfg.run.seed)
+            if rank == 0:
+                out = run_dir / "samples" / f"step-{step:06d}"
+                video = save_samples(vae, samples, out, metrics, step, cfg.video.fps)
+                metrics.log(step, {"time/val_s": time.perf_counter() - t0})
+            health.check_samples(step, samples, video)  # raises UnhealthyRun after health.patience bad ones in a row
+        if cfg.run.ckpt_every and (step % cfg.run.ckpt_every == 0 or last):
+            ckpt.save(step, state)
+            health.checkpoint_saved(step, ckpt.path(step))  # <run>/ckpt/last_healthy once a validation vouches for it
+    # ---- save: the one student transformer (and its EMA) as diffusers pipelines: tools/sample.py --model <run>/export
+    ckpt.wait()
+    if cfg.run.export:
+        export_student(student, run_dir / "export" / "transformer")  # LoRA: merged into its base expert
+        if cfg.lora.rank:  # the student adapter alone: diffusers' LoRA format + gate sidecar (inference/lora.py)
+            export_lora(student, run_dir / "export_lora", base_model=str(experts[m.student_init]))
+        if ema:
+            load_ema(student, ema)
+            export_student(student, run_dir / "export_ema" / "transformer")
+        if rank == 0:  # the frozen parts (model_index.json with boundary_ratio, vae, text encoder) link to the base's
+            for export in ("export", "export_ema") if ema else ("export",):
+                link_pipeline_parts(cfg.model.base, run_dir / export)
+    metrics.close()
+    torch.distributed.destroy_process_group()
+    return run_dir
+
+
+if __name__ == "__main__":
+    with exit_on_config_error(Path(__file__), sys.argv[1:]):  # one line per bad key and its fix, no traceback
+        main(load_config(RecipeConfig, sys.argv[1:], default_toml=Path(__file__).with_suffix(".toml")))
