@@ -3,7 +3,7 @@
     python scripts/check_lora_gpu.py --part 14b_lora     # Wan2.1-14B recipe, LoRA rank 32, 77×448×832, VSA ρ = 0.9
     python scripts/check_lora_gpu.py --part 1_3b         # Wan2.1-1.3B recipe, LoRA rank 32 and full fine-tune
     python scripts/check_lora_gpu.py --part a14b_lora --init-only   # Wan2.2-A14B: write the two experts (~57 GB) ...
-    python scripts/check_lora_gpu.py --part a14b_lora    # ... then train: LoRA rank 32, 81×480×832, two-expert teacher
+    python scripts/check_lora_gpu.py --part a14b_lora    # ... then train: LoRA rank 32, 81×480×832, two experts
     python scripts/check_lora_gpu.py --smoke             # every part with the tiny CPU config (tests/assets/tiny.toml)
 
 Each part runs the recipe itself (a subprocess, one process) on synthetic latents of the training shape
@@ -58,7 +58,8 @@ BF16_INIT = {
 
 
 def make_data(out: Path, smoke: bool, video: tuple[int, int, int]) -> Path:
-    data = out / ("tiny_data" if smoke else "gpu_data" if video == (77, 448, 832) else "gpu_data_{}x{}x{}".format(*video))
+    name = "gpu_data" if video == (77, 448, 832) else "gpu_data_{}x{}x{}".format(*video)
+    data = out / ("tiny_data" if smoke else name)
     if not (data / "pipeline").is_dir():
         shape = [] if smoke else ["--shape", GPU_SHAPES[video], "--text-dim", "4096", "--rows", "16"]
         subprocess.run([sys.executable, str(ROOT / "tools/make_tiny_data.py"), "--out", str(data), *shape], check=True)

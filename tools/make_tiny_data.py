@@ -6,8 +6,8 @@
     python tools/make_tiny_data.py --out outputs/tiny_i2v --i2v --clip 5,16       # I2V rows (+ CLIP tokens 5 x 16)
 Output (the layouts the recipes read):
     <out>/latents/   latent parquet, `--rows` rows of un-normalised latents (C, T, H, W) = --shape + caption embeddings;
-                     --i2v: the I2V schema, + first_frame_latent (C, T, H, W) (a random frame 0, then one fixed
-                     "black frames" latent, as a VAE encodes [image, zeros...]) and, with --clip L,D, clip_feature (L, D)
+                     --i2v: the I2V schema, + first_frame_latent (C, T, H, W) (the clip's frame 0, then one fixed
+                     "black frames" latent, as a VAE encodes [image, zeros...]); --clip L,D: + clip_feature (L, D)
     <out>/prompts/   text-only parquet (data-free mode and validation prompts), `--rows` rows
     <out>/negative_prompt.safetensors   the unconditional caption embedding for the teacher's CFG
     <out>/pipeline/vae/   a tiny random `diffusers.AutoencoderKLWan` with z_dim = C (4x temporal, 8x spatial), so the
