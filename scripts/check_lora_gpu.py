@@ -81,6 +81,20 @@ def write_bf16_init(preset: str, out: Path, seed: int = 0) -> None:
     export_pretrained(model, out)
 
 
+def check_disk(preset: str, root: Path, subs: list[str]) -> None:
+    """Fail before writing when the disk cannot hold the bf16 random weights still to be written."""
+    from models.wan import WAN_CONFIGS
+    from models.wan_weights import parameter_count
+
+    todo = [sub for sub in subs if not (root / sub).exists()]
+    need = 2 * parameter_count(WAN_CONFIGS[preset]) * len(todo)  # bytes, bf16
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise SystemExit(f"{root}: {len(todo)} bf16 random {preset} model(s) need {need / 1e9:.1f} GB, the disk has "
+                         f"{free / 1e9:.1f} GB free; free space (e.g. old runs under --out) or use a larger disk")
+
+
 def free_init_when_training(run_dir: Path, stop: threading.Event) -> None:
     """Delete <run>/random_init once a training step is logged (the weights are in GPU memory by then)."""
     metrics = run_dir / "metrics.jsonl"
@@ -135,6 +149,7 @@ def main(argv: list[str]) -> int:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a relaunch appends to it
             stop = threading.Event()
             if not args.smoke and model in BF16_INIT:
+                check_disk(PRESET[model], run_dir / "random_init", [sub for sub, _ in BF16_INIT[model]])
                 for sub, seed in BF16_INIT[model]:
                     t0 = time.perf_counter()
                     write_bf16_init(PRESET[model], run_dir / "random_init" / sub, seed)
