@@ -88,8 +88,8 @@ def check_disk(preset: str, root: Path, subs: list[str]) -> None:
 
     todo = [sub for sub in subs if not (root / sub).exists()]
     need = 2 * parameter_count(WAN_CONFIGS[preset]) * len(todo)  # bytes, bf16
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
+    existing = next(p for p in (root, *root.parents) if p.exists())  # creating root would make the writer skip it
+    free = shutil.disk_usage(existing).free
     if need > free:
         raise SystemExit(f"{root}: {len(todo)} bf16 random {preset} model(s) need {need / 1e9:.1f} GB, the disk has "
                          f"{free / 1e9:.1f} GB free; free space (e.g. old runs under --out) or use a larger disk")
