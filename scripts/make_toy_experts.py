@@ -1,0 +1,92 @@
+"""The two-expert toy teacher (tests/assets/toy_experts/): two copies of the stored toy teacher fine-tuned on either side
+of a timestep boundary, as Wan2.2-A14B's high-noise (t >= boundary) and low-noise experts; then its quality table
+against the one-network teacher's.
+
+    python scripts/make_toy_experts.py                     # fine-tune both (recipes/toy_teacher.py), store, compare
+    python scripts/make_toy_experts.py --compare-only      # only the teacher rows of the stored pair vs the single one
+
+Layout written: <out>/transformer/ (high noise), <out>/transformer_2/ (low noise), the diffusers names of the
+A14B folders, and <out>/experts.json with the boundary_ratio and how they were made. Distil them with
+`recipes/toy_sparse_distill.py model.teacher=<out>/transformer model.teacher_2=<out>/transformer_2 model.boundary=0.875`.
+The comparison samples both teachers with scripts/eval_toy.py's rows (same held-out captions and noise): teacher-50,
+teacher-3, teacher-3-dmd.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from eval_toy import print_table, sample_rows
+
+# Fine-tuning of each expert from the stored teacher (recipes/toy_teacher.py defaults otherwise: same data and seed).
+# Half the pre-training LR: the copies start from a trained teacher and only specialise.
+FINE_TUNE = ["optim.lr=5e-4", "run.threads=1", "run.log_every=100"]
+
+
+def fine_tune(name: str, t_range: tuple[float, float], teacher: Path, steps: int) -> Path:
+    cmd = [sys.executable, str(ROOT / "recipes/toy_teacher.py"), f"model.init={teacher}",
+           f"flow.t_range=[{t_range[0]},{t_range[1]}]", f"optim.steps={steps}", f"run.name={name}", *FINE_TUNE]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return Path("outputs/toy_teacher") / name / "teacher"
+
+
+def compare(single: Path, experts: Path, num: int) -> dict[str, dict[str, dict[str, float]]]:
+    """eval_toy's teacher rows for the one-network teacher and for the pair, on the distillation recipe's data."""
+    meta = json.loads((experts / "experts.json").read_text())
+    cfg = tomllib.loads((ROOT / "recipes/toy_sparse_distill.toml").read_text())
+    tables = {}
+    for name, model in (("single", {"teacher": str(single)}),
+                        ("two experts", {"teacher": str(experts / "transformer"),
+                                         "teacher_2": str(experts / "transformer_2"),
+                                         "boundary": meta["boundary_ratio"]})):
+        tables[name] = sample_rows({**cfg, "model": model}, {}, num)
+        print(f"\n{name}: {model}")
+        print_table(tables[name])
+    return tables
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", type=Path, default=ROOT / "tests/assets/toy_teacher", help="the one-network teacher")
+    parser.add_argument("--out", type=Path, default=ROOT / "tests/assets/toy_experts")
+    parser.add_argument("--boundary", type=float, default=0.875, help="boundary_ratio (Wan2.2-A14B T2V: 0.875)")
+    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps per expert")
+    parser.add_argument("--num", type=int, default=240, help="held-out clips per row of the comparison")
+    parser.add_argument("--compare-only", action="store_true", help="skip the fine-tuning; compare the stored pair")
+    parser.add_argument("--json", type=Path, help="also write the two tables here")
+    args = parser.parse_args(argv)
+    if not 0 < args.boundary < 1:
+        raise SystemExit(f"--boundary {args.boundary}: a ratio of the 1000 timesteps, in (0, 1)")
+    if not (args.teacher / "config.json").is_file():
+        raise SystemExit(f"--teacher {args.teacher}: no config.json there; pass an export of recipes/toy_teacher.py")
+    if not args.compare_only:
+        high = fine_tune("expert_high", (args.boundary, 1.0), args.teacher, args.steps)
+        low = fine_tune("expert_low", (0.0, args.boundary), args.teacher, args.steps)
+        for src, dst in ((high, "transformer"), (low, "transformer_2")):
+            shutil.rmtree(args.out / dst, ignore_errors=True)
+            shutil.copytree(src, args.out / dst)
+        (args.out / "experts.json").write_text(json.dumps({
+            "boundary_ratio": args.boundary,
+            "transformer": f"high noise: t >= {args.boundary * 1000:g}, fine-tuned on flow.t_range [{args.boundary}, 1]",
+            "transformer_2": f"low noise: t < {args.boundary * 1000:g}, fine-tuned on flow.t_range [0, {args.boundary}]",
+            "made_by": f"scripts/make_toy_experts.py --steps {args.steps} from {args.teacher.name}, "
+                       f"recipes/toy_teacher.py {' '.join(FINE_TUNE)}",
+        }, indent=2) + "\n")
+    tables = compare(args.teacher, args.out, args.num)
+    if args.json:
+        args.json.write_text(json.dumps(tables, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    sys.exit(main(sys.argv[1:]))
