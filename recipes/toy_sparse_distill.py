@@ -16,6 +16,8 @@ Launch (after the teacher):
     python recipes/toy_sparse_distill.py                                     # data mode, run.name = "demo"
     python recipes/toy_sparse_distill.py dmd.rollout=simulate run.name=demo_datafree
     torchrun --nproc_per_node 2 recipes/toy_sparse_distill.py                # 2 ranks on CPU (gloo)
+    python recipes/toy_sparse_distill.py model.teacher=tests/assets/toy_experts/transformer \
+        model.teacher_2=tests/assets/toy_experts/transformer_2 model.boundary=0.875   # a two-expert teacher (A14B-like)
 
 Measured (2-core CPU, `make demo`, 2026-11-27, all 240 held-out captions; Fréchet distance of clip features, lower is
 better / conditioning accuracy): teacher-50 9.20 / 92.9 %, teacher-3 11.80 / 70.0 %, student-3 data mode 5.05 / 93.3 %

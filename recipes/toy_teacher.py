@@ -9,6 +9,8 @@ Launch:
     python recipes/toy_teacher.py                                  # the demo teacher (run.name = "demo")
     python recipes/toy_teacher.py optim.steps=200 run.name=quick   # an override
     torchrun --nproc_per_node 2 recipes/toy_teacher.py             # 2 ranks on CPU (gloo), gradients all-reduced
+    python recipes/toy_teacher.py model.init=tests/assets/toy_teacher flow.t_range=[0.875,1.0] optim.steps=300
+                                                                   # fine-tune a high-noise expert (make_toy_experts.py)
 
 Measured (2-core CPU, 2026-11-27): 3000 steps in 366 s; 50-step CFG samples reach Fréchet 8.5 to held-out data (fresh
 data: 0.3) with 93 % of captions rendered right (colour, brightness and size); only ~40 % of samples move the blob as

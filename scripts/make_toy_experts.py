@@ -4,6 +4,8 @@ against the one-network teacher's.
 
     python scripts/make_toy_experts.py                     # fine-tune both (recipes/toy_teacher.py), store, compare
     python scripts/make_toy_experts.py --compare-only      # only the teacher rows of the stored pair vs the single one
+    python scripts/make_toy_experts.py --compare-only --students outputs/toy_sparse_distill/RUN ...
+                                                           # and a student-3 row per distillation run, named by its run
 
 Layout written: <out>/transformer/ (high noise), <out>/transformer_2/ (low noise), the diffusers names of the
 A14B folders, and <out>/experts.json with the boundary_ratio and how they were made. Distil them with
@@ -31,16 +33,23 @@ from eval_toy import print_table, sample_rows
 FINE_TUNE = ["optim.lr=5e-4", "run.threads=1", "run.log_every=100"]
 
 
-def fine_tune(name: str, t_range: tuple[float, float], teacher: Path, steps: int) -> Path:
-    cmd = [sys.executable, str(ROOT / "recipes/toy_teacher.py"), f"model.init={teacher}",
-           f"flow.t_range=[{t_range[0]},{t_range[1]}]", f"optim.steps={steps}", f"run.name={name}", *FINE_TUNE]
-    print("$", " ".join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True)
-    return Path("outputs/toy_teacher") / name / "teacher"
+def fine_tune(ranges: dict[str, tuple[float, float]], teacher: Path, steps: int) -> dict[str, Path]:
+    """Both experts at once, one thread each; {run name: its export}."""
+    procs = {}
+    for name, (lo, hi) in ranges.items():
+        cmd = [sys.executable, str(ROOT / "recipes/toy_teacher.py"), f"model.init={teacher}", f"flow.t_range=[{lo},{hi}]",
+               f"optim.steps={steps}", f"run.name={name}", *FINE_TUNE]
+        print("$", " ".join(cmd[1:]), flush=True)
+        procs[name] = subprocess.Popen(cmd)
+    failed = [name for name, proc in procs.items() if proc.wait() != 0]
+    if failed:
+        raise SystemExit(f"fine-tuning failed: {failed} (see outputs/toy_teacher/<name>/)")
+    return {name: Path("outputs/toy_teacher") / name / "teacher" for name in procs}
 
 
-def compare(single: Path, experts: Path, num: int) -> dict[str, dict[str, dict[str, float]]]:
-    """eval_toy's teacher rows for the one-network teacher and for the pair, on the distillation recipe's data."""
+def compare(single: Path, experts: Path, num: int, students: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
+    """eval_toy's teacher rows for the one-network teacher and for the pair, on the distillation recipe's data; the
+    students' rows (one per run directory, labelled by its name) in the pair's table."""
     meta = json.loads((experts / "experts.json").read_text())
     cfg = tomllib.loads((ROOT / "recipes/toy_sparse_distill.toml").read_text())
     tables = {}
@@ -48,7 +57,8 @@ def compare(single: Path, experts: Path, num: int) -> dict[str, dict[str, dict[s
                         ("two experts", {"teacher": str(experts / "transformer"),
                                          "teacher_2": str(experts / "transformer_2"),
                                          "boundary": meta["boundary_ratio"]})):
-        tables[name] = sample_rows({**cfg, "model": model}, {}, num)
+        rows = {f"student-3 {Path(r).name}": r for r in students} if name == "two experts" else {}
+        tables[name] = sample_rows({**cfg, "model": model}, rows, num)
         print(f"\n{name}: {model}")
         print_table(tables[name])
     return tables
@@ -59,9 +69,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--teacher", type=Path, default=ROOT / "tests/assets/toy_teacher", help="the one-network teacher")
     parser.add_argument("--out", type=Path, default=ROOT / "tests/assets/toy_experts")
     parser.add_argument("--boundary", type=float, default=0.875, help="boundary_ratio (Wan2.2-A14B T2V: 0.875)")
-    parser.add_argument("--steps", type=int, default=600, help="fine-tuning steps per expert")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per expert")
     parser.add_argument("--num", type=int, default=240, help="held-out clips per row of the comparison")
     parser.add_argument("--compare-only", action="store_true", help="skip the fine-tuning; compare the stored pair")
+    parser.add_argument("--students", type=Path, nargs="*", default=[], help="toy_sparse_distill runs to add as rows")
     parser.add_argument("--json", type=Path, help="also write the two tables here")
     args = parser.parse_args(argv)
     if not 0 < args.boundary < 1:
@@ -69,9 +80,9 @@ def main(argv: list[str]) -> int:
     if not (args.teacher / "config.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: no config.json there; pass an export of recipes/toy_teacher.py")
     if not args.compare_only:
-        high = fine_tune("expert_high", (args.boundary, 1.0), args.teacher, args.steps)
-        low = fine_tune("expert_low", (0.0, args.boundary), args.teacher, args.steps)
-        for src, dst in ((high, "transformer"), (low, "transformer_2")):
+        done = fine_tune({"expert_high": (args.boundary, 1.0), "expert_low": (0.0, args.boundary)}, args.teacher,
+                         args.steps)
+        for src, dst in ((done["expert_high"], "transformer"), (done["expert_low"], "transformer_2")):
             shutil.rmtree(args.out / dst, ignore_errors=True)
             shutil.copytree(src, args.out / dst)
         (args.out / "experts.json").write_text(json.dumps({
@@ -81,7 +92,7 @@ def main(argv: list[str]) -> int:
             "made_by": f"scripts/make_toy_experts.py --steps {args.steps} from {args.teacher.name}, "
                        f"recipes/toy_teacher.py {' '.join(FINE_TUNE)}",
         }, indent=2) + "\n")
-    tables = compare(args.teacher, args.out, args.num)
+    tables = compare(args.teacher, args.out, args.num, args.students)
     if args.json:
         args.json.write_text(json.dumps(tables, indent=2))
     return 0
