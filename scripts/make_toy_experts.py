@@ -47,16 +47,16 @@ def fine_tune(ranges: dict[str, tuple[float, float]], teacher: Path, steps: int)
     return {name: Path("outputs/toy_teacher") / name / "teacher" for name in procs}
 
 
-def compare(single: Path, experts: Path, num: int, students: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
+def compare(single: Path | None, experts: Path, num: int, students: list[Path]) -> dict[str, dict[str, dict[str, float]]]:
     """eval_toy's teacher rows for the one-network teacher and for the pair, on the distillation recipe's data; the
-    students' rows (one per run directory, labelled by its name) in the pair's table."""
+    students' rows (one per run directory, labelled by its name) in the pair's table. single None: the pair only."""
     meta = json.loads((experts / "experts.json").read_text())
     cfg = tomllib.loads((ROOT / "recipes/toy_sparse_distill.toml").read_text())
+    teachers = {"single": {"teacher": str(single)}} if single is not None else {}
+    teachers["two experts"] = {"teacher": str(experts / "transformer"), "teacher_2": str(experts / "transformer_2"),
+                               "boundary": meta["boundary_ratio"]}
     tables = {}
-    for name, model in (("single", {"teacher": str(single)}),
-                        ("two experts", {"teacher": str(experts / "transformer"),
-                                         "teacher_2": str(experts / "transformer_2"),
-                                         "boundary": meta["boundary_ratio"]})):
+    for name, model in teachers.items():
         rows = {f"student-3 {Path(r).name}": r for r in students} if name == "two experts" else {}
         tables[name] = sample_rows({**cfg, "model": model}, rows, num)
         print(f"\n{name}: {model}")
@@ -73,6 +73,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num", type=int, default=240, help="held-out clips per row of the comparison")
     parser.add_argument("--compare-only", action="store_true", help="skip the fine-tuning; compare the stored pair")
     parser.add_argument("--students", type=Path, nargs="*", default=[], help="toy_sparse_distill runs to add as rows")
+    parser.add_argument("--no-single", action="store_true", help="skip the one-network teacher's table")
     parser.add_argument("--json", type=Path, help="also write the two tables here")
     args = parser.parse_args(argv)
     if not 0 < args.boundary < 1:
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
             "made_by": f"scripts/make_toy_experts.py --steps {args.steps} from {args.teacher.name}, "
                        f"recipes/toy_teacher.py {' '.join(FINE_TUNE)}",
         }, indent=2) + "\n")
-    tables = compare(args.teacher, args.out, args.num, args.students)
+    tables = compare(None if args.no_single else args.teacher, args.out, args.num, args.students)
     if args.json:
         args.json.write_text(json.dumps(tables, indent=2))
     return 0
