@@ -24,9 +24,14 @@ from pathlib import Path
 
 import torch
 
+from attention.sdpa import sdpa_attention
+from attention.vsa import vsa_attention, vsa_meta
+from data.synthetic import ToySpec, evaluate_samples, make_split
+from models.wan_weights import load_pretrained
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
-from eval_toy import print_table, sample_rows
+from eval_toy import CHUNK, print_table, read_run, sample_rows, student_row
 
 # Fine-tuning of each expert from the stored teacher (recipes/toy_teacher.py defaults otherwise: same data and seed).
 # Half the pre-training LR: the copies start from a trained teacher and only specialise.
@@ -64,6 +69,29 @@ def compare(single: Path | None, experts: Path, num: int, students: list[Path]) 
     return tables
 
 
+@torch.no_grad()
+def student_rows(students: list[Path], num: int, seed: int = 1234) -> dict[str, dict[str, float]]:
+    """Only the students' rows of eval_toy.sample_rows (the same held-out captions, noise and per-row generator, so the
+    numbers equal that table's), without its teacher rows: the pair's are in the --compare-only table."""
+    cfg = tomllib.loads((ROOT / "recipes/toy_sparse_distill.toml").read_text())
+    data, steps = cfg["data"], cfg["dmd"]["steps"]
+    spec = ToySpec(frames=data["frames"], height=data["height"], width=data["width"])
+    _, heldout = make_split(spec, data["num_train"], data["num_heldout"], data["seed"])
+    num = min(num, heldout.latents.shape[0])
+    context, factors = heldout.context[:num], heldout.factors[:num]
+    noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
+    table = {}
+    for path in students:
+        attn = read_run(path)["attn"]
+        vsa = attn["student"] == "vsa"
+        student = load_pretrained(Path(path) / "student", attn_fn=vsa_attention if vsa else sdpa_attention).eval()
+        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if vsa else None
+        fn, g = student_row(student, meta, steps), torch.Generator().manual_seed(seed + 1)
+        chunks = [fn(noise[i:i + CHUNK], context[i:i + CHUNK], g) for i in range(0, num, CHUNK)]
+        table[f"student-3 {Path(path).name}"] = evaluate_samples(torch.cat(chunks), factors, heldout)
+    return table
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--teacher", type=Path, default=ROOT / "tests/assets/toy_teacher", help="the one-network teacher")
@@ -74,12 +102,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--compare-only", action="store_true", help="skip the fine-tuning; compare the stored pair")
     parser.add_argument("--students", type=Path, nargs="*", default=[], help="toy_sparse_distill runs to add as rows")
     parser.add_argument("--no-single", action="store_true", help="skip the one-network teacher's table")
+    parser.add_argument("--students-only", action="store_true",
+                        help="only the --students rows (eval_toy's numbers), no teacher rows")
     parser.add_argument("--json", type=Path, help="also write the two tables here")
     args = parser.parse_args(argv)
     if not 0 < args.boundary < 1:
         raise SystemExit(f"--boundary {args.boundary}: a ratio of the 1000 timesteps, in (0, 1)")
     if not (args.teacher / "config.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: no config.json there; pass an export of recipes/toy_teacher.py")
+    if args.students_only:
+        table = student_rows(args.students, args.num)
+        for name, r in table.items():
+            print(f"{name:<32}frechet {r['frechet']:.3f}  cond acc {100 * r['cond_acc']:.1f}%  "
+                  f"motion {100 * r['motion']:.1f}%  temporal {r['temporal']:.3f}")
+        if args.json:
+            args.json.write_text(json.dumps(table, indent=2))
+        return 0
     if not args.compare_only:
         done = fine_tune({"expert_high": (args.boundary, 1.0), "expert_low": (0.0, args.boundary)}, args.teacher,
                          args.steps)
