@@ -22,6 +22,10 @@ Launch (after the teacher):
 Measured (2-core CPU, `make demo`, 2026-11-27, all 240 held-out captions; Fréchet distance of clip features, lower is
 better / conditioning accuracy): teacher-50 9.20 / 92.9 %, teacher-3 11.80 / 70.0 %, student-3 data mode 5.05 / 93.3 %
 (900 steps, 283 s with the 110 s of teacher data), student-3 data-free 7.46 / 87.9 % (600 steps, 210 s).
+Two-expert teacher (tests/assets/toy_experts, boundary 0.875; 2026-12-03, 1 thread, 2 runs at once, 240 captions): its
+teacher-50 8.50 / 94.6 % (the single teacher's 9.20 / 92.9 %); data mode, 900 steps, student and critic from the
+low-noise expert 7.39 / 95.0 %, from the high-noise expert 4.94 / 88.8 % (one seed each). Only the first student step
+(1000) lies above the boundary; the other two are the low-noise expert's range.
 Training health (`[health]`, components/health.py): every evaluation also compares the student's samples with the
 teacher's 50-step samples of the same captions and noise, exports the student to ckpt/step-NNNNNN/, and stops the run
 (exit 1) when the statistics leave the teacher's neighbourhood, keeping ckpt/last_healthy.
