@@ -25,7 +25,8 @@ better / conditioning accuracy): teacher-50 9.20 / 92.9 %, teacher-3 11.80 / 70.
 Two-expert teacher (tests/assets/toy_experts, boundary 0.875; 2026-12-03, 1 thread, 2 runs at once, 240 captions): its
 teacher-50 8.50 / 94.6 % (the single teacher's 9.20 / 92.9 %); data mode, 900 steps, student and critic from the
 low-noise expert 7.39 / 95.0 %, from the high-noise expert 4.94 / 88.8 % (one seed each). Only the first student step
-(1000) lies above the boundary; the other two are the low-noise expert's range.
+(1000) lies above the boundary; the other two are the low-noise expert's range. The control that ignores the switch
+(model.real_score = "high", from the high expert) diverges: 1974.8 / 38.3 %, health unhealthy from step 150.
 Training health (`[health]`, components/health.py): every evaluation also compares the student's samples with the
 teacher's 50-step samples of the same captions and noise, exports the student to ckpt/step-NNNNNN/, and stops the run
 (exit 1) when the statistics leave the teacher's neighbourhood, keeping ckpt/last_healthy.
