@@ -16,10 +16,17 @@ Launch (after the teacher):
     python recipes/toy_sparse_distill.py                                     # data mode, run.name = "demo"
     python recipes/toy_sparse_distill.py dmd.rollout=simulate run.name=demo_datafree
     torchrun --nproc_per_node 2 recipes/toy_sparse_distill.py                # 2 ranks on CPU (gloo)
+    python recipes/toy_sparse_distill.py model.teacher=tests/assets/toy_experts/transformer \
+        model.teacher_2=tests/assets/toy_experts/transformer_2 model.boundary=0.875   # a two-expert teacher (A14B-like)
 
 Measured (2-core CPU, `make demo`, 2026-11-27, all 240 held-out captions; Fréchet distance of clip features, lower is
 better / conditioning accuracy): teacher-50 9.20 / 92.9 %, teacher-3 11.80 / 70.0 %, student-3 data mode 5.05 / 93.3 %
 (900 steps, 283 s with the 110 s of teacher data), student-3 data-free 7.46 / 87.9 % (600 steps, 210 s).
+Two-expert teacher (tests/assets/toy_experts, boundary 0.875; 2026-12-03, 1 thread, 2 runs at once, 240 captions): its
+teacher-50 8.50 / 94.6 % (the single teacher's 9.20 / 92.9 %); data mode, 900 steps, student and critic from the
+low-noise expert 7.39 / 95.0 %, from the high-noise expert 4.94 / 88.8 % (one seed each). Only the first student step
+(1000) lies above the boundary; the other two are the low-noise expert's range. The control that ignores the switch
+(model.real_score = "high", from the high expert) diverges: 1974.8 / 38.3 %, health unhealthy from step 150.
 Training health (`[health]`, components/health.py): every evaluation also compares the student's samples with the
 teacher's 50-step samples of the same captions and noise, exports the student to ckpt/step-NNNNNN/, and stops the run
 (exit 1) when the statistics leave the teacher's neighbourhood, keeping ckpt/last_healthy.
@@ -58,6 +65,14 @@ from models.wan_weights import export_state_dict, load_pretrained
 class ModelConfig:
     teacher: Path  # exported toy teacher (diffusers layout); student and critic start from it too
     student: Path | None = None  # or the student starts from this export (an earlier run's student/ or ckpt/step-N)
+    # A two-expert teacher (as Wan2.2-A14B; tests/assets/toy_experts/): `teacher` is the high-noise expert, used for
+    # timesteps t >= boundary · 1000, `teacher_2` the low-noise one below; unset = the one-network teacher above.
+    teacher_2: Path | None = None
+    boundary: float | None = None  # the experts' boundary_ratio (Wan2.2-A14B T2V: 0.875)
+    init: Literal["high", "low"] = "high"  # the expert student and critic start from ("high" = model.teacher)
+    # The DMD real score: "switch" = the expert of the score timestep; "high" / "low" = always that expert (a control
+    # that ignores the switch; the teacher data and the validation's teacher rows still switch)
+    real_score: Literal["switch", "high", "low"] = "switch"
 
 
 @dataclass
@@ -153,6 +168,44 @@ def build_lora_roles(path: Path, student_attn: str, critic_attn: str, lora: Lora
     views = [AdapterView(base, a, ATTN[attn]) for a, attn in (("student", student_attn), (None, "sdpa"),
                                                               ("critic", critic_attn))]
     return tuple(views)
+
+
+class TwoExperts(torch.nn.Module):
+    """A frozen two-expert teacher: `high(x, t, context)` for the samples whose timestep t >= `boundary` (0..1000
+    scale), `low` for the rest (inference/samplers.expert, applied per sample: one batch's DMD score timesteps differ)."""
+
+    def __init__(self, high: WanModel, low: WanModel, boundary: float):
+        super().__init__()
+        self.high, self.low, self.boundary = high, low, boundary
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        above = t >= self.boundary  # (B,)
+        if bool(above.all()) or not bool(above.any()):
+            return (self.high if bool(above.all()) else self.low)(x, t, context)
+        out = torch.empty_like(x)  # the toy's DiT predicts a velocity of x's shape
+        out[above] = self.high(x[above], t[above], context[above])
+        out[~above] = self.low(x[~above], t[~above], context[~above])
+        return out
+
+
+def check_experts(model: ModelConfig) -> None:
+    """The two-expert keys go together; the one-network teacher has no low-noise expert to start from or score with."""
+    if (model.teacher_2 is None) != (model.boundary is None):
+        raise ValueError("model.teacher_2 and model.boundary go together: set both (e.g. model.boundary=0.875) or "
+                         "neither")
+    if model.boundary is not None and not 0 < model.boundary < 1:
+        raise ValueError(f"model.boundary {model.boundary} is a ratio of the 1000 timesteps: set it in (0, 1)")
+    if model.teacher_2 is None and "low" in (model.init, model.real_score):
+        raise ValueError("model.init / model.real_score = \"low\" need a low-noise expert: set model.teacher_2")
+
+
+def build_teacher(model: ModelConfig) -> WanModel | TwoExperts:
+    """The frozen dense teacher: one network, or the two experts switching at model.boundary."""
+    high = build_wan(model.teacher, "sdpa").requires_grad_(False).eval()
+    if model.teacher_2 is None:
+        return high
+    low = build_wan(model.teacher_2, "sdpa").requires_grad_(False).eval()
+    return TwoExperts(high, low, model.boundary * 1000).eval()
 
 
 # Copied from recipes/toy_teacher.py:init_distributed
@@ -301,7 +354,8 @@ def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: Re
     on validate's captions and noise; made once per run (a relaunch reuses <run>/health/), their grids written once."""
     n, seed, h = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7, cfg.health
     ctx, shape = heldout.context[:n], heldout.latents[:n].shape
-    teacher_settings = [seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance]
+    experts = [str(cfg.model.teacher_2), cfg.model.boundary] if cfg.model.teacher_2 is not None else []
+    teacher_settings = [seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, *experts]
     settings = [*teacher_settings, str(cfg.model.student), cfg.dmd.steps, cfg.attn.student, cfg.attn.sparsity]
 
     def save(x0: torch.Tensor, tag: str) -> torch.Tensor:
@@ -348,6 +402,12 @@ def main(cfg: RecipeConfig) -> Path:
         check_lora(cfg.lora.rank, cfg.lora.targets, cfg.lora.gate)
         if cfg.lora.rank and cfg.model.student is not None:
             raise ValueError("LoRA mode starts both adapters from the teacher: leave model.student unset")
+        if cfg.lora.rank and cfg.model.teacher_2 is not None:
+            raise ValueError("LoRA mode shares one frozen base: a two-expert teacher (model.teacher_2) needs lora.rank=0")
+    with as_config_error():
+        check_experts(cfg.model)
+    if cfg.model.teacher_2 is not None:
+        require_paths({"model.teacher_2": cfg.model.teacher_2})
     rank, world = init_distributed()
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
@@ -366,9 +426,13 @@ def main(cfg: RecipeConfig) -> Path:
     if cfg.lora.rank:  # one frozen base; the optimizers below see only the adapters (AdapterView.parameters)
         student, teacher, critic = build_lora_roles(cfg.model.teacher, cfg.attn.student, critic_attn, cfg.lora)
     else:
-        student = build_wan(cfg.model.student or cfg.model.teacher, cfg.attn.student)
-        teacher = build_wan(cfg.model.teacher, "sdpa").requires_grad_(False).eval()
-        critic = build_wan(cfg.model.teacher, critic_attn)
+        init = cfg.model.teacher_2 if cfg.model.init == "low" else cfg.model.teacher
+        student = build_wan(cfg.model.student or init, cfg.attn.student)
+        teacher = build_teacher(cfg.model)
+        critic = build_wan(init, critic_attn)
+    # the network behind the DMD real score: the teacher, or one expert for the "ignore the switch" control
+    score_teacher = teacher if cfg.model.real_score == "switch" or cfg.model.teacher_2 is None else getattr(
+        teacher, cfg.model.real_score)
     tokens = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))  # (T', H', W')
     meta = vsa_meta(tokens, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
     critic_meta = vsa_meta(tokens, 0.0, "cpu") if critic_attn == "dense_gated" else None  # its tiles, for the gate
@@ -402,7 +466,7 @@ def main(cfg: RecipeConfig) -> Path:
             scalars.update(
                 student_step(
                     student,
-                    teacher,
+                    score_teacher,
                     critic,
                     student_opt,
                     meta,

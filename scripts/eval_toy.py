@@ -51,7 +51,7 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
     num = min(num, heldout.latents.shape[0])
     context, factors = heldout.context[:num], heldout.factors[:num]
     noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
-    teacher = load_pretrained(cfg["model"]["teacher"], attn_fn=sdpa_attention).eval()
+    teacher = load_teacher(cfg["model"])
     w = dmd["guidance"]  # DMD2 form; standard CFG scale w + 1
 
     def teacher_euler(num_steps):
@@ -87,6 +87,20 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
     frozen = fresh.latents[:, :, :1].expand_as(fresh.latents)  # the frozen-motion baseline: every frame the first
     table["data (frozen clips)"] = evaluate_samples(frozen, fresh.factors, heldout)
     return table
+
+
+def load_teacher(model: dict):
+    """The run's frozen teacher: one network, or with model.teacher_2 two experts switching at model.boundary (the
+    high-noise model.teacher for t >= boundary · 1000, as the recipe's real score and teacher data)."""
+    teacher = load_pretrained(model["teacher"], attn_fn=sdpa_attention).eval()
+    if model.get("teacher_2") is None:
+        return teacher
+    # the recipe's own dispatch, so that the table scores the teacher it distilled
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from toy_sparse_distill import TwoExperts
+
+    low = load_pretrained(model["teacher_2"], attn_fn=sdpa_attention).eval()
+    return TwoExperts(teacher, low, model["boundary"] * 1000).eval()
 
 
 def student_row(student, meta, steps):
