@@ -109,7 +109,8 @@ def load_script(name: str):
 
 def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
     """eval_toy names a LoRA run's row by its saved [lora] (a data-mode LoRA run must not overwrite the full data row),
-    refuses two runs that would share a row, and demo.py gates the LoRA row as the data row, motion aside (issue 19)."""
+    refuses two runs that would share a row, and demo.py gates the LoRA row as issue 19 says (distance vs teacher-50,
+    conditioning accuracy) and prints the data row's other two criteria for it."""
     eval_toy, demo = load_script("eval_toy"), load_script("demo")
     runs = {}
     for key, rollout, lora in (("data", "data", 'rank = 0\nalpha = 16.0\ngate = "lora"'),
@@ -134,10 +135,13 @@ def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
              labels["lora"]: row(9.5, 0.95, 0.01, runs["lora"])}
     gates = dict(demo.check_gates(table, runs, sparsity=0.5, quick=False))
     lora_gates = {text: ok for text, ok in gates.items() if "LoRA" in text}
-    assert lora_gates == {"student-3 (data, LoRA r16) distance <= 1.1 x teacher-50": True,
-                          "student-3 (data, LoRA r16) distance <= 0.5 x best teacher-3": True,
-                          "student-3 (data, LoRA r16) conditioning accuracy >= 90 %": True}  # motion: printed only
+    assert lora_gates == {"student-3 (data, LoRA r16) distance <= 1.1 x teacher-50": True,  # issue 19's two gates
+                          "student-3 (data, LoRA r16) conditioning accuracy >= 90 %": True}
     assert gates["student-3 (data) motion >= 0.8 x teacher-50 motion"] is False
+    assert gates["student-3 (data) distance <= 0.5 x best teacher-3"] is True
+    assert demo.lora_report(table, runs) == [  # the data row's other gates, printed for the LoRA row
+        "student-3 (data, LoRA r16) distance 9.50 = 0.47 x best teacher-3 (data row 0.25 x)",
+        "student-3 (data, LoRA r16) motion 1.0 % (teacher-50 35.0 %, data row 10.0 %)"]
     table[labels["lora"]]["cond_acc"] = 0.892  # the rank-8 run of 2026-12-02
     gates = dict(demo.check_gates(table, runs, 0.5, False))
     assert not gates["student-3 (data, LoRA r16) conditioning accuracy >= 90 %"]
