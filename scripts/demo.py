@@ -34,9 +34,10 @@ QUICK_DISTILL = ["optim.steps=300", "run.num_eval=24"]  # data-free only: no tea
 # The full demo's data-free run: fewer steps than the TOML's 900 (its gate is only "beats teacher-3"), to keep the
 # whole demo under 20 minutes on 2 cores.
 DATAFREE_EXTRA = ["optim.steps=600"]
-# The LoRA row (issue 19): one frozen base, student and critic adapters, the data-mode run otherwise. Chosen on the toy
-# (recipes/toy_sparse_distill.toml [lora] comment has the runs): see that comment for the measurements.
-LORA_EXTRA = ["lora.rank=16", "lora.alpha=32", "optim.student_lr=5e-4", "optim.critic_lr=1e-3"]
+# The LoRA row (issue 19): one frozen base, student and critic adapters, the data-mode run otherwise. Rank 8 measured
+# better than rank 16 on both gates (one run each; recipes/toy_sparse_distill.toml [lora] has the numbers); neither
+# reaches accuracy >= 90 %, so this row's accuracy gate is expected to FAIL until a setting that passes is found.
+LORA_EXTRA = ["lora.rank=8", "lora.alpha=16", "optim.student_lr=5e-4", "optim.critic_lr=1e-3"]
 # CI's motion gate (issue 25), "better than the frozen-motion baseline": the 300-step data-free student's temporal
 # distance at most this share of frozen clips'. Measured 2026-12-02 (96 captions): frozen clips 2.00, the student before
 # training 2.07, after 100 / 200 / 300 steps 0.89 / 0.70 / 1.34 (its blob sharpens and its steps spread). Not the
