@@ -1,14 +1,17 @@
 """`make demo`: the toy sparse-distill end to end on a CPU, then the quality table and its gates.
 
-    python scripts/demo.py                  # teacher -> DMD2+VSA student (data mode) -> data-free student -> table
+    python scripts/demo.py                  # teacher -> DMD2+VSA student (data mode) -> data-free student
+                                            #   -> LoRA student (data mode) -> table
     python scripts/demo.py --nproc 2        # every recipe under torchrun --nproc_per_node 2 (gloo)
     python scripts/demo.py --quick --teacher tests/assets/toy_teacher
                                           # CI: the stored demo teacher, a short data-free student only
 
-Runs `recipes/toy_teacher.py`, `recipes/toy_sparse_distill.py` (dmd.rollout = data, then simulate) as subprocesses,
-then `scripts/eval_toy.py`. Gates (issue 4): the data-mode student at 3 steps has distance ≤ 1.1× the 50-step
-teacher's and ≤ 0.5× the 3-step teacher's, conditioning accuracy ≥ 90 %, VSA sparsity ≥ 0.5; the data-free
-student beats the 3-step teacher; (issue 25) both students keep ≥ 0.8× teacher-50's motion. `--quick` gates the
+Runs `recipes/toy_teacher.py`, `recipes/toy_sparse_distill.py` (dmd.rollout = data, then simulate, then data in LoRA
+mode with the overrides in LORA_EXTRA) as subprocesses, then `scripts/eval_toy.py`. Gates (issue 4): the data-mode
+student at 3 steps has distance ≤ 1.1× the 50-step teacher's and ≤ 0.5× the 3-step teacher's, conditioning accuracy
+≥ 90 %, VSA sparsity ≥ 0.5; the data-free student beats the 3-step teacher; (issue 25) both full-fine-tune students
+keep ≥ 0.8× teacher-50's motion; (issue 19) the LoRA student's distance ≤ 1.1× teacher-50's and conditioning
+accuracy ≥ 90 %, its distance vs teacher-3 and its motion printed beside them, not gated. `--quick` gates the
 data-free student's distance and, for motion, its temporal distance against frozen clips'. With `--strict`, exit
 status 1 if a gate fails. Outputs under ./outputs/ (relative to the working
 directory).
@@ -31,6 +34,10 @@ QUICK_DISTILL = ["optim.steps=300", "run.num_eval=24"]  # data-free only: no tea
 # The full demo's data-free run: fewer steps than the TOML's 900 (its gate is only "beats teacher-3"), to keep the
 # whole demo under 20 minutes on 2 cores.
 DATAFREE_EXTRA = ["optim.steps=600"]
+# The LoRA row (issue 19): one frozen base, student and critic adapters, the data-mode run otherwise. Rank 8 measured
+# better than rank 16 on both gates (one run each; recipes/toy_sparse_distill.toml [lora] has the numbers); neither
+# reaches accuracy >= 90 %, so this row's accuracy gate is expected to FAIL until a setting that passes is found.
+LORA_EXTRA = ["lora.rank=8", "lora.alpha=16", "optim.student_lr=5e-4", "optim.critic_lr=1e-3"]
 # CI's motion gate (issue 25), "better than the frozen-motion baseline": the 300-step data-free student's temporal
 # distance at most this share of frozen clips'. Measured 2026-12-02 (96 captions): frozen clips 2.00, the student before
 # training 2.07, after 100 / 200 / 300 steps 0.89 / 0.70 / 1.34 (its blob sharpens and its steps spread). Not the
@@ -57,8 +64,13 @@ def vsa_sparsity(run_dir: Path) -> float:
     return 1 - topk / num_tiles
 
 
-def check_gates(table: dict, sparsity: float, quick: bool) -> list[tuple[str, bool]]:
-    student, free = table.get("student-3 (data)"), table["student-3 (simulate)"]
+def row_of(table: dict, run_dir: Path) -> tuple[str, dict]:
+    """eval_toy's row (name, scores) for one run directory: each student row names its run."""
+    return next((name, r) for name, r in table.items() if Path(r.get("run", "")).resolve() == run_dir.resolve())
+
+
+def check_gates(table: dict, runs: dict[str, Path], sparsity: float, quick: bool) -> list[tuple[str, bool]]:
+    free = row_of(table, runs["simulate"])[1]
     t50, t3 = table["teacher-50"]["frechet"], min(table["teacher-3"]["frechet"], table["teacher-3-dmd"]["frechet"])
     motion = table["teacher-50"]["motion"]  # issue 25: the students keep the teacher's motion
     if quick:  # CI: "distillation helps" and "the blob is not frozen"
@@ -68,15 +80,31 @@ def check_gates(table: dict, sparsity: float, quick: bool) -> list[tuple[str, bo
             (f"student-3 (data-free) temporal distance <= {QUICK_TEMPORAL} x frozen clips'",
              free["temporal"] <= QUICK_TEMPORAL * frozen),
         ]
+    student = row_of(table, runs["data"])[1]
+    lora_name, lora = row_of(table, runs["lora"])
     return [
         ("student-3 (data) distance <= 1.1 x teacher-50", student["frechet"] <= 1.1 * t50),
         ("student-3 (data) distance <= 0.5 x best teacher-3", student["frechet"] <= 0.5 * t3),
         ("student-3 (data) conditioning accuracy >= 90 %", student["cond_acc"] >= 0.9),
         ("student-3 (data) motion >= 0.8 x teacher-50 motion", student["motion"] >= 0.8 * motion),
+        (f"{lora_name} distance <= 1.1 x teacher-50", lora["frechet"] <= 1.1 * t50),  # issue 19's two gates
+        (f"{lora_name} conditioning accuracy >= 90 %", lora["cond_acc"] >= 0.9),
         ("student VSA sparsity >= 0.5", sparsity >= 0.5),
         ("student-3 (data-free) distance < best teacher-3", free["frechet"] < t3),
         ("student-3 (data-free) motion >= 0.8 x teacher-50 motion", free["motion"] >= 0.8 * motion),
     ]
+
+
+def lora_report(table: dict, runs: dict[str, Path]) -> list[str]:
+    """The LoRA row against the data row's two gates that issue 19 does not set: distance vs teacher-3, and motion
+    (issue 25's gate, failed by every student of this toy: its teacher's frames are unrelated)."""
+    (name, lora), data = row_of(table, runs["lora"]), row_of(table, runs["data"])[1]
+    t3 = min(table["teacher-3"]["frechet"], table["teacher-3-dmd"]["frechet"])
+    distance = (f"{name} distance {lora['frechet']:.2f} = {lora['frechet'] / t3:.2f} x best teacher-3 (data row "
+                f"{data['frechet'] / t3:.2f} x)")
+    motion = (f"{name} motion {100 * lora['motion']:.1f} % (teacher-50 {100 * table['teacher-50']['motion']:.1f} %, "
+              f"data row {100 * data['motion']:.1f} %)")
+    return [distance, motion]
 
 
 def main(argv: list[str]) -> int:
@@ -95,21 +123,25 @@ def main(argv: list[str]) -> int:
     if args.teacher and not (teacher_dir / "config.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: no config.json there; pass an export of recipes/toy_teacher.py")
     runs = {"data": Path("outputs/toy_sparse_distill") / name,
-            "simulate": Path("outputs/toy_sparse_distill") / f"{name}_datafree"}
+            "simulate": Path("outputs/toy_sparse_distill") / f"{name}_datafree",
+            "lora": Path("outputs/toy_sparse_distill") / f"{name}_lora"}
+    # per run: its dmd.rollout and its overrides beyond the TOML
+    extra = {"data": ("data", []), "simulate": ("simulate", DATAFREE_EXTRA), "lora": ("data", LORA_EXTRA)}
     if args.quick:
-        del runs["data"]
+        runs = {"simulate": runs["simulate"]}
+        extra = {"simulate": ("simulate", [])}
 
     start = time.perf_counter()
     times = {}
     if not args.teacher:
         run([str(ROOT / "recipes/toy_teacher.py"), f"run.name={name}", *teacher_extra], args.nproc)
         times["teacher"] = time.perf_counter() - start
-    for rollout, run_dir in runs.items():
+    for key, run_dir in runs.items():
+        rollout, overrides = extra[key]
         t0 = time.perf_counter()
         run([str(ROOT / "recipes/toy_sparse_distill.py"), f"model.teacher={teacher_dir}", f"dmd.rollout={rollout}",
-             f"run.name={run_dir.name}", *(DATAFREE_EXTRA if rollout == "simulate" and not args.quick else []),
-             *distill_extra], args.nproc)
-        times[f"distill ({rollout})"] = time.perf_counter() - t0
+             f"run.name={run_dir.name}", *overrides, *distill_extra], args.nproc)
+        times[f"distill ({key})"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = next(iter(runs.values()))
     out_json = first / "quality.json"
@@ -122,16 +154,19 @@ def main(argv: list[str]) -> int:
 
     table = json.loads(out_json.read_text())
     sparsity = vsa_sparsity(first)
-    gates = check_gates(table, sparsity, args.quick)
+    gates = check_gates(table, runs, sparsity, args.quick)
     print(f"\nwall time: total {total / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + ")")
     print(f"student VSA sparsity: {sparsity:.2f}")
-    for rollout, run_dir in runs.items():
+    for key, run_dir in runs.items():
         grids = sorted(run_dir.glob("samples/step-*/grid.mp4"))
-        print(f"sample grid, {rollout} (data | teacher-50 | teacher-3 | student-3): {grids[-1].resolve()}")
+        print(f"sample grid, {key} (data | teacher-50 | teacher-3 | student-3): {grids[-1].resolve()}")
     for text, ok in gates:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}")
-    json.dump({"table": table, "sparsity": sparsity, "times_s": times, "gates": dict(gates)},
-              open(first / "demo.json", "w"), indent=2)
+    if "lora" in runs:  # the data row's other two gates, for the LoRA row: reported, not gated (issue 19 sets two)
+        for text in lora_report(table, runs):
+            print(f"  [INFO] {text}")
+    with open(first / "demo.json", "w") as f:
+        json.dump({"table": table, "sparsity": sparsity, "times_s": times, "gates": dict(gates)}, f, indent=2)
     return 1 if args.strict and not all(ok for _, ok in gates) else 0
 
 

@@ -14,8 +14,10 @@ far as the held-out clips' do; `scripts/demo.py` gates it against teacher-50) an
 with frames shuffled between clips: what unrelated frames score; motion near it means the row's frames are unrelated,
 far below it means frozen).
 Rows: teacher-50 (Euler + CFG, 100 network calls), teacher-3 (Euler + CFG on 3 steps, 6 calls), teacher-3-dmd
-(the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls),
-and two floors: fresh clips (a new draw of the data) and the same clips frozen (every frame the first).
+(the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls;
+one row per run, named by its rollout mode and, for a LoRA run, its rank: `student-3 (data, LoRA r16)`; the JSON
+gives each student row its run directory under "run"), and two floors: fresh clips (a new draw of the data) and the
+same clips frozen (every frame the first).
 """
 
 import argparse
@@ -56,8 +58,8 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
 
     def teacher_euler(num_steps):
         def run(x, ctx):
-            cond = lambda x, t: teacher(x, t, ctx)  # noqa: E731
-            uncond = lambda x, t: teacher(x, t, torch.zeros_like(ctx))  # noqa: E731
+            cond = lambda x, t: teacher(x, t, ctx)
+            uncond = lambda x, t: teacher(x, t, torch.zeros_like(ctx))
             return teacher_sample(cond, uncond, x, num_steps, dmd["shift"], w + 1)
         return run
 
@@ -110,11 +112,22 @@ def student_row(student, meta, steps):
     return run
 
 
+def student_label(run_cfg: dict) -> str:
+    """The row name of a run's student, from its saved config: the rollout mode, and for a LoRA run (lora.rank > 0)
+    its rank and, when not low-rank, the gate's form, so a LoRA run never shares the full-fine-tune run's row."""
+    rollout, lora = run_cfg["dmd"]["rollout"], run_cfg.get("lora", {})
+    if not lora.get("rank", 0):
+        return f"student-3 ({rollout})"
+    gate = ", full gate" if lora["gate"] == "full" else ""
+    return f"student-3 ({rollout}, LoRA r{lora['rank']}{gate})"
+
+
 def print_table(table: dict[str, dict[str, float]]) -> None:
-    ref = table["teacher-50"]["frechet"]
-    print(f"{'row':<22}{'frechet':>10}{'÷ teacher-50':>14}{'temporal':>10}{'cond acc':>10}{'motion':>9}{'chance':>9}")
+    ref, width = table["teacher-50"]["frechet"], max(22, *(len(name) + 2 for name in table))
+    print(f"{'row':<{width}}{'frechet':>10}{'÷ teacher-50':>14}{'temporal':>10}{'cond acc':>10}{'motion':>9}"
+          f"{'chance':>9}")
     for name, r in table.items():
-        print(f"{name:<22}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{r['temporal']:>10.3f}"
+        print(f"{name:<{width}}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{r['temporal']:>10.3f}"
               f"{100 * r['cond_acc']:>9.1f}%{100 * r['motion']:>8.1f}%{100 * r['motion_chance']:>8.1f}%")
 
 
@@ -125,8 +138,16 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--json", type=Path, help="also write the table here")
     args = parser.parse_args(argv)
     cfg = read_run(args.runs[0])
-    students = {f"student-3 ({read_run(r)['dmd']['rollout']})": r for r in args.runs}
+    students = {}
+    for r in args.runs:
+        label = student_label(read_run(r))
+        if label in students:
+            raise SystemExit(f"{r} and {students[label]} would both be the row {label!r}: pass runs that differ in "
+                             "dmd.rollout or lora (rank, gate)")
+        students[label] = r
     table = sample_rows(cfg, students, args.num)
+    for label, r in students.items():
+        table[label]["run"] = str(r)  # scripts/demo.py finds each run's row by its directory
     print_table(table)
     if args.json:
         args.json.write_text(json.dumps(table, indent=2))

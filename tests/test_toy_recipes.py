@@ -98,6 +98,55 @@ def test_teacher_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path):
         torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
+    """eval_toy names a LoRA run's row by its saved [lora] (a data-mode LoRA run must not overwrite the full data row),
+    refuses two runs that would share a row, and demo.py gates the LoRA row as issue 19 says (distance vs teacher-50,
+    conditioning accuracy) and prints the data row's other two criteria for it."""
+    eval_toy, demo = load_script("eval_toy"), load_script("demo")
+    runs = {}
+    for key, rollout, lora in (("data", "data", 'rank = 0\nalpha = 16.0\ngate = "lora"'),
+                               ("simulate", "simulate", ""),  # a run saved before LoRA existed: no [lora] table
+                               ("lora", "data", 'rank = 16\nalpha = 32.0\ngate = "lora"'),
+                               ("lora_full", "data", 'rank = 16\nalpha = 32.0\ngate = "full"')):
+        runs[key] = tmp_path / key
+        runs[key].mkdir()
+        lora_table = f"[lora]\n{lora}\n" if lora else ""
+        (runs[key] / "config.toml").write_text(f'[dmd]\nrollout = "{rollout}"\n{lora_table}')
+    labels = {key: eval_toy.student_label(eval_toy.read_run(d)) for key, d in runs.items()}
+    assert labels == {"data": "student-3 (data)", "simulate": "student-3 (simulate)",
+                      "lora": "student-3 (data, LoRA r16)", "lora_full": "student-3 (data, LoRA r16, full gate)"}
+    with pytest.raises(SystemExit, match="would both be the row 'student-3 \\(data\\)'"):
+        eval_toy.main([str(runs["data"]), str(runs["data"])])
+
+    def row(frechet, acc, motion, run=None):
+        return {"frechet": frechet, "cond_acc": acc, "motion": motion, **({"run": str(run)} if run else {})}
+    table = {"teacher-50": row(9.0, 0.93, 0.35), "teacher-3": row(20.0, 0.5, 0.1),
+             "teacher-3-dmd": row(30.0, 0.5, 0.1), labels["data"]: row(5.0, 0.93, 0.1, runs["data"]),
+             labels["simulate"]: row(7.0, 0.88, 0.1, runs["simulate"]),
+             labels["lora"]: row(9.5, 0.95, 0.01, runs["lora"])}
+    gates = dict(demo.check_gates(table, runs, sparsity=0.5, quick=False))
+    lora_gates = {text: ok for text, ok in gates.items() if "LoRA" in text}
+    assert lora_gates == {"student-3 (data, LoRA r16) distance <= 1.1 x teacher-50": True,  # issue 19's two gates
+                          "student-3 (data, LoRA r16) conditioning accuracy >= 90 %": True}
+    assert gates["student-3 (data) motion >= 0.8 x teacher-50 motion"] is False
+    assert gates["student-3 (data) distance <= 0.5 x best teacher-3"] is True
+    assert demo.lora_report(table, runs) == [  # the data row's other gates, printed for the LoRA row
+        "student-3 (data, LoRA r16) distance 9.50 = 0.47 x best teacher-3 (data row 0.25 x)",
+        "student-3 (data, LoRA r16) motion 1.0 % (teacher-50 35.0 %, data row 10.0 %)"]
+    table[labels["lora"]]["cond_acc"] = 0.892  # the rank-8 run of 2026-12-02
+    gates = dict(demo.check_gates(table, runs, 0.5, False))
+    assert not gates["student-3 (data, LoRA r16) conditioning accuracy >= 90 %"]
+
+
 @pytest.mark.slow
 def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
     """Data mode first has the teacher generate its training latents (docs/METHOD.md §1.4a: FastVideo's data are teacher
