@@ -16,7 +16,8 @@ import torch.distributed as dist
 from components.metrics import MetricsLogger, write_video
 from data.encode import vae_decode
 
-PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "vae")  # all but the transformer
+# all but the transformer(s); image_encoder/ and image_processor/ exist only in Wan2.1-I2V folders (CLIP)
+PIPELINE_PARTS = ("model_index.json", "scheduler", "text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
 
 
 def write_run_files(run_dir: Path, config_toml: str, recipe: Path) -> None:

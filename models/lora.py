@@ -320,10 +320,12 @@ class AdapterView(nn.Module):
         return merged_state_dict(self.base.state_dict(), self.adapter_name, lora_scale(self.base))
 
     def forward(
-        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, attn_meta: Any = None
+        self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, attn_meta: Any = None,
+        image_context: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        extra = {} if image_context is None else {"image_context": image_context}  # Wan2.1-I2V's CLIP tokens
         with replay_mode(self._mode):
-            return self.base(latents, t, context, attn_meta)
+            return self.base(latents, t, context, attn_meta, **extra)
 
 
 def export_weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ i2v_A14B (boundary_ratio 0.9, guidance 3.5 / 3.5 in standard CFG, 81×480×832).
     torchrun --nproc_per_node 8 recipes/wan22_a14b_i2v_sparse_distill.py \
         --toml recipes/wan22_a14b_i2v_sparse_distill.wan21_i2v_14b.toml              # Wan2.1-I2V-14B (one expert)
     python tools/make_tiny_data.py --out outputs/tiny_i2v --i2v     # CPU, tiny experts: tests/test_a14b_recipes.py
-LoRA with CLIP tokens (Wan2.1-I2V) is refused: models/lora.py's AdapterView passes no image tokens yet.
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
@@ -239,9 +238,6 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
         raise ConfigError(f"model: in_channels={wan.in_channels} is not 2 · out_channels + {I2V_MASK} = "
                           f"{2 * wan.out_channels + I2V_MASK}: not an I2V model (a T2V one: "
                           "recipes/wan22_a14b_t2v_sparse_distill.py)")
-    if cfg.lora.rank and wan.image_dim is not None:
-        raise ConfigError("lora.rank > 0 with a CLIP-conditioned model (Wan2.1-I2V): LoRA views pass no image tokens "
-                          "yet; train it in full (lora.rank=0)")
     if cfg.lora.rank and m.critic_init != m.student_init:
         raise ConfigError(f"model.critic_init={m.critic_init!r} != model.student_init={m.student_init!r}: with LoRA "
                           "student and critic are adapters on one frozen base expert; set them equal")

@@ -4,13 +4,15 @@ The method is recipes/wan21_1_3b_sparse_distill.py's (read that one first; the f
 checked copies of it). What differs is the teacher. Wan2.2-A14B is two 14B transformers of one architecture: the
 high-noise expert (transformer/) denoises t >= boundary = boundary_ratio · 1000 (0.875 → 875), the low-noise expert
 (transformer_2/) the rest, each with its own CFG scale (diffusers' pipelines/wan/pipeline_wan.py).
-Design (a working hypothesis; a toy two-expert study is testing it, docs/METHOD.md will record the outcome):
+Design (chosen on a toy two-expert teacher, scripts/make_toy_experts.py; docs/DESIGN.md "Two-expert teachers"):
   - the real score (teacher) is the expert of the SCORE timestep: a batch is split by t >= boundary and each expert
-    runs on its own rows only, CFG-guided with dmd.guidance (high) or dmd.guidance_2 (low);
+    runs on its own rows only, CFG-guided with dmd.guidance (high) or dmd.guidance_2 (low). On the toy, scoring every
+    t with the high-noise expert alone diverged (Fréchet 232x teacher-50): the switch is required;
   - the student and the critic are ONE transformer each, initialised from one expert (`model.student_init`,
-    `model.critic_init`; "high" by default: the student's first step, t = 1000, is the high-noise expert's, and the
-    critic scores all of t in [t_min, t_max] with one network). The student runs every step of its [1000, 757, 522]
-    schedule with the same weights; nothing in the student switches at the boundary;
+    `model.critic_init`; "low" by default: of the student's [1000, 757, 522] steps only the first is above the
+    boundary, and an expert trained on one side of it is poor on the other. Toy, 900 steps, one seed: from the
+    low-noise expert Fréchet 0.87x teacher-50 and 95.0 % accuracy (passes the gates), from the high-noise one 0.58x
+    but 88.8 % (fails accuracy)). The student runs every step with the same weights; nothing in it switches;
   - LoRA (lora.rank > 0): the student_init expert is the shared frozen base (student = base + adapter, critic = base
     + adapter, teacher on that expert's t-range = base with adapters off), the other expert is a second frozen base
     (FSDP-sharded, bf16), so critic_init must equal student_init.
