@@ -66,6 +66,24 @@ def expert(model: WanModel, model_2: WanModel | None, boundary: float | None, t:
     return model_2, True
 
 
+class TwoExperts(torch.nn.Module):
+    """A frozen two-expert teacher: `high(x, t, context)` for the samples whose timestep t >= `boundary` (0..1000
+    scale), `low` for the rest (`expert`, applied per sample: one batch's DMD score timesteps differ)."""
+
+    def __init__(self, high: torch.nn.Module, low: torch.nn.Module, boundary: float) -> None:
+        super().__init__()
+        self.high, self.low, self.boundary = high, low, boundary
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        above = t >= self.boundary  # (B,)
+        if bool(above.all()) or not bool(above.any()):
+            return (self.high if bool(above.all()) else self.low)(x, t, context)
+        out = torch.empty_like(x)  # the toy's DiT predicts a velocity of x's shape
+        out[above] = self.high(x[above], t[above], context[above])
+        out[~above] = self.low(x[~above], t[~above], context[~above])
+        return out
+
+
 def model_dtype(model: WanModel) -> torch.dtype:
     """The DiT runs in plain bf16 (or fp32) without autocast: its inputs are cast to its weights' dtype."""
     return model.patch_embedding.weight.dtype

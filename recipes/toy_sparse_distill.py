@@ -55,6 +55,7 @@ from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, m
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
 from inference.lora import export_lora
+from inference.samplers import TwoExperts
 from models.lora import AdapterView, apply_lora, check_lora, export_weights, freeze_base
 from models.wan import WanModel
 from models.wan_weights import export_state_dict, load_pretrained
@@ -168,24 +169,6 @@ def build_lora_roles(path: Path, student_attn: str, critic_attn: str, lora: Lora
     views = [AdapterView(base, a, ATTN[attn]) for a, attn in (("student", student_attn), (None, "sdpa"),
                                                               ("critic", critic_attn))]
     return tuple(views)
-
-
-class TwoExperts(torch.nn.Module):
-    """A frozen two-expert teacher: `high(x, t, context)` for the samples whose timestep t >= `boundary` (0..1000
-    scale), `low` for the rest (inference/samplers.expert, applied per sample: one batch's DMD score timesteps differ)."""
-
-    def __init__(self, high: WanModel, low: WanModel, boundary: float):
-        super().__init__()
-        self.high, self.low, self.boundary = high, low, boundary
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        above = t >= self.boundary  # (B,)
-        if bool(above.all()) or not bool(above.any()):
-            return (self.high if bool(above.all()) else self.low)(x, t, context)
-        out = torch.empty_like(x)  # the toy's DiT predicts a velocity of x's shape
-        out[above] = self.high(x[above], t[above], context[above])
-        out[~above] = self.low(x[~above], t[~above], context[~above])
-        return out
 
 
 def check_experts(model: ModelConfig) -> None:

@@ -31,6 +31,7 @@ import torch
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split
+from inference.samplers import TwoExperts
 from losses.flow import few_step_sample, teacher_sample
 from models.wan_weights import load_pretrained
 
@@ -97,10 +98,7 @@ def load_teacher(model: dict):
     teacher = load_pretrained(model["teacher"], attn_fn=sdpa_attention).eval()
     if model.get("teacher_2") is None:
         return teacher
-    # the recipe's own dispatch, so that the table scores the teacher it distilled
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-    from toy_sparse_distill import TwoExperts
-
+    # the recipe's own dispatch (inference/samplers.py), so that the table scores the teacher it distilled
     low = load_pretrained(model["teacher_2"], attn_fn=sdpa_attention).eval()
     return TwoExperts(teacher, low, model["boundary"] * 1000).eval()
 
