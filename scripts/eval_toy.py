@@ -23,111 +23,11 @@ same clips frozen (every frame the first).
 import argparse
 import json
 import sys
-import tomllib
 from pathlib import Path
 
 import torch
 
-from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_meta
-from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split
-from inference.samplers import TwoExperts
-from losses.flow import few_step_sample, teacher_sample
-from models.wan_weights import load_pretrained
-
-CHUNK = 48  # clips per network call
-
-
-def read_run(run_dir: Path) -> dict:
-    path = Path(run_dir) / "config.toml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a run directory of recipes/toy_sparse_distill.py")
-    return tomllib.loads(path.read_text())
-
-
-@torch.no_grad()
-def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234) -> dict[str, dict[str, float]]:
-    """Sample every row for the first `num` held-out clips and score them."""
-    data, dmd = cfg["data"], cfg["dmd"]
-    spec = ToySpec(frames=data["frames"], height=data["height"], width=data["width"])
-    _, heldout = make_split(spec, data["num_train"], data["num_heldout"], data["seed"])
-    num = min(num, heldout.latents.shape[0])
-    context, factors = heldout.context[:num], heldout.factors[:num]
-    noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
-    teacher = load_teacher(cfg["model"])
-    w = dmd["guidance"]  # DMD2 form; standard CFG scale w + 1
-
-    def teacher_euler(num_steps):
-        def run(x, ctx):
-            cond = lambda x, t: teacher(x, t, ctx)
-            uncond = lambda x, t: teacher(x, t, torch.zeros_like(ctx))
-            return teacher_sample(cond, uncond, x, num_steps, dmd["shift"], w + 1)
-        return run
-
-    def teacher_dmd(x, ctx, g):
-        def cfg_fn(x, t):
-            cond, uncond = teacher(x, t, ctx), teacher(x, t, torch.zeros_like(ctx))
-            return cond + w * (cond - uncond)
-        return few_step_sample(cfg_fn, x, dmd["steps"], g)
-
-    rows = {"teacher-50": lambda x, ctx, g: teacher_euler(50)(x, ctx),
-            "teacher-3": lambda x, ctx, g: teacher_euler(3)(x, ctx),
-            "teacher-3-dmd": teacher_dmd}
-    for name, path in students.items():
-        attn = read_run(path)["attn"]
-        vsa = attn["student"] == "vsa"
-        student = load_pretrained(Path(path) / "student", attn_fn=vsa_attention if vsa else sdpa_attention).eval()
-        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if vsa else None
-        rows[name] = student_row(student, meta, dmd["steps"])
-
-    table = {}
-    for name, fn in rows.items():
-        g = torch.Generator().manual_seed(seed + 1)
-        chunks = [fn(noise[i:i + CHUNK], context[i:i + CHUNK], g) for i in range(0, num, CHUNK)]
-        table[name] = evaluate_samples(torch.cat(chunks), factors, heldout)
-    fresh = make_clips(num, spec, data["seed"] + 17)  # the floor: a new draw of real clips
-    table["data (fresh clips)"] = evaluate_samples(fresh.latents, fresh.factors, heldout)
-    frozen = fresh.latents[:, :, :1].expand_as(fresh.latents)  # the frozen-motion baseline: every frame the first
-    table["data (frozen clips)"] = evaluate_samples(frozen, fresh.factors, heldout)
-    return table
-
-
-def load_teacher(model: dict):
-    """The run's frozen teacher: one network, or with model.teacher_2 two experts switching at model.boundary (the
-    high-noise model.teacher for t >= boundary · 1000, as the recipe's real score and teacher data)."""
-    teacher = load_pretrained(model["teacher"], attn_fn=sdpa_attention).eval()
-    if model.get("teacher_2") is None:
-        return teacher
-    # the recipe's own dispatch (inference/samplers.py), so that the table scores the teacher it distilled
-    low = load_pretrained(model["teacher_2"], attn_fn=sdpa_attention).eval()
-    return TwoExperts(teacher, low, model["boundary"] * 1000).eval()
-
-
-def student_row(student, meta, steps):
-    """The student's own 3-step sampler (docs/METHOD.md §5.2): conditional only, no CFG."""
-    def run(x, ctx, g):
-        return few_step_sample(lambda x, t: student(x, t, ctx, attn_meta=meta), x, steps, g)
-    return run
-
-
-def student_label(run_cfg: dict) -> str:
-    """The row name of a run's student, from its saved config: the rollout mode, and for a LoRA run (lora.rank > 0)
-    its rank and, when not low-rank, the gate's form, so a LoRA run never shares the full-fine-tune run's row."""
-    rollout, lora = run_cfg["dmd"]["rollout"], run_cfg.get("lora", {})
-    if not lora.get("rank", 0):
-        return f"student-3 ({rollout})"
-    gate = ", full gate" if lora["gate"] == "full" else ""
-    return f"student-3 ({rollout}, LoRA r{lora['rank']}{gate})"
-
-
-def print_table(table: dict[str, dict[str, float]]) -> None:
-    ref, width = table["teacher-50"]["frechet"], max(22, *(len(name) + 2 for name in table))
-    print(f"{'row':<{width}}{'frechet':>10}{'÷ teacher-50':>14}{'temporal':>10}{'cond acc':>10}{'motion':>9}"
-          f"{'chance':>9}")
-    for name, r in table.items():
-        print(f"{name:<{width}}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{r['temporal']:>10.3f}"
-              f"{100 * r['cond_acc']:>9.1f}%{100 * r['motion']:>8.1f}%{100 * r['motion_chance']:>8.1f}%")
-
+from data.toy_eval import print_table, read_run, sample_rows, student_label
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -27,11 +27,10 @@ import torch
 from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from data.synthetic import ToySpec, evaluate_samples, make_split
+from data.toy_eval import CHUNK, print_table, read_run, sample_rows, student_row
 from models.wan_weights import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from eval_toy import CHUNK, print_table, read_run, sample_rows, student_row
 
 # Fine-tuning of each expert from the stored teacher (recipes/toy_teacher.py defaults otherwise: same data and seed).
 # Half the pre-training LR: the copies start from a trained teacher and only specialise.
