@@ -15,6 +15,13 @@ Motion stays in the data, and `evaluate_samples` reports how much of it the samp
 The demo teacher's frames are unrelated (measured 2026-12-02, tests/assets/toy_teacher, 96 held-out captions,
 teacher-50: motion 41.7 %, the same samples with frames shuffled between clips 42.7 %): its "motion" is the chance that
 two independently placed blobs lie one travel apart, not motion it learned (issue 25).
+The cause is the teacher's capacity, not the data (one H200, 2026-12-03, `scripts/probe_toy_factors.py --factor
+brightness --set ...`, 96 captions, motion vs its frames-shuffled chance): on these clips a dim-128, 4-head (head dim
+32), 4-layer, FFN-256 teacher couples its frames — motion 0.81 vs chance 0.43, temporal distance 0.16, at 4210 steps
+(a second run 0.62 vs 0.42 at 3550; both still rising) — and dim 96 / 4 heads / 3 layers reaches 0.50 vs 0.35 at 4900;
+every 2-layer teacher (dim 48-96, 1-4 heads, up to 10 000 steps) and every dim-48 one stays at chance, whatever the
+travel (3-10), jitter (3-8), frames (2, 4), shift (1, 3), batch (16, 64) or number of directions (1, 4); head dim 12
+breaks the teacher. Such a teacher costs ~10x the demo's per step, beyond a 2-core CPU demo.
 
 A caption is a text-like embedding `(L_txt, D_txt)`: one fixed random "word" vector per factor value in rows 0..2,
 zero padding after; the unconditional ("negative") caption is all zeros. Everything is generated from seeds.

@@ -34,7 +34,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("runs", nargs="+", type=Path, help="toy_sparse_distill run directories")
     parser.add_argument("--num", type=int, default=240, help="held-out clips per row (240: the whole held-out set)")
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     cfg = read_run(args.runs[0])
     students = {}
     for r in args.runs:
@@ -53,5 +55,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main(sys.argv[1:])

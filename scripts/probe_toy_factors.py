@@ -3,6 +3,7 @@ milestones, per-factor accuracy of its 50-step CFG samples, distance to held-out
 
     python scripts/probe_toy_factors.py --factor direction --steps 24000 --budget-s 450 [--set travel=6 jitter=8 ...]
     python scripts/probe_toy_factors.py --factor brightness                      # the toy's current second factor
+    OUT=/tmp/probe bash scripts/probe_toy_motion_gpu.sh        # issue 25: teacher sizes vs motion, one GPU
 
 `--factor brightness` is `data/synthetic.py` as it is (colour × brightness × size; random direction of motion).
 `--factor direction` makes the direction of motion the second caption factor instead (4 words; every blob bright) —
@@ -24,12 +25,19 @@ from models.wan import WAN_CONFIGS, WanModel, config_with
 
 MILESTONES = (1000, 2000, 3000, 4000, 6000, 8000, 12000, 16000, 24000)
 SETTINGS = dict(travel=10.0, jitter=3.0, frames=2, dim=48, heads=1, layers=2, ffn=128, shift=3.0, lr=1e-3, bs=16,
-                cd=0.1)
+                cd=0.1, dirs=4)  # dirs: directions of motion drawn (4: right, left, down, up; 1: always right)
 
 
-def make_data(factor: str, spec: S.ToySpec, num: int, seed: int) -> S.ToyClips:
-    """Toy clips whose caption's second word is brightness (the toy as is) or the direction of motion."""
-    return S.make_clips(num, spec, seed) if factor == "brightness" else S.make_direction_clips(num, spec, seed)
+def make_data(factor: str, spec: S.ToySpec, num: int, seed: int, dirs: int = 4) -> S.ToyClips:
+    """Toy clips whose caption's second word is brightness (the toy as is) or the direction of motion; with
+    `dirs` < 4 (brightness only) the clips are re-rendered moving in the first `dirs` directions only."""
+    if factor == "direction":
+        return S.make_direction_clips(num, spec, seed)
+    clips = S.make_clips(num, spec, seed)
+    if dirs < len(S.DIRECTIONS):
+        clips.directions = clips.directions % dirs
+        clips.latents = S.render_clips(clips.factors, clips.directions, spec, torch.Generator().manual_seed(seed + 5))
+    return clips
 
 
 def decode(factor: str, latents: torch.Tensor) -> torch.Tensor:
@@ -54,7 +62,8 @@ def main(argv: list[str]) -> list[dict]:
         p[key] = type(p[key])(float(value))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     spec = S.ToySpec(frames=p["frames"], travel=p["travel"], jitter=p["jitter"])
-    train, held = make_data(args.factor, spec, 4800, 0), make_data(args.factor, spec, 240, 1_000_003)
+    dirs = int(p["dirs"])
+    train, held = make_data(args.factor, spec, 4800, 0, dirs), make_data(args.factor, spec, 240, 1_000_003, dirs)
     xs, cs = train.latents.to(dev), train.context.to(dev)
     torch.manual_seed(0)
     model = WanModel(config_with(WAN_CONFIGS["tiny"], dim=p["dim"], ffn_dim=p["ffn"], num_heads=p["heads"],
@@ -90,7 +99,12 @@ def main(argv: list[str]) -> list[dict]:
             row = dict(step=step, seconds=round(time.perf_counter() - start), factor=args.factor, **p,
                        accuracy=[round(float((dec[:, i] == fac[:, i]).double().mean()), 3) for i in range(3)],
                        frechet=round(S.frechet_distance(S.clip_features(x), S.clip_features(held.latents)), 2),
-                       motion=round(float(S.motion_coherence(x, spec.travel).double().mean()), 3))
+                       motion=round(float(S.motion_coherence(x, spec.travel).double().mean()), 3),
+                       motion_chance=round(float(S.motion_coherence(S.shuffle_frames(x), spec.travel)
+                                                 .double().mean()), 3),
+                       temporal=round(S.frechet_distance(S.temporal_features(x, spec.travel),
+                                                         S.temporal_features(held.latents, spec.travel),
+                                                         standardise=False), 3))
             print(json.dumps(row), flush=True)
             rows.append(row)
         if last:

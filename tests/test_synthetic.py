@@ -122,11 +122,13 @@ def test_factor_probe_script_runs_both_variants():
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "probe_toy_factors.py"
-    for factor in ("brightness", "direction"):
+    for factor, extra in (("brightness", ["dirs=1"]), ("direction", [])):
         proc = subprocess.run([sys.executable, str(script), "--factor", factor, "--steps", "2", "--num-eval", "4",
-                               "--sample-steps", "2", "--set", "dim=24", "ffn=32"], capture_output=True, text=True,
-                              timeout=300)
+                               "--sample-steps", "2", "--set", "dim=24", "ffn=32", *extra], capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
         assert [r["step"] for r in rows] == [2] and rows[0]["factor"] == factor and len(rows[0]["accuracy"]) == 3
         assert all(0 <= a <= 1 for a in rows[0]["accuracy"]) and rows[0]["frechet"] >= 0
+        assert 0 <= rows[0]["motion_chance"] <= 1 and rows[0]["temporal"] >= 0  # issue 25's motion columns
+        assert rows[0]["dirs"] == (1 if extra else 4)

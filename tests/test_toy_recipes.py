@@ -169,11 +169,12 @@ def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # its subprocess may take up to 1200 s on a loaded CPU
 def test_quick_demo_student_beats_three_step_teacher(tmp_path):
-    """Acceptance 3: the shortened `make demo` pipeline (data-free student, 300 steps, from the stored demo teacher:
-    `recipes/toy_teacher.py` defaults, 3000 steps); gates: student-3 < best teacher-3, and its blob is not frozen."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--quick", "--strict", "--teacher",
-                           str(ROOT / "tests/assets/toy_teacher")], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=1200)  # ~3 min alone; margin for a loaded CPU
+    """Acceptance 3: the shortened `make demo` pipeline (data-free student, 300 steps of batch 8, from the stored demo
+    teacher: `recipes/toy_teacher.py` defaults, 3000 steps); gates: student-3 < best teacher-3, and its blob is not
+    frozen. One thread (`--threads 1`): beside the other xdist worker, two threads ran it 4x slower (1048 s vs 265 s)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--quick", "--strict", "--threads", "1",
+                           "--teacher", str(ROOT / "tests/assets/toy_teacher")], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=1200)  # ~5 min alone; margin for a loaded CPU
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "outputs/toy_sparse_distill/quick_datafree"
     report = json.loads((run_dir / "demo.json").read_text())
