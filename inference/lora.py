@@ -119,8 +119,24 @@ def model_digest(model: nn.Module) -> str:
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
     """`weights_digest` of a diffusers transformer checkpoint, read from its safetensors files (a few MB), without
-    building the model: so a pipeline can reject a mismatched base before its weights load."""
+    building the model: so a pipeline can reject a mismatched base before its weights load. Remembered per process for
+    unchanged files (tools/sample.py checks the base before `VideoPipeline.from_pretrained` checks it again)."""
     files = checkpoint_files(resolve_transformer_dir(path))
+    stamp = tuple(sorted({(str(Path(f).resolve()), *_file_stamp(f)) for f in files.values()}))
+    if stamp not in _DIGESTS:
+        _DIGESTS[stamp] = _checkpoint_digest(files)
+    return _DIGESTS[stamp]
+
+
+_DIGESTS: dict[tuple, str] = {}  # checkpoint_digest's memory: (file, inode, mtime_ns, size) stamps -> digest
+
+
+def _file_stamp(file: str | os.PathLike) -> tuple[int, int, int]:
+    st = os.stat(file)  # an atomic rewrite (write + rename) changes the inode even within one mtime tick
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _checkpoint_digest(files: dict[str, str]) -> str:
     shapes = {}
     for key, file in files.items():
         with safe_open(file, framework="pt") as f:

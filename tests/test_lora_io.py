@@ -23,6 +23,7 @@ from inference.lora import (
     GATE_WEIGHTS_NAME,
     LORA_WEIGHTS_NAME,
     LoraError,
+    checkpoint_digest,
     export_lora,
     load_lora,
     read_lora,
@@ -310,3 +311,23 @@ def test_other_base_weights(exported, pipe_dir, tmp_path, no_weight_loads):
 def test_gate_needs_a_gated_model(exported, pipe_dir):
     with pytest.raises(LoraError, match="brings a VSA gate.*vsa_gate=True"):
         load_lora(load_pretrained(pipe_dir), exported["full"][1])
+
+
+def test_checkpoint_digest_is_read_once_per_unchanged_checkpoint(pipe_dir, tmp_path, monkeypatch):
+    """tools/sample.py checks a LoRA base before VideoPipeline.from_pretrained checks it again: the second call reuses
+    the first's digest, and a rewritten checkpoint is read afresh (its digest then differs, as the weights do)."""
+    import inference.lora as lora_io
+
+    folder = tmp_path / "transformer"
+    model = load_pretrained(pipe_dir, dtype=torch.float32)
+    export_state_dict(model.state_dict(), model.cfg, folder)
+    reads = []
+    real = lora_io._checkpoint_digest
+    monkeypatch.setattr(lora_io, "_checkpoint_digest", lambda files: reads.append(1) or real(files))
+    first = checkpoint_digest(folder)
+    assert checkpoint_digest(folder) == first and len(reads) == 1
+    assert first == lora_io.model_digest(model)  # the same fingerprint the trained adapter records
+    with torch.no_grad():
+        model.blocks[0].ffn.fc2.bias.add_(0.01)
+    export_state_dict(model.state_dict(), model.cfg, folder)
+    assert checkpoint_digest(folder) != first and len(reads) == 2
