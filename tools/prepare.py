@@ -249,17 +249,9 @@ def write_negative_prompt(path: Path, text: str, encode: TextEncoder) -> None:
 # ---------------------------------------------------------------------------------------------------- checks
 
 
-def check_experts(base: Path, model: dict, experts: int) -> None:
-    """model.base as the recipe will see it, from config files alone: two experts need model_index.json's
-    boundary_ratio equal to model.boundary_ratio (transformer_2/ was fetched as a part); a recipe that names
-    model.experts = 1 (Wan2.1-I2V) refuses a two-expert folder."""
-    if experts == 1:
-        if "experts" in model and (base / "transformer_2").exists():
-            raise ConfigError(
-                f"model.base: {base} has transformer_2/ (a two-expert Wan2.2-A14B folder) but model.experts=1; set "
-                "model.experts=2 and model.boundary_ratio, or give a one-transformer folder (Wan2.1-I2V-14B)"
-            )
-        return
+def check_boundary(base: Path, model: dict) -> None:
+    """A two-expert recipe's base as the recipe will see it, from config files alone: model_index.json's boundary_ratio
+    (where the teacher switches experts) must equal model.boundary_ratio."""
     index = base / "model_index.json"
     ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
     if ratio is None:
@@ -323,7 +315,7 @@ def check_i2v_data(
                     "--i2v with model.base, which has image_encoder/)"
                 )
         except (DataError, OSError) as e:
-            hint = "" if "tools/preprocess.py" in str(e) else " (I2V rows: tools/preprocess.py --i2v)"
+            hint = " (I2V rows: tools/preprocess.py --i2v)" if "missing columns" in str(e) else ""  # e.g. T2V rows
             problems.append(f"data.{key}: {e}{hint}")
             continue
         tokens = f", CLIP tokens {tuple(clip.shape)}" if image_dim is not None else ""
@@ -386,9 +378,14 @@ def prepare_wan(table: dict, args: argparse.Namespace) -> None:
     transformers = [] if preset else ["transformer", "transformer_2"][:experts]
     clip = ["image_encoder", "image_processor"] if i2v and experts == 1 and not preset else []
     parts = ["vae", *transformers, *clip] + (["text_encoder", "tokenizer"] if needs_encoder else [])
+    if model.get("experts") == 1 and not preset and (base / "transformer_2").exists():
+        raise ConfigError(
+            f"model.base: {base} has transformer_2/ (a two-expert Wan2.2-A14B folder) but model.experts=1; set "
+            "model.experts=2 and model.boundary_ratio, or give a one-transformer folder (Wan2.1-I2V-14B)"
+        )
     fetch_model(base, parts, args.hub_dir)
-    if not preset:
-        check_experts(base, model, experts)
+    if experts == 2 and not preset:
+        check_boundary(base, model)
 
     if preset is not None and preset not in WAN_CONFIGS:
         raise ConfigError(f"model.preset={preset!r}; choose one of {sorted(WAN_CONFIGS)}")
