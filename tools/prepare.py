@@ -1,23 +1,34 @@
-"""Put everything a recipe's TOML names in place, check it, and print the launch command.
+r"""Put everything a recipe's TOML names in place, check it, and print the launch command.
 
     python tools/prepare.py --recipe wan21_1_3b_sparse_distill      # then run the command it prints
     python tools/prepare.py --recipe wan21_14b_sparse_distill
     python tools/prepare.py --recipe wan22_ti2v_5b_sparse_distill --prompts my_prompts.txt  # data-free: your captions
+    python tools/prepare.py --recipe wan22_a14b_t2v_sparse_distill  # two experts: transformer/ + transformer_2/
+    python tools/prepare.py --recipe wan22_a14b_i2v_sparse_distill  # I2V: prints the preprocess --i2v command first
+    python tools/prepare.py --recipe wan22_a14b_i2v_sparse_distill \
+        --toml recipes/wan22_a14b_i2v_sparse_distill.wan21_i2v_14b.toml                  # Wan2.1-I2V-14B, CLIP
     python tools/prepare.py --recipe wan21_1_3b_sparse_distill --toml my.toml run.name=x  # the recipe's own arguments
 
 Reads the recipe's sibling TOML, then `--toml` overlays and `section.key=value` overrides (the arguments the recipe
 takes), and for each path the TOML names:
-    model.base            reused if present; else the known hub checkpoint of that folder name is downloaded there
+    model.base            reused if present; else the known hub checkpoint of that folder name is downloaded there.
+                          Parts: vae/, transformer/ (not with model.preset), transformer_2/ for a two-expert recipe
+                          (model_index.json's boundary_ratio must equal model.boundary_ratio), image_encoder/ and
+                          image_processor/ for Wan2.1-I2V (model.experts = 1 in an I2V recipe), the text encoder when
+                          something is to be encoded
     data.path             reused if present; else the known hub dataset of that name is downloaded there, or, with
-                          --prompts FILE (data-free recipes), a text-only parquet of those captions' embeddings
-    data.negative_prompt  reused if present; else Wan's default negative prompt (English for Wan2.1, Chinese for
-                          Wan2.2-TI2V; --negative-prompt to choose) through the pipeline's UMT5 -> .safetensors
+                          --prompts FILE (data-free recipes), a text-only parquet of those captions' embeddings. An
+                          I2V recipe needs video clips: prepare prints the `tools/preprocess.py --i2v` command
+    data.negative_prompt  reused if present; else Wan's default negative prompt (English for Wan2.1 and the A14B
+                          models, Chinese for Wan2.2-TI2V; --negative-prompt to choose) through the pipeline's UMT5
     data.val_prompts      reused if present; else VALIDATION_PROMPTS (or --val-prompts FILE) -> text-only parquet
-Then every path is checked against the model (latent shape from [video], caption-embedding width, VAE channels) and
-the launch and sampling commands are printed. A second run reuses everything and only checks. Checkpoints live in
-weights/, datasets in datasets/. `--hub-dir DIR` resolves hub ids to DIR/<owner>/<name> (an offline stand-in: see
-tests/test_newcomer.py). The toy recipes need no downloads: toy_teacher makes its own data, toy_sparse_distill needs
-the toy teacher's export (the script says so).
+    data.val_data         (I2V recipes, instead of val_prompts) I2V rows as data.path: reused, or the preprocess command
+Then every path is checked against the model (latent shape from [video], caption-embedding width, VAE channels; I2V
+rows: first-frame latents, and CLIP tokens of the model's image_dim for Wan2.1-I2V) and the launch and sampling
+commands are printed. A second run reuses everything and only checks. Checkpoints live in weights/, datasets in
+datasets/. `--hub-dir DIR` resolves hub ids to DIR/<owner>/<name> (an offline stand-in: see tests/test_newcomer.py,
+tests/test_prepare_recipes.py). The toy recipes need no downloads: toy_teacher makes its own data, toy_sparse_distill
+needs the toy teacher's export (the script says so).
 """
 
 from __future__ import annotations
@@ -55,6 +66,9 @@ VALIDATION_PROMPTS = [
 ]
 
 
+I2V_IMAGE = "FIRST_FRAME.png"  # in the printed I2V sample command: the image the user animates
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", required=True, help="recipe name: recipes/<name>.py and its TOML")
@@ -76,18 +90,28 @@ def recipe_argv(args: argparse.Namespace) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- downloads
 
 
+# Why a part is needed, where that is not obvious (named in the error when a folder lacks it).
+PART_ROLES = {
+    "transformer_2": "the low-noise expert of a two-expert teacher",
+    "image_encoder": "Wan2.1-I2V's CLIP image encoder",
+    "image_processor": "Wan2.1-I2V's CLIP preprocessing",
+}
+
+
 def pipeline_missing(base: Path, parts: list[str]) -> list[str]:
-    """The `parts` a pipeline folder lacks (each needs config.json and a weight file; tokenizer/ is a folder)."""
+    """The `parts` a pipeline folder lacks: a model part needs config.json and a weight file, tokenizer/ is a folder,
+    image_processor/ a preprocessor_config.json."""
     missing = []
     for part in parts:
         folder = base / part
-        complete = (
-            folder.is_dir()
-            if part == "tokenizer"
-            else (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-        )
+        if part == "tokenizer":
+            complete = folder.is_dir()
+        elif part == "image_processor":
+            complete = (folder / "preprocessor_config.json").is_file()
+        else:
+            complete = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
         if not complete:
-            missing.append(f"{part}/")
+            missing.append(f"{part}/" + (f" ({PART_ROLES[part]})" if part in PART_ROLES else ""))
     return missing
 
 
@@ -110,7 +134,9 @@ def fetch_model(base: Path, parts: list[str], hub_dir: Path | None) -> None:
         raise ConfigError(f"model.base: {base} still lacks {', '.join(missing)} after the download of {repo[0]}")
 
 
-def fetch_data(data_path: str, prompts: Path | None, encode: TextEncoder, hub_dir: Path | None) -> None:
+def fetch_data(
+    data_path: str, prompts: Path | None, encode: TextEncoder, hub_dir: Path | None, base: Path, video: dict
+) -> None:
     for folder in data_folders(data_path):
         repo = known_repo(folder)
         if is_complete(folder) or (repo is None and any(folder.rglob("*.parquet"))):
@@ -125,8 +151,39 @@ def fetch_data(data_path: str, prompts: Path | None, encode: TextEncoder, hub_di
         else:
             raise ConfigError(
                 f"data.path: {folder} does not exist and its name is no known hub dataset; for a data-free recipe "
-                "give --prompts FILE (captions, one per line), for latents see tools/preprocess.py"
+                "give --prompts FILE (captions, one per line), for latents "
+                + preprocess_fix(base, folder, video, "CLIPS", i2v=False)
             )
+
+
+def preprocess_fix(base: Path, out: Path, video: dict, clips: str, i2v: bool) -> str:
+    """'from your clips (...): python tools/preprocess.py ...': latents of the videos in `clips`/ written to `out` at
+    the recipe's video shape (the one line that tells a user how to make a missing dataset)."""
+    args = ["--model", str(base), *(["--i2v"] if i2v else []), "--captions", f"{clips}/captions.txt"]
+    args += ["--out", str(out), "--height", str(video["height"]), "--width", str(video["width"])]
+    args += ["--num-frames", str(video["num_frames"]), "--fps", str(video["fps"])]
+    return (
+        f"from your clips ({clips}/captions.txt: one name<TAB>caption line per video in {clips}/): "
+        + shlex.join(["python", "tools/preprocess.py", *args])
+    )
+
+
+def find_i2v_data(data: dict, base: Path, video: dict, val_count: int) -> None:
+    """I2V rows (latents + first-frame latents, and CLIP tokens for Wan2.1-I2V) come only from video clips through
+    tools/preprocess.py --i2v: each missing folder is one error line with that command."""
+    wanted = [("data.path", folder, "CLIPS", "") for folder in data_folders(data["path"])]
+    note = f"validation conditions on its first run.val_count={val_count} rows (a few held-out clips); "
+    wanted.append(("data.val_data", Path(data["val_data"]), "VAL_CLIPS", note))
+    problems = []
+    for key, folder, clips, note in wanted:
+        if any(folder.rglob("*.parquet")):
+            print(f"{key}: reuse {folder}")
+        else:
+            state = "holds no parquet file" if folder.exists() else "does not exist"
+            fix = preprocess_fix(base, folder, video, clips, i2v=True)
+            problems.append(f"{key}: {folder} {state}; {note}I2V rows come only {fix}")
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------- encodings
@@ -192,8 +249,25 @@ def write_negative_prompt(path: Path, text: str, encode: TextEncoder) -> None:
 # ---------------------------------------------------------------------------------------------------- checks
 
 
+def check_boundary(base: Path, model: dict) -> None:
+    """A two-expert recipe's base as the recipe will see it, from config files alone: model_index.json's boundary_ratio
+    (where the teacher switches experts) must equal model.boundary_ratio."""
+    index = base / "model_index.json"
+    ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
+    if ratio is None:
+        raise ConfigError(
+            f"model.base: {index} names no boundary_ratio: not a two-expert Wan2.2-A14B pipeline folder (the "
+            "recipe's teacher switches experts there; download the *-A14B-Diffusers folder)"
+        )
+    if float(ratio) * 1000 != model["boundary_ratio"] * 1000:  # the recipe's comparison, in timesteps
+        raise ConfigError(
+            f"model.base: {index} sets boundary_ratio {ratio:g} but model.boundary_ratio={model['boundary_ratio']}; "
+            f"set model.boundary_ratio={ratio:g}"
+        )
+
+
 def check_data(data: dict, latent_shape: tuple[int, ...], text_dim: int, val_count: int) -> list[str]:
-    """One line per problem (empty: the recipe will accept its data); prints what it found."""
+    """T2V data: one line per problem (empty: the recipe will accept its data); prints what it found."""
     problems = []
     try:
         with_latents = all(any(f.rglob("*.parquet")) and has_latents(f) for f in data_folders(data["path"]))
@@ -209,13 +283,6 @@ def check_data(data: dict, latent_shape: tuple[int, ...], text_dim: int, val_cou
     except (DataError, OSError) as e:
         problems.append(f"data.path: {e}")
     try:
-        width = load_negative_context(data["negative_prompt"])[0].shape[-1]  # (512, D)
-        if width != text_dim:
-            problems.append(f"data.negative_prompt: embedding width {width} != the model's text_dim {text_dim}")
-        print(f"  data.negative_prompt  {width} wide")
-    except (DataError, OSError) as e:
-        problems.append(f"data.negative_prompt: {e}")
-    try:
         contexts = load_contexts(data["val_prompts"], val_count)  # (N, 512, D): the first run.val_count rows
         if contexts.shape[-1] != text_dim:
             problems.append(
@@ -225,6 +292,55 @@ def check_data(data: dict, latent_shape: tuple[int, ...], text_dim: int, val_cou
     except (DataError, OSError) as e:
         problems.append(f"data.val_prompts: {e}")
     return problems
+
+
+def check_i2v_data(
+    data: dict, latent_shape: tuple[int, ...], text_dim: int, image_dim: int | None, val_count: int
+) -> list[str]:
+    """I2V data (data.path, data.val_data), as the I2V recipe reads them: latents and first-frame latents of
+    `latent_shape`, caption embeddings `text_dim` wide and, for a model with CLIP image tokens (Wan2.1-I2V), a
+    clip_feature `image_dim` wide. One line per problem; prints what it found."""
+    problems = []
+    for key in ("path", "val_data"):
+        try:
+            dataset = LatentDataset(
+                str(data[key]), num_latent_t=latent_shape[1], expect_latent_shape=latent_shape, i2v=True
+            )
+            check_first_row(dataset, text_dim)
+            clip = dataset[0].get("clip_feature")  # (L_img, D_img) or None
+            if image_dim is not None and (clip is None or clip.shape[-1] != image_dim):
+                got = "no clip_feature" if clip is None else f"clip_feature of width {clip.shape[-1]}"
+                raise DataError(
+                    f"{data[key]} has {got}; this model takes CLIP tokens of width {image_dim} (tools/preprocess.py "
+                    "--i2v with model.base, which has image_encoder/)"
+                )
+        except (DataError, OSError) as e:
+            hint = " (I2V rows: tools/preprocess.py --i2v)" if "missing columns" in str(e) else ""  # e.g. T2V rows
+            problems.append(f"data.{key}: {e}{hint}")
+            continue
+        tokens = f", CLIP tokens {tuple(clip.shape)}" if image_dim is not None else ""
+        if key == "path":
+            print(
+                f"  data.path             {len(dataset)} rows, I2V latents {tuple(latent_shape)} + first frame"
+                f"{tokens}, captions {text_dim} wide"
+            )
+        else:
+            print(
+                f"  data.val_data         {min(val_count, len(dataset))} of {len(dataset)} rows conditioned on at "
+                f"validation (run.val_count={val_count}){tokens}"
+            )
+    return problems
+
+
+def check_negative(path: str, text_dim: int) -> list[str]:
+    try:
+        width = load_negative_context(path)[0].shape[-1]  # (512, D)
+    except (DataError, OSError) as e:
+        return [f"data.negative_prompt: {e}"]
+    print(f"  data.negative_prompt  {width} wide")
+    if width != text_dim:
+        return [f"data.negative_prompt: embedding width {width} != the model's text_dim {text_dim}"]
+    return []
 
 
 def has_latents(folder: Path) -> bool:
@@ -239,25 +355,56 @@ def has_latents(folder: Path) -> bool:
 def prepare_wan(table: dict, args: argparse.Namespace) -> None:
     model, data, video = table["model"], table["data"], table["video"]
     base, preset = Path(model["base"]), model.get("preset")
-    negative, val_prompts = Path(data["negative_prompt"]), Path(data["val_prompts"])
+    val_count = table["run"].get("val_count", 4)
+    # An I2V recipe is one whose validation conditions on I2V rows (data.val_data) instead of prompts
+    # (data.val_prompts): a key of the recipe's own schema, so every overlay of it is I2V too.
+    i2v = "val_data" in data
+    # Two experts (Wan2.2-A14B): the A14B recipes name model.boundary_ratio; the I2V recipe also model.experts, which
+    # its Wan2.1-I2V-14B overlay sets to 1 (one transformer with CLIP image tokens).
+    experts = model.get("experts", 2 if "boundary_ratio" in model else 1)
+    if i2v and args.prompts is not None:
+        raise ConfigError(
+            "--prompts: an I2V recipe trains on video clips (latents and their first frames), not on captions alone; "
+            "drop --prompts and prepare prints the tools/preprocess.py --i2v command for data.path"
+        )
+    negative = Path(data["negative_prompt"])
+    val_prompts = None if i2v else Path(data["val_prompts"])
     data_missing = not all(any(f.rglob("*.parquet")) for f in data_folders(data["path"]))
-    needs_encoder = not negative.exists() or not val_prompts.exists() or (data_missing and args.prompts is not None)
-    parts = ["vae"] + ([] if preset else ["transformer"]) + (["text_encoder", "tokenizer"] if needs_encoder else [])
+    needs_encoder = (
+        not negative.exists()
+        or (val_prompts is not None and not val_prompts.exists())
+        or (data_missing and args.prompts is not None)
+    )
+    transformers = [] if preset else ["transformer", "transformer_2"][:experts]
+    clip = ["image_encoder", "image_processor"] if i2v and experts == 1 and not preset else []
+    parts = ["vae", *transformers, *clip] + (["text_encoder", "tokenizer"] if needs_encoder else [])
+    if model.get("experts") == 1 and not preset and (base / "transformer_2").exists():
+        raise ConfigError(
+            f"model.base: {base} has transformer_2/ (a two-expert Wan2.2-A14B folder) but model.experts=1; set "
+            "model.experts=2 and model.boundary_ratio, or give a one-transformer folder (Wan2.1-I2V-14B)"
+        )
     fetch_model(base, parts, args.hub_dir)
+    if experts == 2 and not preset:
+        check_boundary(base, model)
 
     if preset is not None and preset not in WAN_CONFIGS:
         raise ConfigError(f"model.preset={preset!r}; choose one of {sorted(WAN_CONFIGS)}")
     wan = WAN_CONFIGS[preset] if preset else WanConfig.from_diffusers(read_config(base))
     z_dim = int(json.loads((base / "vae" / "config.json").read_text()).get("z_dim", 16))
     encode = TextEncoder(base, wan.text_dim, args.device)
-    fetch_data(data["path"], args.prompts, encode, args.hub_dir)
+    if not i2v:
+        fetch_data(data["path"], args.prompts, encode, args.hub_dir, base, video)
     if negative.exists():
         print(f"data.negative_prompt: reuse {negative}")
     else:
-        text = args.negative_prompt or NEGATIVE_PROMPTS["zh" if z_dim == 48 else "en"]  # Wan2.2-TI2V: Chinese
+        # Wan's default negative prompt: Chinese for Wan2.2-TI2V (its own VAE, z_dim 48); English for Wan2.1 and
+        # the A14B models (z_dim 16), the one tools/sample.py and VideoPipeline use for them.
+        text = args.negative_prompt or NEGATIVE_PROMPTS["zh" if z_dim == 48 else "en"]
         print(f"data.negative_prompt: encode {text[:40]!r}... -> {negative}")
         write_negative_prompt(negative, text, encode)
-    if val_prompts.exists():
+    if i2v:  # after the negative prompt: a rerun once the clips are encoded finds everything else in place
+        find_i2v_data(data, base, video, val_count)
+    elif val_prompts.exists():
         print(f"data.val_prompts: reuse {val_prompts}")
     else:
         prompts = read_lines(args.val_prompts, "--val-prompts") if args.val_prompts else VALIDATION_PROMPTS
@@ -265,17 +412,27 @@ def prepare_wan(table: dict, args: argparse.Namespace) -> None:
         write_prompts(val_prompts, prompts, encode)
 
     print("check:")
-    try:
+    try:  # the denoised latents: out_channels (an I2V model's input adds a mask and the image latent)
         latent_shape = compute_latent_shape(
-            wan.in_channels, video["num_frames"], video["height"], video["width"], video["vae_stride"]
+            wan.out_channels, video["num_frames"], video["height"], video["width"], video["vae_stride"]
         )
     except ValueError as e:
         raise ConfigError(f"video: {e}") from None
     problems = (
-        [] if z_dim == wan.in_channels else [f"model.base: VAE z_dim {z_dim} != DiT in_channels {wan.in_channels}"]
+        [] if z_dim == wan.out_channels else [f"model.base: VAE z_dim {z_dim} != DiT out_channels {wan.out_channels}"]
     )
-    print(f"  model.base            {'preset ' + preset if preset else 'DiT'} {wan.dim} wide, VAE z_dim {z_dim}")
-    problems += check_data(data, latent_shape, wan.text_dim, table["run"].get("val_count", 4))
+    expected_in = 2 * wan.out_channels + 4 if i2v else wan.out_channels  # I2V: [x, first-frame mask (4), image]
+    if wan.in_channels != expected_in:
+        kind = "an I2V recipe needs an I2V model" if i2v else "a T2V recipe needs a T2V model"
+        key = "model.preset" if preset else "model.base"
+        problems.append(f"{key}: DiT in_channels={wan.in_channels} != {expected_in}: {kind}")
+    print(f"  model.base            {'preset ' + preset if preset else 'DiT'} {wan.dim} wide, VAE z_dim {z_dim}"
+          + (f", {experts} experts" if experts == 2 and not preset else ""))
+    if i2v:
+        problems += check_i2v_data(data, latent_shape, wan.text_dim, wan.image_dim, val_count)
+    else:
+        problems += check_data(data, latent_shape, wan.text_dim, val_count)
+    problems += check_negative(data["negative_prompt"], wan.text_dim)
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -310,7 +467,8 @@ def launch_commands(name: str, table: dict, argv: list[str]) -> list[tuple[str, 
 
 
 def sample_command(name: str, table: dict) -> str:
-    """tools/sample.py on the run's exported student, at the size and schedule it was trained for."""
+    """tools/sample.py on the run's exported student, at the size and schedule it was trained for; an I2V student
+    animates a first frame (`--image`: FIRST_FRAME.png stands for the user's image)."""
     run, video, dmd, attn = table["run"], table["video"], table["dmd"], table["attn"]
     export = Path(run.get("out_dir", "outputs")) / name / run["name"] / "export"
     dtype = "fp32" if table["parallel"].get("mixed_precision") == "fp32" else "bf16"
@@ -318,6 +476,8 @@ def sample_command(name: str, table: dict) -> str:
     args = ["--model", str(export), "--prompt", VALIDATION_PROMPTS[0], "--num-frames", str(video["num_frames"])]
     args += ["--height", str(video["height"]), "--width", str(video["width"]), "--steps", steps]
     args += ["--attn", attn["student"], "--sparsity", str(attn["sparsity"]), "--dtype", dtype]
+    if "val_data" in table["data"]:  # an I2V recipe (the rule of prepare_wan)
+        args += ["--image", I2V_IMAGE]
     return shlex.join(["python", "tools/sample.py", *args])
 
 
@@ -346,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     for what, command in launch_commands(args.recipe, table, rargv):
         print(f"  {what}:\n    {command}")
     if "base" in model:
-        print(f"  sample from the student:\n    {sample_command(args.recipe, table)}")
+        image = f" ({I2V_IMAGE}: your first frame, of the video's aspect ratio)" if "val_data" in table["data"] else ""
+        print(f"  sample from the student{image}:\n    {sample_command(args.recipe, table)}")
 
 
 if __name__ == "__main__":
