@@ -18,9 +18,11 @@ from tests.interpreter import run_under_interpreter
 
 if os.environ.get("TRITON_INTERPRET") != "1":
 
+    # Two halves of similar length (~75 s each on one core, 2026-12-03), so the two xdist workers share them.
     @pytest.mark.slow
-    def test_kernels_under_triton_interpreter():
-        run_under_interpreter(__file__)
+    @pytest.mark.parametrize("select", ["kernel_path or fine_kernels", "not kernel_path and not fine_kernels"])
+    def test_kernels_under_triton_interpreter(select):
+        run_under_interpreter(__file__, select=select)
 
 else:
     from attention import vsa_triton
