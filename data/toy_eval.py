@@ -101,6 +101,16 @@ def student_label(run_cfg: dict) -> str:
     return f"student-3 ({rollout}, LoRA r{lora['rank']}{gate})"
 
 
+def student_rows(runs: list[Path]) -> dict[str, Path]:
+    """{row name: run directory}: `student_label`, and for runs that share one (a sweep over other settings) the label
+    followed by the run directory's name. Raises ValueError when a directory is given twice."""
+    labels = [student_label(read_run(r)) for r in runs]
+    labels = [f"{label} [{Path(r).name}]" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"two runs would be the same row: pass each run directory once (rows {labels})")
+    return dict(zip(labels, runs))
+
+
 def print_table(table: dict[str, dict[str, float]]) -> None:
     ref, width = table["teacher-50"]["frechet"], max(22, *(len(name) + 2 for name in table))
     print(f"{'row':<{width}}{'frechet':>10}{'÷ teacher-50':>14}{'temporal':>10}{'cond acc':>10}{'motion':>9}"

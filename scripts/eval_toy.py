@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data.toy_eval import print_table, read_run, sample_rows, student_label
+from data.toy_eval import print_table, read_run, sample_rows, student_rows
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -38,13 +38,10 @@ def main(argv: list[str]) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = read_run(args.runs[0])
-    students = {}
-    for r in args.runs:
-        label = student_label(read_run(r))
-        if label in students:
-            raise SystemExit(f"{r} and {students[label]} would both be the row {label!r}: pass runs that differ in "
-                             "dmd.rollout or lora (rank, gate)")
-        students[label] = r
+    try:
+        students = student_rows(args.runs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     table = sample_rows(cfg, students, args.num)
     for label, r in students.items():
         table[label]["run"] = str(r)  # scripts/demo.py finds each run's row by its directory

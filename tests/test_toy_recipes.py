@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from components.config import ConfigError, load_config
+from data.toy_eval import read_run, student_label, student_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -109,7 +110,7 @@ def load_script(name: str):
 
 def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
     """eval_toy names a LoRA run's row by its saved [lora] (a data-mode LoRA run must not overwrite the full data row),
-    refuses two runs that would share a row, and demo.py gates the LoRA row as issue 19 says (distance vs teacher-50,
+    adds the run directory's name to rows that would share a label, refuses a run given twice, and demo.py gates the LoRA row as issue 19 says (distance vs teacher-50,
     conditioning accuracy) and prints the data row's other two criteria for it."""
     eval_toy, demo = load_script("eval_toy"), load_script("demo")
     runs = {}
@@ -121,11 +122,17 @@ def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
         runs[key].mkdir()
         lora_table = f"[lora]\n{lora}\n" if lora else ""
         (runs[key] / "config.toml").write_text(f'[dmd]\nrollout = "{rollout}"\n{lora_table}')
-    labels = {key: eval_toy.student_label(eval_toy.read_run(d)) for key, d in runs.items()}
+    labels = {key: student_label(read_run(d)) for key, d in runs.items()}
     assert labels == {"data": "student-3 (data)", "simulate": "student-3 (simulate)",
                       "lora": "student-3 (data, LoRA r16)", "lora_full": "student-3 (data, LoRA r16, full gate)"}
-    with pytest.raises(SystemExit, match="would both be the row 'student-3 \\(data\\)'"):
+    with pytest.raises(SystemExit, match="two runs would be the same row"):
         eval_toy.main([str(runs["data"]), str(runs["data"])])
+    sweep = tmp_path / "lora_lr2"  # a second LoRA r16 run (other LRs, say): both LoRA rows name their directory
+    sweep.mkdir()
+    (sweep / "config.toml").write_text((runs["lora"] / "config.toml").read_text())
+    rows = student_rows([runs["data"], runs["lora"], sweep])
+    assert rows == {"student-3 (data)": runs["data"], "student-3 (data, LoRA r16) [lora]": runs["lora"],
+                    "student-3 (data, LoRA r16) [lora_lr2]": sweep}
 
     def row(frechet, acc, motion, run=None):
         return {"frechet": frechet, "cond_acc": acc, "motion": motion, **({"run": str(run)} if run else {})}
