@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
     out_json = first / "quality.json"
     eval_args = [*(str(r) for r in runs.values()), "--json", str(out_json), "--threads", str(args.threads)]
     if args.quick:
-        eval_args += ["--num", "48"]
+        eval_args += ["--num", "32"]
     run([str(ROOT / "scripts/eval_toy.py"), *eval_args], 1)
     times["evaluation"] = time.perf_counter() - t0
     total = time.perf_counter() - start
