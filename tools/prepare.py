@@ -50,7 +50,7 @@ from data.hub import fetch, is_complete, known_repo
 from data.parquet import DataError
 from data.writer import LatentParquetWriter
 from models.wan import WAN_CONFIGS, WanConfig
-from models.wan_weights import read_config
+from models.wan_weights import read_config, resolve_expert_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 # Validation prompts (ours): varied subjects, motion and camera, so the samples show what the student learned.
@@ -250,16 +250,16 @@ def write_negative_prompt(path: Path, text: str, encode: TextEncoder) -> None:
 
 
 def check_boundary(base: Path, model: dict) -> None:
-    """A two-expert recipe's base as the recipe will see it, from config files alone: model_index.json's boundary_ratio
-    (where the teacher switches experts) must equal model.boundary_ratio."""
+    """A two-expert recipe's base as the recipe will see it, from config files alone (models/wan_weights.py
+    resolve_expert_dirs): model_index.json's boundary_ratio (where the teacher switches experts) must equal
+    model.boundary_ratio."""
     index = base / "model_index.json"
-    ratio = json.loads(index.read_text()).get("boundary_ratio") if index.is_file() else None
-    if ratio is None:
-        raise ConfigError(
-            f"model.base: {index} names no boundary_ratio: not a two-expert Wan2.2-A14B pipeline folder (the "
-            "recipe's teacher switches experts there; download the *-A14B-Diffusers folder)"
-        )
-    if float(ratio) * 1000 != model["boundary_ratio"] * 1000:  # the recipe's comparison, in timesteps
+    try:
+        _, _, boundary = resolve_expert_dirs(base)  # boundary in timesteps: boundary_ratio · 1000
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.base: {e}") from None
+    if boundary != model["boundary_ratio"] * 1000:  # the recipe's comparison, in timesteps
+        ratio = boundary / 1000
         raise ConfigError(
             f"model.base: {index} sets boundary_ratio {ratio:g} but model.boundary_ratio={model['boundary_ratio']}; "
             f"set model.boundary_ratio={ratio:g}"
