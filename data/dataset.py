@@ -185,12 +185,20 @@ class LatentDataset(Dataset):
         raise DataError(f"{min(len(self), 256)} consecutive bad rows from index {index}; first: {first_error}")
 
 
-def check_first_row(dataset: LatentDataset, text_dim: int) -> None:
+def check_first_row(dataset: LatentDataset, text_dim: int, image_dim: int | None = None) -> None:
     """Read row 0 now, so latents the dataset rejects (e.g. not its `expect_latent_shape`) or caption embeddings of
-    another width than `text_dim` raise DataError before anything expensive is built."""
-    width = dataset[0]["context"].shape[-1]  # context (512, D)
+    another width than `text_dim` raise DataError before anything expensive is built; with `image_dim` (a model that
+    takes CLIP image tokens, Wan2.1-I2V) the row must also hold a clip_feature that wide."""
+    row = dataset[0]
+    width = row["context"].shape[-1]  # context (512, D)
     if width != text_dim:
         raise DataError(f"caption embeddings have width {width}, the model expects {text_dim}")
+    clip = row.get("clip_feature")  # (L_img, D_img) or None
+    if image_dim is not None and (clip is None or clip.shape[-1] != image_dim):
+        got = "no clip_feature" if clip is None else f"clip_feature of width {clip.shape[-1]}"
+        raise DataError(f"{dataset.locate(0)[0]} (row 0) has {got}; this model takes CLIP tokens of width "
+                        f"{image_dim} (Wan2.1-I2V: tools/preprocess.py --i2v with a model folder that has "
+                        "image_encoder/)")
 
 
 def load_contexts(path: str | Path, count: int) -> torch.Tensor:

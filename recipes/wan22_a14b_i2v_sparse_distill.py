@@ -320,12 +320,7 @@ def load_data(path: str, latent_shape: tuple[int, ...], wan: WanConfig) -> Laten
         rank = int(os.environ.get("RANK", 0))
         dataset = LatentDataset(path, num_latent_t=latent_shape[1], expect_latent_shape=latent_shape, rank=rank,
                                 i2v=True)
-        check_first_row(dataset, wan.text_dim)
-        clip = dataset[0].get("clip_feature")  # (L_img, D_img) or None
-        if wan.image_dim is not None and (clip is None or clip.shape[-1] != wan.image_dim):
-            got = "no clip_feature" if clip is None else f"clip_feature of width {clip.shape[-1]}"
-            raise ConfigError(f"data.path: {path} has {got}; this model takes CLIP tokens of width {wan.image_dim} "
-                              "(Wan2.1-I2V: tools/preprocess.py --i2v with a model folder that has image_encoder/)")
+        check_first_row(dataset, wan.text_dim, wan.image_dim)  # and CLIP tokens of image_dim for Wan2.1-I2V
     return dataset
 
 

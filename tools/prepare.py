@@ -306,14 +306,8 @@ def check_i2v_data(
             dataset = LatentDataset(
                 str(data[key]), num_latent_t=latent_shape[1], expect_latent_shape=latent_shape, i2v=True
             )
-            check_first_row(dataset, text_dim)
-            clip = dataset[0].get("clip_feature")  # (L_img, D_img) or None
-            if image_dim is not None and (clip is None or clip.shape[-1] != image_dim):
-                got = "no clip_feature" if clip is None else f"clip_feature of width {clip.shape[-1]}"
-                raise DataError(
-                    f"{data[key]} has {got}; this model takes CLIP tokens of width {image_dim} (tools/preprocess.py "
-                    "--i2v with model.base, which has image_encoder/)"
-                )
+            check_first_row(dataset, text_dim, image_dim)  # and CLIP tokens of image_dim for Wan2.1-I2V
+            clip = dataset[0].get("clip_feature")  # (L_img, D_img): printed below
         except (DataError, OSError) as e:
             hint = " (I2V rows: tools/preprocess.py --i2v)" if "missing columns" in str(e) else ""  # e.g. T2V rows
             problems.append(f"data.{key}: {e}{hint}")
