@@ -144,6 +144,11 @@ def vsa_attention_kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     return torch.ops.sparse_distill.vsa_gated(q, k, v, gate, meta.tile_offsets, meta.topk)[0]
 
 
+def kernel_inputs(q: torch.Tensor) -> bool:
+    """Whether the Triton kernels take these q (and same-shaped k, v): CUDA, bf16 / fp16, head dim 64 / 128."""
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in KERNEL_HEAD_DIMS
+
+
 def _check_kernel_inputs(q: torch.Tensor, meta: VSAMeta) -> None:
     """What the Triton kernels need beyond `_check_inputs`: head dim 64 / 128, tiles of at most 64 tokens (one
     BLOCK-row slot), bf16 / fp16 on CUDA."""
@@ -205,11 +210,11 @@ def tile_means(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: VSAMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Differentiable fp32 per-tile means of tile-ordered q, k, v: (B, L, H, D) -> three (B, N, H, D).
 
-    CUDA: the Triton kernel (the `vsa_tile_means` op; its backward spreads each tile's gradient / size over the
-    tile's rows); CPU: the same math in torch.
+    CUDA bf16 / fp16 at head dim 64 / 128: the Triton kernel (the `vsa_tile_means` op; its backward spreads each
+    tile's gradient / size over the tile's rows); otherwise (CPU, or fp32 / other head dims: the toy on a GPU) the same
+    math in torch.
     """
-    if q.device.type != "cpu":
-        _check_kernel_inputs(q, meta)
+    if kernel_inputs(q):
         return torch.ops.sparse_distill.vsa_tile_means(q, k, v, meta.tile_offsets)
     B, _, H, D = q.shape
     sizes = meta.tile_sizes.to(torch.float32).view(1, -1, 1, 1)
@@ -280,6 +285,25 @@ def vsa_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMe
             fine[b, :, h] = probs @ vf[b, :, h]
     out = fine if gate is None else fine + gate.float() * coarse
     return out.to(q.dtype)
+
+
+def vsa_masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VSAMeta,
+               gate: torch.Tensor | None = None) -> torch.Tensor:
+    """`vsa_reference`'s math batched for any device, dtype and head dim: the fine stage is SDPA with a boolean
+    (B, H, L, L) mask of each query tile's selected kv tiles, the coarse stage fp32 torch. O(L²) memory per batch·head:
+    for small token grids that the kernels do not take (the toy on a GPU: fp32, head dim 32), not for real videos."""
+    _check_inputs(q, k, v, meta, gate)
+    qm, km, vm = tile_means(q, k, v, meta)  # (B, N, H, D) fp32
+    coarse, scores = coarse_attention(qm, km, vm)  # (B, H, N, D), (B, H, N, N)
+    chosen = torch.topk(scores.detach(), meta.topk, dim=-1).indices  # (B, H, N, topk)
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=q.device).scatter_(-1, chosen, True)
+    keep = keep[:, :, meta.token_tile][:, :, :, meta.token_tile]  # (B, H, L, L): token pairs in kept tile pairs
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
+    fine = torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep).transpose(1, 2)
+    if gate is None:
+        return fine
+    coarse = coarse.transpose(1, 2).index_select(1, meta.token_tile)  # (B, L, H, D): each tile's output on its tokens
+    return (fine.float() + gate.float() * coarse).to(q.dtype)
 
 
 # ---- custom ops ---------------------------------------------------------------------------------------------------

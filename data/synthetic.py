@@ -157,6 +157,7 @@ def teacher_clips(teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
     for i in range(0, n, chunk):
         ctx = context[i:i + chunk]
         noise = torch.randn((ctx.shape[0], *clip_shape), generator=torch.Generator().manual_seed(seed + i))
+        noise = noise.to(ctx.device)  # CPU draws: the same clips' noise on any device
         negative = torch.zeros_like(ctx)
         parts.append(teacher_sample(lambda x, t: teacher(x, t, ctx), lambda x, t: teacher(x, t, negative), noise,
                                     num_steps, shift, guidance))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_meta
+from attention.vsa import vsa_attention, vsa_masked, vsa_meta
 from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split
 from inference.samplers import TwoExperts
 from losses.flow import few_step_sample, teacher_sample
@@ -27,15 +27,17 @@ def read_run(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234) -> dict[str, dict[str, float]]:
-    """Sample every row for the first `num` held-out clips and score them."""
+def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234,
+                device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Sample every row for the first `num` held-out clips and score them; the networks run on `device` ("cuda": VSA
+    as `vsa_masked`, the toy's head dims not being the kernels'), from the same CPU-drawn noise."""
     data, dmd = cfg["data"], cfg["dmd"]
     spec = ToySpec(frames=data["frames"], height=data["height"], width=data["width"])
     _, heldout = make_split(spec, data["num_train"], data["num_heldout"], data["seed"])
     num = min(num, heldout.latents.shape[0])
-    context, factors = heldout.context[:num], heldout.factors[:num]
-    noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
-    teacher = load_teacher(cfg["model"])
+    context, factors = heldout.context[:num].to(device), heldout.factors[:num]
+    noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    teacher = load_teacher(cfg["model"]).to(device)
     w = dmd["guidance"]  # DMD2 form; standard CFG scale w + 1
 
     def teacher_euler(num_steps):
@@ -57,14 +59,15 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
     for name, path in students.items():
         attn = read_run(path)["attn"]
         vsa = attn["student"] == "vsa"
-        student = load_pretrained(Path(path) / "student", attn_fn=vsa_attention if vsa else sdpa_attention).eval()
-        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if vsa else None
+        vsa_fn = vsa_masked if device == "cuda" else vsa_attention
+        student = load_pretrained(Path(path) / "student", attn_fn=vsa_fn if vsa else sdpa_attention).eval().to(device)
+        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], device) if vsa else None
         rows[name] = student_row(student, meta, dmd["steps"])
 
     table = {}
     for name, fn in rows.items():
-        g = torch.Generator().manual_seed(seed + 1)
-        chunks = [fn(noise[i:i + CHUNK], context[i:i + CHUNK], g) for i in range(0, num, CHUNK)]
+        g = torch.Generator(device).manual_seed(seed + 1)
+        chunks = [fn(noise[i:i + CHUNK], context[i:i + CHUNK], g).cpu() for i in range(0, num, CHUNK)]
         table[name] = evaluate_samples(torch.cat(chunks), factors, heldout)
     fresh = make_clips(num, spec, data["seed"] + 17)  # the floor: a new draw of real clips
     table["data (fresh clips)"] = evaluate_samples(fresh.latents, fresh.factors, heldout)

@@ -47,9 +47,10 @@ import torch
 import torch.distributed as dist
 
 from attention.sdpa import sdpa_attention
-from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
-from components.config import as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
+from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_meta
+from components.config import ConfigError, as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
 from components.health import HealthConfig, HealthGuard, reference_key
+from components.schedule import build_lr_scheduler
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
@@ -119,6 +120,10 @@ class OptimConfig:
     batch_size: int  # clips per rank per step
     steps: int  # critic steps
     grad_clip: float
+    # LR schedules (components/schedule.py), stepped every (critic) step as in the Wan recipes; no warmup here
+    scheduler: Literal["constant", "cosine_with_min_lr"] = "constant"  # student
+    critic_scheduler: Literal["constant", "cosine_with_min_lr"] = "constant"
+    min_lr_ratio: float = 0.1  # cosine floor
 
 
 @dataclass
@@ -134,6 +139,9 @@ class RunConfig:
     name: str  # outputs/toy_sparse_distill/<name>/
     seed: int
     threads: int = 2
+    # "cuda": one GPU per rank (NCCL across ranks), for the larger toy (scripts/demo.py --large); random draws come
+    # from a generator on that device, so a CUDA run is not bitwise a CPU run
+    device: Literal["cpu", "cuda"] = "cpu"
     log_every: int = 25
     eval_every: int = 0  # student-3-step evaluation every this many steps (0: only at the end)
     num_eval: int = 96  # held-out clips sampled per evaluation
@@ -154,20 +162,28 @@ class RecipeConfig:
 
 # --------------------------------------------------------------------------------------------- recipe-local choices
 ATTN = {"vsa": vsa_attention, "sdpa": sdpa_attention, "dense_gated": dense_gated_attention}
+# On a GPU the toy's fp32 tokens and head dims (16-48) are not the VSA kernels' (bf16, 64 / 128): the same VSA math
+# as SDPA with a tile mask (attention/vsa.py vsa_masked).
+ATTN_CUDA = {**ATTN, "vsa": vsa_masked}
 
 
-def build_wan(path: Path, attn: str) -> WanModel:
+def attn_fn(name: str, device: str):
+    return (ATTN_CUDA if device == "cuda" else ATTN)[name]
+
+
+def build_wan(path: Path, attn: str, device: str = "cpu") -> WanModel:
     """A role initialised from the teacher export; the VSA gate (student, gated critic) is new and starts at zero."""
-    return load_pretrained(path, attn_fn=ATTN[attn], vsa_gate=attn in ("vsa", "dense_gated"))
+    return load_pretrained(path, attn_fn=attn_fn(attn, device), vsa_gate=attn in ("vsa", "dense_gated")).to(device)
 
 
-def build_lora_roles(path: Path, student_attn: str, critic_attn: str, lora: LoraConfig):
+def build_lora_roles(path: Path, student_attn: str, critic_attn: str, lora: LoraConfig, device: str = "cpu"):
     """LoRA mode: one frozen base from the teacher export; (student, teacher, critic) are views of it."""
     base = load_pretrained(path, vsa_gate="vsa" in (student_attn, critic_attn) or critic_attn == "dense_gated")
     apply_lora(base, lora.rank, lora.alpha, lora.targets, gate=lora.gate)
     freeze_base(base)
-    views = [AdapterView(base, a, ATTN[attn]) for a, attn in (("student", student_attn), (None, "sdpa"),
-                                                              ("critic", critic_attn))]
+    base.to(device)
+    views = [AdapterView(base, a, attn_fn(attn, device)) for a, attn in (("student", student_attn), (None, "sdpa"),
+                                                                         ("critic", critic_attn))]
     return tuple(views)
 
 
@@ -182,21 +198,24 @@ def check_experts(model: ModelConfig) -> None:
         raise ValueError("model.init / model.real_score = \"low\" need a low-noise expert: set model.teacher_2")
 
 
-def build_teacher(model: ModelConfig) -> WanModel | TwoExperts:
+def build_teacher(model: ModelConfig, device: str = "cpu") -> WanModel | TwoExperts:
     """The frozen dense teacher: one network, or the two experts switching at model.boundary."""
-    high = build_wan(model.teacher, "sdpa").requires_grad_(False).eval()
+    high = build_wan(model.teacher, "sdpa", device).requires_grad_(False).eval()
     if model.teacher_2 is None:
         return high
-    low = build_wan(model.teacher_2, "sdpa").requires_grad_(False).eval()
+    low = build_wan(model.teacher_2, "sdpa", device).requires_grad_(False).eval()
     return TwoExperts(high, low, model.boundary * 1000).eval()
 
 
 # Copied from recipes/toy_teacher.py:init_distributed
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); a gloo process group when launched by torchrun with more than one rank."""
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); with more than one rank under torchrun, a process group (gloo on CPU; on CUDA, NCCL and
+    this rank's GPU by LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -243,7 +262,7 @@ def student_step(
     # One score timestep per clip: our batch stands for FastVideo's per-rank batch of 1 (docs/METHOD.md §1.2).
     t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
     with torch.no_grad():
-        x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator), t)
+        x_t = add_noise(x0.detach(), torch.randn(x0.shape, generator=generator, device=x0.device), t)
         fake = x0_from_velocity(x_t, critic(x_t, t, context, attn_meta=critic_meta), t)
         real_cond = x0_from_velocity(x_t, teacher(x_t, t, context), t)
         real_uncond = x0_from_velocity(x_t, teacher(x_t, t, negative_context_like(context)), t)
@@ -278,7 +297,7 @@ def critic_step(
     with torch.no_grad():
         x0, _ = rollout(student, meta, x_data, context, dmd, generator)
     t = sample_score_timesteps(x0.shape[0], dmd.shift, dmd.t_min, dmd.t_max, generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device)
     loss = critic_loss(critic(add_noise(x0, noise, t), t, context, attn_meta=critic_meta), noise, x0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -295,20 +314,23 @@ def negative_context_like(context: torch.Tensor) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------------------- validate
 @torch.no_grad()
 def sample_student(student: WanModel, meta, context: torch.Tensor, shape, steps, seed: int) -> torch.Tensor:
+    """The student's 3-step samples (on the CPU) of `context` (on the run's device), from CPU-drawn noise."""
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(tuple(shape), generator=g)
-    return few_step_sample(lambda x, t: student(x, t, context, attn_meta=meta), noise, steps, g)
+    noise = torch.randn(tuple(shape), generator=g).to(context.device)
+    if context.device.type != "cpu":  # few_step_sample draws its fresh noise on the samples' device
+        g = torch.Generator(context.device).manual_seed(seed)
+    return few_step_sample(lambda x, t: student(x, t, context, attn_meta=meta), noise, steps, g).cpu()
 
 
 @torch.no_grad()
 def sample_teacher(
     teacher: WanModel, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float, seed: int
 ) -> torch.Tensor:
-    noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(context.device)
     negative = negative_context_like(context)
     return teacher_sample(
         lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise, num_steps, shift, guidance + 1
-    )  # DMD2 w -> standard CFG scale
+    ).cpu()  # DMD2 w -> standard CFG scale
 
 
 def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, step: int, grid: bool):
@@ -316,7 +338,7 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
     data | teacher-50-step | teacher-3-step | student-3-step for 8 held-out captions."""
     t0 = time.perf_counter()
     n, seed = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7
-    ctx, shape = heldout.context[:n], heldout.latents[:n].shape
+    ctx, shape = heldout.context[:n].to(cfg.run.device), heldout.latents[:n].shape
     student_x0 = sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed)
     scores = evaluate_samples(student_x0, heldout.factors[:n], heldout)
     out = {f"val/student_{name}": value for name, value in scores.items()}  # frechet, temporal, cond_acc, motion, ...
@@ -336,7 +358,7 @@ def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: Re
     """The health reference (components/health.py): the teacher's many-step samples and the student's before training,
     on validate's captions and noise; made once per run (a relaunch reuses <run>/health/), their grids written once."""
     n, seed, h = min(cfg.run.num_eval, heldout.latents.shape[0]), cfg.run.seed + 7, cfg.health
-    ctx, shape = heldout.context[:n], heldout.latents[:n].shape
+    ctx, shape = heldout.context[:n].to(cfg.run.device), heldout.latents[:n].shape
     experts = [str(cfg.model.teacher_2), cfg.model.boundary] if cfg.model.teacher_2 is not None else []
     teacher_settings = [seed, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, *experts]
     settings = [*teacher_settings, str(cfg.model.student), cfg.dmd.steps, cfg.attn.student, cfg.attn.sparsity]
@@ -391,7 +413,10 @@ def main(cfg: RecipeConfig) -> Path:
         check_experts(cfg.model)
     if cfg.model.teacher_2 is not None:
         require_paths({"model.teacher_2": cfg.model.teacher_2})
-    rank, world = init_distributed()
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
+    rank, world = init_distributed(cfg.run.device)
+    device = cfg.run.device
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
@@ -407,18 +432,18 @@ def main(cfg: RecipeConfig) -> Path:
     train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
     if cfg.lora.rank:  # one frozen base; the optimizers below see only the adapters (AdapterView.parameters)
-        student, teacher, critic = build_lora_roles(cfg.model.teacher, cfg.attn.student, critic_attn, cfg.lora)
+        student, teacher, critic = build_lora_roles(cfg.model.teacher, cfg.attn.student, critic_attn, cfg.lora, device)
     else:
         init = cfg.model.teacher_2 if cfg.model.init == "low" else cfg.model.teacher
-        student = build_wan(cfg.model.student or init, cfg.attn.student)
-        teacher = build_teacher(cfg.model)
-        critic = build_wan(init, critic_attn)
+        student = build_wan(cfg.model.student or init, cfg.attn.student, device)
+        teacher = build_teacher(cfg.model, device)
+        critic = build_wan(init, critic_attn, device)
     # the network behind the DMD real score: the teacher, or one expert for the "ignore the switch" control
     score_teacher = teacher if cfg.model.real_score == "switch" or cfg.model.teacher_2 is None else getattr(
         teacher, cfg.model.real_score)
     tokens = student.token_grid((1, spec.channels, spec.frames, spec.height, spec.width))  # (T', H', W')
-    meta = vsa_meta(tokens, cfg.attn.sparsity, "cpu") if cfg.attn.student == "vsa" else None
-    critic_meta = vsa_meta(tokens, 0.0, "cpu") if critic_attn == "dense_gated" else None  # its tiles, for the gate
+    meta = vsa_meta(tokens, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
+    critic_meta = vsa_meta(tokens, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
     optim = cfg.optim
     student_opt = torch.optim.AdamW(
         student.parameters(), lr=optim.student_lr, betas=optim.betas, weight_decay=optim.weight_decay
@@ -426,11 +451,13 @@ def main(cfg: RecipeConfig) -> Path:
     critic_opt = torch.optim.AdamW(
         critic.parameters(), lr=optim.critic_lr, betas=optim.betas, weight_decay=optim.weight_decay
     )
-    g = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches, noise and timesteps
+    scheds = [build_lr_scheduler(opt, kind, 0, optim.steps, optim.min_lr_ratio)
+              for opt, kind in ((student_opt, optim.scheduler), (critic_opt, optim.critic_scheduler))]
+    g = torch.Generator(device).manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches, noise and timesteps
 
-    pool, pool_context = train.latents, train.context  # data-free mode uses only their shape and captions
+    pool, pool_context = train.latents.to(device), train.context.to(device)  # data-free: only shape and captions
     if cfg.dmd.rollout == "data" and cfg.data.source == "teacher":  # the same on every rank (fixed seeds)
-        t0, pool_context = time.perf_counter(), train.context[: cfg.data.num_teacher_clips]
+        t0, pool_context = time.perf_counter(), pool_context[: cfg.data.num_teacher_clips]
         pool = teacher_clips(
             teacher, pool_context, train.latents.shape[1:], cfg.dmd.shift, cfg.dmd.guidance + 1, cfg.run.seed + 11
         )
@@ -443,7 +470,7 @@ def main(cfg: RecipeConfig) -> Path:
 
     start, scalars = time.perf_counter(), {}
     for step in range(1, optim.steps + 1):
-        idx = torch.randint(pool.shape[0], (optim.batch_size,), generator=g)
+        idx = torch.randint(pool.shape[0], (optim.batch_size,), generator=g, device=device)
         x_data, context = pool[idx], pool_context[idx]
         if step % cfg.dmd.student_every == 0:
             scalars.update(
@@ -467,8 +494,11 @@ def main(cfg: RecipeConfig) -> Path:
                 student, critic, critic_opt, meta, critic_meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
             )
         )
+        for sched in scheds:
+            sched.step()
         if step % cfg.run.log_every == 0 or step == optim.steps:
             scalars["time/elapsed_s"] = time.perf_counter() - start
+            scalars["lr/student"], scalars["lr/critic"] = (sched.get_last_lr()[0] for sched in scheds)
             scalars["attn/vsa_sparsity"] = 1 - meta.topk / meta.num_tiles if meta is not None else 0.0
             metrics.log(step, scalars)
             health.check_losses(step, scalars)  # raises UnhealthyRun when they diverge (health.action = "stop")

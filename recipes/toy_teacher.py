@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,9 @@ class RunConfig:
     name: str  # outputs/toy_teacher/<name>/
     seed: int
     threads: int = 2  # torch CPU threads per rank
+    # "cuda": one GPU per rank (NCCL across ranks), for the larger toy teachers (scripts/demo.py --large); random
+    # draws come from a generator on that device, so a CUDA run is not bitwise a CPU run
+    device: Literal["cpu", "cuda"] = "cpu"
     log_every: int = 50
     num_eval: int = 96  # held-out clips sampled for the final evaluation
 
@@ -145,11 +149,14 @@ def load_init(model: WanModel, path: Path) -> None:
     model.load_state_dict(init.state_dict())
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); a gloo process group when launched by torchrun with more than one rank."""
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); with more than one rank under torchrun, a process group (gloo on CPU; on CUDA, NCCL and
+    this rank's GPU by LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
@@ -181,10 +188,11 @@ def train_step(
     # Shifted-uniform timesteps inside t_range: draw u uniformly between the unshifted ends, so that the density
     # inside the range is the full-range one's (the default (0, 1) draws u in [0, 1000) exactly as before).
     lo, hi = (unshift_timestep(torch.tensor(1000.0 * f), flow.shift) for f in flow.t_range)
-    u = lo + torch.rand(batch, generator=generator) * (hi - lo)
+    device = generator.device  # the batch's (run.device)
+    u = lo + torch.rand(batch, generator=generator, device=device) * (hi - lo)
     t = shift_timestep(u, flow.shift)  # (B,) in [1000·lo, 1000·hi)
-    noise = torch.randn(x0.shape, generator=generator)
-    drop = torch.rand(batch, generator=generator) < flow.caption_dropout
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    drop = torch.rand(batch, generator=generator, device=device) < flow.caption_dropout
     context = torch.where(drop[:, None, None], torch.zeros_like(context), context)  # negative caption = zeros
     loss = flow_matching_loss(model(add_noise(x0, noise, t), t, context), noise, x0)
     opt.zero_grad(set_to_none=True)
@@ -212,7 +220,7 @@ def sample(
 ) -> torch.Tensor:
     """Many-step Euler samples with standard CFG against the negative (zero) caption."""
     negative = torch.zeros_like(context)
-    noise = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator).to(context.device)  # CPU draws: the same noise on any device
     return teacher_sample(
         lambda x, t: model(x, t, context),
         lambda x, t: model(x, t, negative),
@@ -227,7 +235,8 @@ def validate(model: WanModel, heldout, cfg: RecipeConfig, run_dir: Path, metrics
     """Sample held-out captions, log distance to data / conditioning accuracy, write a data | teacher mp4 grid."""
     n = min(cfg.run.num_eval, heldout.latents.shape[0])
     g = torch.Generator().manual_seed(cfg.run.seed + 7)
-    samples = sample(model, heldout.context[:n], tuple(heldout.latents[:n].shape), cfg.flow, cfg.flow.sample_steps, g)
+    context = heldout.context[:n].to(cfg.run.device)
+    samples = sample(model, context, tuple(heldout.latents[:n].shape), cfg.flow, cfg.flow.sample_steps, g).cpu()
     scores = evaluate_samples(samples, heldout.factors[:n], heldout)
     metrics.log(step, {f"val/{key}": value for key, value in scores.items()})  # frechet, cond_acc, motion
     k = min(8, n)
@@ -242,7 +251,9 @@ def main(cfg: RecipeConfig) -> Path:
         check_t_range(cfg.flow.t_range)
     if cfg.model.init is not None:
         require_paths({"model.init": cfg.model.init})
-    rank, world = init_distributed()
+    if cfg.run.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
+    rank, world = init_distributed(cfg.run.device)
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_teacher" / cfg.run.name
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
@@ -258,16 +269,17 @@ def main(cfg: RecipeConfig) -> Path:
     model = build_wan(cfg.model)
     if cfg.model.init is not None:
         load_init(model, cfg.model.init)
+    device = torch.device(cfg.run.device)
+    model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    g = torch.Generator().manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches and noise
+    g = torch.Generator(device).manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches and noise
+    latents, context = train.latents.to(device), train.context.to(device)
 
     start = time.perf_counter()
     for step in range(1, cfg.optim.steps + 1):
-        idx = torch.randint(cfg.data.num_train, (cfg.optim.batch_size,), generator=g)
-        scalars = train_step(
-            model, opt, train.latents[idx], train.context[idx], cfg.flow, cfg.optim.grad_clip, world, g
-        )
+        idx = torch.randint(cfg.data.num_train, (cfg.optim.batch_size,), generator=g, device=device)
+        scalars = train_step(model, opt, latents[idx], context[idx], cfg.flow, cfg.optim.grad_clip, world, g)
         update_ema(ema, model, cfg.optim.ema_decay)
         if step % cfg.run.log_every == 0 or step == cfg.optim.steps:
             scalars["time/elapsed_s"] = time.perf_counter() - start

@@ -4,6 +4,8 @@
     python scripts/ablate_toy_motion.py --list                            # every variant and its overrides
     python scripts/ablate_toy_motion.py --no-reference base guidance_0    # finished variants are read, not re-run
     python scripts/ablate_toy_motion.py --frame-dependence                # does the teacher's score couple frames?
+    python scripts/ablate_toy_motion.py --device cuda --jobs 8 --teacher outputs/toy_teacher/large/teacher base ...
+                                          # one GPU, 8 variants at once (the large teacher of scripts/demo.py --large)
 
 Each variant is `recipes/toy_sparse_distill.py` from the stored demo teacher with the TOML's values plus the variant's
 overrides, shortened (`--steps`, evaluations every `--eval-every` steps on `--num-eval` held-out captions, the health
@@ -26,6 +28,7 @@ clips and on clips with unrelated frames) hold no motion to transfer.
 """
 
 import argparse
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -68,7 +71,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     run_dir = OUT / name
     common = [f"model.teacher={args.teacher.resolve()}", f"run.name={name}", f"optim.steps={args.steps}",
               f"run.eval_every={args.eval_every}", f"run.num_eval={args.num_eval}", "run.threads=1",
-              "health.action=off", f"data.num_teacher_clips={args.teacher_clips}"]
+              "health.action=off", f"data.num_teacher_clips={args.teacher_clips}", f"run.device={args.device}"]
     if not (run_dir / "student" / "config.json").is_file() or args.rerun:
         # the recipe writes under outputs/toy_sparse_distill/; move the run next to the other variants afterwards
         cmd = [sys.executable, str(ROOT / "recipes/toy_sparse_distill.py"), *common, *VARIANTS[name]]
@@ -97,26 +100,27 @@ def read_row(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def reference_rows(teacher_path: Path, num_eval: int) -> dict[str, dict]:
+def reference_rows(teacher_path: Path, num_eval: int, device: str = "cpu") -> dict[str, dict]:
     """teacher-50 and the student's starting point (teacher weights, student sampler, no CFG) on the recipe's
     evaluation captions and noise (`validate`: the first num_eval held-out clips, noise seed run.seed + 7)."""
     cfg = tomllib.loads((ROOT / "recipes/toy_sparse_distill.toml").read_text())
     data, dmd = cfg["data"], cfg["dmd"]
     spec = ToySpec(frames=data["frames"], height=data["height"], width=data["width"])
     _, heldout = make_split(spec, data["num_train"], data["num_heldout"], data["seed"])
-    ctx, factors = heldout.context[:num_eval], heldout.factors[:num_eval]
+    ctx, factors = heldout.context[:num_eval].to(device), heldout.factors[:num_eval]
     seed = cfg["run"]["seed"] + 7
-    teacher = load_pretrained(teacher_path, attn_fn=sdpa_attention).eval()
+    teacher = load_pretrained(teacher_path, attn_fn=sdpa_attention).eval().to(device)
 
-    def noise() -> tuple[torch.Tensor, torch.Generator]:
+    def noise() -> tuple[torch.Tensor, torch.Generator]:  # the recipe's sample_student: CPU noise, device generator
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(tuple(heldout.latents[:num_eval].shape), generator=g), g
+        x = torch.randn(tuple(heldout.latents[:num_eval].shape), generator=g).to(device)
+        return x, g if device == "cpu" else torch.Generator(device).manual_seed(seed)
 
     x, _ = noise()
     t50 = teacher_sample(lambda x, t: teacher(x, t, ctx), lambda x, t: teacher(x, t, torch.zeros_like(ctx)), x, 50,
-                         dmd["shift"], dmd["guidance"] + 1)
+                         dmd["shift"], dmd["guidance"] + 1).cpu()
     x, g = noise()
-    init = few_step_sample(lambda x, t: teacher(x, t, ctx), x, dmd["steps"], g)
+    init = few_step_sample(lambda x, t: teacher(x, t, ctx), x, dmd["steps"], g).cpu()
     return {"teacher-50": evaluate_samples(t50, factors, heldout),
             "student at step 0": evaluate_samples(init, factors, heldout)}
 
@@ -164,6 +168,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--no-reference", action="store_true", help="skip the teacher-50 / step-0 rows")
     parser.add_argument("--rerun", action="store_true", help="train variants whose run already finished again")
     parser.add_argument("--json", type=Path, help="also write the table here")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the variants run")
+    parser.add_argument("--jobs", type=int, default=1, help="variants trained at once (one GPU holds many)")
     parser.add_argument("--frame-dependence", action="store_true",
                         help="only probe whether the teacher's denoiser uses frame 0 for frame 1 (`frame_dependence`)")
     args = parser.parse_args(argv)
@@ -181,10 +187,12 @@ def main(argv: list[str]) -> dict:
     if not (args.teacher / "config.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: no config.json; pass an export of recipes/toy_teacher.py")
     torch.set_num_threads(1)
-    rows = {} if args.no_reference else reference_rows(args.teacher, args.num_eval)
-    for name in args.variants:
-        rows[name] = run_variant(name, args)
-        print_table({name: rows[name]})  # progress: each row as it finishes
+    rows = {} if args.no_reference else reference_rows(args.teacher, args.num_eval, args.device)
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {name: pool.submit(run_variant, name, args) for name in args.variants}
+        for name, future in futures.items():
+            rows[name] = future.result()
+            print_table({name: rows[name]})  # progress: each row as it finishes
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -35,6 +35,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--num", type=int, default=240, help="held-out clips per row (240: the whole held-out set)")
     parser.add_argument("--json", type=Path, help="also write the table here")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the networks run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = read_run(args.runs[0])
@@ -42,7 +43,7 @@ def main(argv: list[str]) -> dict:
         students = student_rows(args.runs)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    table = sample_rows(cfg, students, args.num)
+    table = sample_rows(cfg, students, args.num, device=args.device)
     for label, r in students.items():
         table[label]["run"] = str(r)  # scripts/demo.py finds each run's row by its directory
     print_table(table)

@@ -157,13 +157,16 @@ def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
 @pytest.mark.slow
 def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
     """Data mode first has the teacher generate its training latents (docs/METHOD.md §1.4a: FastVideo's data are teacher
-    samples), then distils on them; a tiny run end to end, 2 steps."""
+    samples), then distils on them; a tiny run end to end, 2 steps, with both cosine LR schedules (their logged LRs
+    against the half cosine's values)."""
     teacher = [sys.executable, str(RECIPES / "toy_teacher.py"), "optim.steps=2", "data.num_train=48",
                "data.num_heldout=24", "run.num_eval=2", "flow.sample_steps=2", "run.threads=1", "run.name=t"]
     subprocess.run(teacher, cwd=tmp_path, env=ENV, check=True, timeout=300)
     distill = [sys.executable, str(RECIPES / "toy_sparse_distill.py"), "model.teacher=outputs/toy_teacher/t/teacher",
                "dmd.rollout=data", "data.num_train=8", "data.num_heldout=24", "data.num_teacher_clips=50",
-               "optim.steps=2", "optim.batch_size=2", "run.num_eval=2", "run.threads=1", "run.name=d"]
+               "optim.steps=2", "optim.batch_size=2", "run.num_eval=2", "run.threads=1", "run.name=d",
+               "optim.scheduler=cosine_with_min_lr", "optim.critic_scheduler=cosine_with_min_lr",
+               "optim.min_lr_ratio=0.25", "run.log_every=1"]
     proc = subprocess.run(distill, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # capped at the training set (8 clips: the 50-step CFG teacher sampling is most of this test's time)
@@ -171,6 +174,21 @@ def test_data_mode_trains_on_teacher_generated_clips(tmp_path):
     run_dir = tmp_path / "outputs/toy_sparse_distill/d"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("time/teacher_data_s" in r for r in rows) and (run_dir / "student" / "config.json").is_file()
+    # the LR for the next step, logged after each step: cos(pi k / 2) / 2 + 1 / 2 = 0.5 at k = 1, floored at 0.25 at 2
+    lrs = {r["step"]: (r["lr/student"], r["lr/critic"]) for r in rows if "lr/student" in r}
+    assert lrs == {1: pytest.approx((0.5e-4, 1e-4)), 2: pytest.approx((0.25e-4, 0.5e-4))}
+
+
+@pytest.mark.parametrize("module", [toy_teacher, toy_sparse_distill])
+def test_cuda_device_without_a_gpu_is_one_config_error(module):
+    """run.device = "cuda" on a machine without one: a ConfigError naming the key, before any data or network."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check has nothing to refuse")
+    extra = ["model.teacher=tests/assets/toy_teacher"] if module is toy_sparse_distill else []
+    cfg = load_config(module.RecipeConfig, [*extra, "run.device=cuda"],
+                      default_toml=Path(module.__file__).with_suffix(".toml"))
+    with pytest.raises(ConfigError, match=r'run.device = "cuda" but torch sees no GPU'):
+        module.main(cfg)
 
 
 @pytest.mark.slow
