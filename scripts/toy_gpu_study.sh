@@ -3,8 +3,9 @@
 #   smoke    every CUDA path of the toy recipes at a few steps (teacher, data / data-free / LoRA students, eval_toy)
 #   large    `scripts/demo.py --large`: the teacher that learns motion, its students and the quality table with gates
 #   ablate   the motion ablations (scripts/ablate_toy_motion.py) on the large teacher, 8 variants at once
-#   lora     the demo's LoRA row (data mode, 900 steps, all 240 captions) over seeds and LR schedules, on the demo's
-#            stored teacher (tests/assets/toy_teacher), with the full fine-tune beside it
+#   lora     the demo's LoRA row (data mode, all 240 captions) over seeds 0-2 and LORA_VARIANTS (base: the demo's
+#            row; long: 1500 steps; slr2: twice the student LR; cos: cosine LR schedules), on the demo's stored
+#            teacher (tests/assets/toy_teacher), with the full fine-tune beside it
 #
 #   OUT=/tmp/toy_gpu bash scripts/toy_gpu_study.sh smoke,large,lora     # the steps, in order ("&" runs two at once:
 #   OUT=/tmp/toy_gpu bash scripts/toy_gpu_study.sh smoke,large&lora      #  large and lora share the GPU)
@@ -46,14 +47,14 @@ ablate() {
 lora() {
   local t=tests/assets/toy_teacher pids=() runs=()
   local lr=(lora.rank=8 lora.alpha=16 optim.student_lr=5e-4 optim.critic_lr=1e-3)
-  local cos=(optim.scheduler=cosine_with_min_lr optim.critic_scheduler=cosine_with_min_lr)
+  declare -A v=([base]="" [long]="optim.steps=1500" [slr2]="optim.student_lr=1e-3"
+                [cos]="optim.scheduler=cosine_with_min_lr optim.critic_scheduler=cosine_with_min_lr")
   for seed in 0 1 2; do
-    for v in base cos; do
-      local extra=("${lr[@]}")
-      [ $v = cos ] && extra+=("${cos[@]}")
-      $PY recipes/toy_sparse_distill.py model.teacher=$t run.name=lora_${v}_s$seed run.seed=$seed run.device=cuda \
-        "${extra[@]}" > "$L/lora_${v}_s$seed.log" 2>&1 &
-      pids+=($!) runs+=(outputs/toy_sparse_distill/lora_${v}_s$seed)
+    for k in ${LORA_VARIANTS:-base long slr2}; do
+      # shellcheck disable=SC2086
+      $PY recipes/toy_sparse_distill.py model.teacher=$t run.name=lora_${k}_s$seed run.seed=$seed run.device=cuda \
+        "${lr[@]}" ${v[$k]} > "$L/lora_${k}_s$seed.log" 2>&1 &
+      pids+=($!) runs+=(outputs/toy_sparse_distill/lora_${k}_s$seed)
     done
   done
   $PY recipes/toy_sparse_distill.py model.teacher=$t run.name=full_s0 run.device=cuda > "$L/full_s0.log" 2>&1 &
