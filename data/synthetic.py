@@ -21,7 +21,9 @@ brightness --set ...`, 96 captions, motion vs its frames-shuffled chance): on th
 (a second run 0.62 vs 0.42 at 3550; both still rising) — and dim 96 / 4 heads / 3 layers reaches 0.50 vs 0.35 at 4900;
 every 2-layer teacher (dim 48-96, 1-4 heads, up to 10 000 steps) and every dim-48 one stays at chance, whatever the
 travel (3-10), jitter (3-8), frames (2, 4), shift (1, 3), batch (16, 64) or number of directions (1, 4); head dim 12
-breaks the teacher. Such a teacher costs ~10x the demo's per step, beyond a 2-core CPU demo.
+breaks the teacher. Such a teacher costs ~10x the demo's per step, beyond a 2-core CPU demo; `scripts/demo.py --large`
+runs the demo with it on one GPU. Its students keep its motion (one H200, 2026-12-03, 240 captions, motion vs
+frames-shuffled chance): teacher-50 93.8 % (50.0 %), data-mode student-3 94.6 %, data-free 97.5 %, LoRA r8 92.1 %.
 
 A caption is a text-like embedding `(L_txt, D_txt)`: one fixed random "word" vector per factor value in rows 0..2,
 zero padding after; the unconditional ("negative") caption is all zeros. Everything is generated from seeds.

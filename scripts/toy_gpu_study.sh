@@ -38,10 +38,9 @@ large() {  # with LARGE_TEACHER already there (an earlier call's export), the de
 }
 
 ablate() {
-  $PY scripts/ablate_toy_motion.py --device cuda --jobs 8 --teacher "$LARGE_TEACHER" --steps 900 --eval-every 300 \
-    --num-eval 96 --teacher-clips 480 --json "$OUT/ablate.json" ${ABLATE_VARIANTS:-base base_sim guidance_0 \
-    guidance_2 shift_1 window_low window_high steps_4 ratio_10 ratio_2 critic_lr_x4 critic_dense dense dense_sim \
-    sparsity_75}
+  $PY scripts/ablate_toy_motion.py --device cuda --jobs 8 --teacher "$LARGE_TEACHER" --steps ${ABLATE_STEPS:-900} --eval-every ${ABLATE_EVAL:-300} \
+    --num-eval 96 --teacher-clips ${ABLATE_CLIPS:-480} --json "$OUT/ablate.json" ${ABLATE_VARIANTS:-base base_sim guidance_0 \
+    shift_1 steps_4 ratio_10 critic_lr_x4 dense}
 }
 
 lora() {
