@@ -211,6 +211,8 @@ def build_teacher(model: ModelConfig, device: str = "cpu") -> WanModel | TwoExpe
 def init_distributed(device: str) -> tuple[int, int]:
     """(rank, world size); with more than one rank under torchrun, a process group (gloo on CPU; on CUDA, NCCL and
     this rank's GPU by LOCAL_RANK)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -413,8 +415,6 @@ def main(cfg: RecipeConfig) -> Path:
         check_experts(cfg.model)
     if cfg.model.teacher_2 is not None:
         require_paths({"model.teacher_2": cfg.model.teacher_2})
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
     rank, world = init_distributed(cfg.run.device)
     device = cfg.run.device
     torch.set_num_threads(cfg.run.threads)

@@ -152,6 +152,8 @@ def load_init(model: WanModel, path: Path) -> None:
 def init_distributed(device: str) -> tuple[int, int]:
     """(rank, world size); with more than one rank under torchrun, a process group (gloo on CPU; on CUDA, NCCL and
     this rank's GPU by LOCAL_RANK)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -251,8 +253,6 @@ def main(cfg: RecipeConfig) -> Path:
         check_t_range(cfg.flow.t_range)
     if cfg.model.init is not None:
         require_paths({"model.init": cfg.model.init})
-    if cfg.run.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
     rank, world = init_distributed(cfg.run.device)
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_teacher" / cfg.run.name
