@@ -1,4 +1,5 @@
-"""Per-step schedules of a training run: the learning-rate multiplier (docs/METHOD.md §1.7) and the VSA sparsity ramp (§2.9).
+"""Per-step schedules of a training run: the learning-rate multiplier (docs/METHOD.md §1.7) and the VSA sparsity ramp
+(§2.9).
 
     scheduler = build_lr_scheduler(optimizer, "cosine_with_min_lr", warmup=100, total=4000, min_ratio=0.1)
     rho = sparsity_at(step, target=0.8, ramp=[0.5, 0.1, 100])   # [] = constant
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -28,6 +30,9 @@ def lr_lambda(kind: str, warmup: int, total: int, min_ratio: float) -> Callable[
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int,
                        min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over `lr_lambda`; step it once per training step. Its state_dict round-trips through DCP."""
+    # The schedule runs over training steps while the DMD student's optimizer steps only every dmd.student_every-th
+    # one, so the first scheduler step can precede its first optimizer step: intended, not the misuse torch warns of
+    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(kind, warmup, total, min_ratio))
 
 

@@ -1,11 +1,14 @@
-"""`make demo`: the toy sparse-distill end to end on a CPU, then the quality table and its gates.
+"""`make demo`: the toy sparse-distill end to end, then the quality table and its gates.
 
     python scripts/demo.py                  # teacher -> DMD2+VSA student (data mode) -> data-free student
-                                            #   -> LoRA student (data mode) -> table
+                                            #   -> LoRA student (data mode) -> table; on a machine with a CUDA GPU
+                                            #   the large toy (--large), else the CPU toy (--small)
+    python scripts/demo.py --small          # the CPU toy (2-layer dim-48 teacher) even where a GPU is present
     python scripts/demo.py --nproc 2        # every recipe under torchrun --nproc_per_node 2 (gloo)
     python scripts/demo.py --quick --teacher tests/assets/toy_teacher
                                           # CI: the stored demo teacher, a short data-free student only
-    python scripts/demo.py --large          # one GPU: the toy with a teacher large enough to learn motion
+    python scripts/demo.py --large          # one GPU: the toy with a teacher large enough to learn motion; the
+                                            #   three students train at once (--jobs 3)
 
 Runs `recipes/toy_teacher.py`, `recipes/toy_sparse_distill.py` (dmd.rollout = data, then simulate, then data in LoRA
 mode with the overrides in LORA_EXTRA) as subprocesses, then `scripts/eval_toy.py`. Gates (issue 4): the data-mode
@@ -57,13 +60,45 @@ QUICK_TEMPORAL = 0.9
 # 94.6 %, data-free 1.30 / 99.6 % / 97.5 %, LoRA r8 2.81 / 100 % / 92.1 %: every student keeps the teacher's motion;
 # the distance gates made for the weak CPU teacher (<= 1.1 x teacher-50 = 0.82) fail for the data and LoRA rows.
 LARGE_TEACHER = ["model.dim=128", "model.ffn_dim=256", "model.num_heads=4", "model.num_layers=4", "optim.steps=6000"]
+# `--large`'s data-mode student: 1800 steps with cosine LR decay (student and critic, to 0.1). At the TOML's 900
+# constant steps its distance jumps between evaluations (one H200, 2026-12-03, 240 captions: 6.29 in the demo, 11.76
+# at batch 64; 96-caption validations 1.5 -> 10.2 between steps 600 and 900: the blob grows brighter and more massive
+# than the data's); decayed over 1800 steps it settles: 2.07 / 100 % / motion 94.6 % (900 decayed steps at batch 64:
+# 2.59).
+LARGE_DATA = ["optim.steps=1800", "optim.scheduler=cosine_with_min_lr", "optim.critic_scheduler=cosine_with_min_lr"]
+
+
+def launcher(nproc: int) -> list[str]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    return torchrun if nproc > 1 else [sys.executable]
 
 
 def run(cmd: list[str], nproc: int) -> None:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [
-        sys.executable]
-    print("$", " ".join(launcher[1:] + cmd), flush=True)
-    subprocess.run(launcher + cmd, check=True)
+    print("$", " ".join(launcher(nproc)[1:] + cmd), flush=True)
+    subprocess.run(launcher(nproc) + cmd, check=True)
+
+
+def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path]) -> dict[str, float]:
+    """Every command at the same time (one GPU holds the toy's runs many times over), each one's output in its log;
+    returns each one's wall time. A failed run raises with the tail of its log, after the others have finished."""
+    procs, start, times = {}, time.perf_counter(), {}
+    for key, cmd in cmds.items():
+        logs[key].parent.mkdir(parents=True, exist_ok=True)
+        print("$", " ".join(launcher(nproc)[1:] + cmd), f"> {logs[key]}", flush=True)
+        procs[key] = subprocess.Popen(launcher(nproc) + cmd, stdout=open(logs[key], "w"), stderr=subprocess.STDOUT)
+    while len(times) < len(procs):
+        time.sleep(5)
+        for key, proc in procs.items():
+            if key not in times and proc.poll() is not None:
+                times[key] = time.perf_counter() - start
+                print(f"{key}: finished ({'ok' if proc.returncode == 0 else f'exit {proc.returncode}'}) after "
+                      f"{times[key]:.0f} s", flush=True)
+    failed = [key for key, proc in procs.items() if proc.returncode != 0]
+    if failed:
+        tails = "\n".join(f"--- {logs[k]} (last lines)\n" + "".join(open(logs[k]).readlines()[-15:]) for k in failed)
+        raise SystemExit(f"{tails}\ndemo: run(s) {failed} failed; their whole logs: " +
+                         ", ".join(str(logs[k]) for k in failed))
+    return times
 
 
 def vsa_sparsity(run_dir: Path) -> float:
@@ -125,7 +160,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nproc", type=int, default=1, help="ranks per recipe (torchrun, gloo)")
     parser.add_argument("--quick", action="store_true", help="the shortened CI pipeline")
     parser.add_argument("--large", action="store_true",
-                        help="one GPU: the larger teacher that learns motion (LARGE_TEACHER), every run on CUDA")
+                        help="one GPU: the larger teacher that learns motion (LARGE_TEACHER), every run on CUDA "
+                             "(the default where torch sees a CUDA GPU)")
+    parser.add_argument("--small", action="store_true", help="the CPU toy even where a GPU is present")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="students trained at once (default: 3 with --large, else 1)")
     parser.add_argument("--name", default=None, help="run name (default: demo, or quick with --quick)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a quality gate fails (tests use it)")
     parser.add_argument("--threads", type=int, default=2,
@@ -135,6 +174,18 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.quick and args.large:
         raise SystemExit("--quick and --large: choose one (the quick CI pipeline runs the demo's teacher on the CPU)")
+    if args.small and args.large:
+        raise SystemExit("--small and --large: choose one")
+    if not (args.large or args.small or args.quick):
+        import torch  # only for the choice: every run is a subprocess
+
+        args.large = torch.cuda.is_available()
+        print(f"demo: {'a CUDA GPU' if args.large else 'no CUDA GPU'} here -> the "
+              f"{'large toy on the GPU (--small: the CPU toy)' if args.large else 'CPU toy'}", flush=True)
+    jobs = args.jobs or (3 if args.large else 1)
+    if jobs > 1 and args.nproc > 1:
+        raise SystemExit(f"--jobs {jobs} with --nproc {args.nproc}: concurrent torchrun launches would share one "
+                         "rendezvous port; pass --jobs 1")
     name = args.name or ("quick" if args.quick else "large" if args.large else "demo")
     device = ["run.device=cuda"] if args.large else []
     teacher_extra = QUICK_TEACHER if args.quick else LARGE_TEACHER + device if args.large else []
@@ -146,7 +197,8 @@ def main(argv: list[str]) -> int:
             "simulate": Path("outputs/toy_sparse_distill") / f"{name}_datafree",
             "lora": Path("outputs/toy_sparse_distill") / f"{name}_lora"}
     # per run: its dmd.rollout and its overrides beyond the TOML
-    extra = {"data": ("data", []), "simulate": ("simulate", DATAFREE_EXTRA), "lora": ("data", LORA_EXTRA)}
+    extra = {"data": ("data", LARGE_DATA if args.large else []), "simulate": ("simulate", DATAFREE_EXTRA),
+             "lora": ("data", LORA_EXTRA)}
     if args.quick:
         runs = {"simulate": runs["simulate"]}
         extra = {"simulate": ("simulate", [])}
@@ -157,11 +209,17 @@ def main(argv: list[str]) -> int:
         run([str(ROOT / "recipes/toy_teacher.py"), f"run.name={name}", f"run.threads={args.threads}", *teacher_extra],
             args.nproc)
         times["teacher"] = time.perf_counter() - start
-    for key, run_dir in runs.items():
-        rollout, overrides = extra[key]
+    cmds = {key: [str(ROOT / "recipes/toy_sparse_distill.py"), f"model.teacher={teacher_dir}",
+                  f"dmd.rollout={extra[key][0]}", f"run.name={run_dir.name}", f"run.threads={args.threads}",
+                  *extra[key][1], *distill_extra] for key, run_dir in runs.items()}
+    if jobs > 1:
+        logs = {key: Path("outputs/toy_sparse_distill") / f"{run_dir.name}.log" for key, run_dir in runs.items()}
         t0 = time.perf_counter()
-        run([str(ROOT / "recipes/toy_sparse_distill.py"), f"model.teacher={teacher_dir}", f"dmd.rollout={rollout}",
-             f"run.name={run_dir.name}", f"run.threads={args.threads}", *overrides, *distill_extra], args.nproc)
+        times.update({f"distill ({key})": t for key, t in run_at_once(cmds, args.nproc, logs).items()})
+        times["distill (at once)"] = time.perf_counter() - t0
+    for key, cmd in cmds.items() if jobs == 1 else ():
+        t0 = time.perf_counter()
+        run(cmd, args.nproc)
         times[f"distill ({key})"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = next(iter(runs.values()))

@@ -191,6 +191,26 @@ def test_cuda_device_without_a_gpu_is_one_config_error(module):
         module.main(cfg)
 
 
+def test_demo_runs_students_at_once_and_names_a_failed_one(tmp_path):
+    """`demo.py --jobs N` (the GPU demo's three students at once): every run finishes even when one fails, and the
+    failure names its log with the log's last lines; the runs overlap in time (measured, not assumed)."""
+    demo = load_script("demo")
+    marks = {k: tmp_path / f"{k}.mark" for k in ("a", "b")}
+    # each run writes its start time, waits, writes its end time: overlap means b started before a ended
+    code = "import sys, time; p = sys.argv[1]; open(p, 'w').write(str(time.time())); time.sleep(6); " \
+           "open(p, 'a').write(' ' + str(time.time()))"
+    cmds = {k: ["-c", code, str(m)] for k, m in marks.items()}
+    logs = {k: tmp_path / "logs" / f"{k}.log" for k in ("a", "b", "bad")}
+    times = demo.run_at_once(cmds, 1, logs)
+    assert set(times) == {"a", "b"}
+    (a0, a1), (b0, b1) = (map(float, m.read_text().split()) for m in marks.values())
+    assert b0 < a1 and a0 < b1
+    cmds["bad"] = ["-c", "print('loss went nan at step 7'); raise SystemExit(3)"]
+    with pytest.raises(SystemExit, match=r"(?s)loss went nan at step 7.*run\(s\) \['bad'\] failed"):
+        demo.run_at_once(cmds, 1, logs)
+    assert all(len(m.read_text().split()) == 2 for m in marks.values())  # the others ran to their end
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # its subprocess may take up to 1200 s on a loaded CPU
 def test_quick_demo_student_beats_three_step_teacher(tmp_path):
