@@ -27,8 +27,10 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(NO_PYC_ENV) $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# With a CUDA GPU: the toy whose teacher learns motion (demo.py --large); without: the CPU toy. DEMO_ARGS=--small
+# keeps the CPU toy on a GPU machine.
 demo: $(VENV)/.installed
-	$(NO_PYC_ENV) $(PY) scripts/demo.py
+	$(NO_PYC_ENV) $(PY) scripts/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
