@@ -63,8 +63,9 @@ QUICK_TEMPORAL = 0.9
 # teacher-3 by 2.4-3.4x, but none comes within 1.1x of this near-data teacher (fresh real clips: 0.28), so the data
 # and LoRA rows' "<= 1.1 x teacher-50" gates fail here. Longer or gentler training does not close it (same H200, the
 # session-11 export of this teacher, teacher-50 0.742): data 1800 decayed steps 1.86-2.07 (student updates every 10th
-# step 1.86, half the student LR 1.92), data-free 600 / 1200 constant steps 1.23-1.31 / 1.70, 1800 decayed 1.88
-# (half the LR 2.01); batch 64 instead of 16: worse (2.1-11.8).
+# step 1.86, half the student LR 1.92), data-free 600 / 1200 constant steps 1.23-1.42 (4 runs; seed 1: 2.28) / 1.70,
+# 1800 decayed 1.88 (half the LR 2.01); batch 64 instead of 16: worse (2.1-11.8). Nor is it VSA's: a dense student
+# (data-free, 600 steps) 1.15; twice the critic LR 1.08 (one run each, inside the seed spread).
 LARGE_TEACHER = ["model.dim=128", "model.ffn_dim=256", "model.num_heads=4", "model.num_layers=4", "optim.steps=6000"]
 # `--large`'s data-mode student: 1800 steps with cosine LR decay (student and critic, to 0.1). At the TOML's 900
 # constant steps its distance jumps between evaluations (one H200, 2026-12-03, 240 captions: 6.29 in the demo, 11.76
@@ -84,7 +85,7 @@ def run(cmd: list[str], nproc: int) -> None:
     subprocess.run(launcher(nproc) + cmd, check=True)
 
 
-def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path]) -> dict[str, float]:
+def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path], poll: float = 5.0) -> dict[str, float]:
     """Every command at the same time (one GPU holds the toy's runs many times over), each one's output in its log;
     returns each one's wall time. A failed run raises with the tail of its log, after the others have finished."""
     procs, start, times = {}, time.perf_counter(), {}
@@ -93,7 +94,7 @@ def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path]) -
         print("$", " ".join(launcher(nproc)[1:] + cmd), f"> {logs[key]}", flush=True)
         procs[key] = subprocess.Popen(launcher(nproc) + cmd, stdout=open(logs[key], "w"), stderr=subprocess.STDOUT)
     while len(times) < len(procs):
-        time.sleep(5)
+        time.sleep(poll)
         for key, proc in procs.items():
             if key not in times and proc.poll() is not None:
                 times[key] = time.perf_counter() - start

@@ -110,8 +110,9 @@ def load_script(name: str):
 
 def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
     """eval_toy names a LoRA run's row by its saved [lora] (a data-mode LoRA run must not overwrite the full data row),
-    adds the run directory's name to rows that would share a label, refuses a run given twice, and demo.py gates the LoRA row as issue 19 says (distance vs teacher-50,
-    conditioning accuracy) and prints the data row's other two criteria for it."""
+    adds the run directory's name to rows that would share a label, refuses a run given twice, and demo.py gates the
+    LoRA row as issue 19 says (distance vs teacher-50, conditioning accuracy) and prints the data row's other two
+    criteria for it."""
     eval_toy, demo = load_script("eval_toy"), load_script("demo")
     runs = {}
     for key, rollout, lora in (("data", "data", 'rank = 0\nalpha = 16.0\ngate = "lora"'),
@@ -197,17 +198,17 @@ def test_demo_runs_students_at_once_and_names_a_failed_one(tmp_path):
     demo = load_script("demo")
     marks = {k: tmp_path / f"{k}.mark" for k in ("a", "b")}
     # each run writes its start time, waits, writes its end time: overlap means b started before a ended
-    code = "import sys, time; p = sys.argv[1]; open(p, 'w').write(str(time.time())); time.sleep(6); " \
+    code = "import sys, time; p = sys.argv[1]; open(p, 'w').write(str(time.time())); time.sleep(2); " \
            "open(p, 'a').write(' ' + str(time.time()))"
     cmds = {k: ["-c", code, str(m)] for k, m in marks.items()}
     logs = {k: tmp_path / "logs" / f"{k}.log" for k in ("a", "b", "bad")}
-    times = demo.run_at_once(cmds, 1, logs)
+    times = demo.run_at_once(cmds, 1, logs, poll=0.2)
     assert set(times) == {"a", "b"}
     (a0, a1), (b0, b1) = (map(float, m.read_text().split()) for m in marks.values())
     assert b0 < a1 and a0 < b1
     cmds["bad"] = ["-c", "print('loss went nan at step 7'); raise SystemExit(3)"]
     with pytest.raises(SystemExit, match=r"(?s)loss went nan at step 7.*run\(s\) \['bad'\] failed"):
-        demo.run_at_once(cmds, 1, logs)
+        demo.run_at_once(cmds, 1, logs, poll=0.2)
     assert all(len(m.read_text().split()) == 2 for m in marks.values())  # the others ran to their end
 
 
@@ -216,7 +217,8 @@ def test_demo_runs_students_at_once_and_names_a_failed_one(tmp_path):
 def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     """Acceptance 3: the shortened `make demo` pipeline (data-free student, 300 steps of batch 8, from the stored demo
     teacher: `recipes/toy_teacher.py` defaults, 3000 steps); gates: student-3 < best teacher-3, and its blob is not
-    frozen. One thread (`--threads 1`): beside the other xdist worker, two threads ran it 4x slower (1048 s vs 265 s)."""
+    frozen. One thread (`--threads 1`): beside the other xdist worker, two threads ran it 4x slower (1048 s vs
+    265 s)."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--quick", "--strict", "--threads", "1",
                            "--teacher", str(ROOT / "tests/assets/toy_teacher")], cwd=tmp_path, env=ENV,
                           capture_output=True, text=True, timeout=1200)  # ~5 min alone; margin for a loaded CPU
