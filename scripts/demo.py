@@ -22,6 +22,7 @@ directory).
 """
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -89,20 +90,23 @@ def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path], p
     """Every command at the same time (one GPU holds the toy's runs many times over), each one's output in its log;
     returns each one's wall time. A failed run raises with the tail of its log, after the others have finished."""
     procs, start, times = {}, time.perf_counter(), {}
-    for key, cmd in cmds.items():
-        logs[key].parent.mkdir(parents=True, exist_ok=True)
-        print("$", " ".join(launcher(nproc)[1:] + cmd), f"> {logs[key]}", flush=True)
-        procs[key] = subprocess.Popen(launcher(nproc) + cmd, stdout=open(logs[key], "w"), stderr=subprocess.STDOUT)
-    while len(times) < len(procs):
-        time.sleep(poll)
-        for key, proc in procs.items():
-            if key not in times and proc.poll() is not None:
-                times[key] = time.perf_counter() - start
-                print(f"{key}: finished ({'ok' if proc.returncode == 0 else f'exit {proc.returncode}'}) after "
-                      f"{times[key]:.0f} s", flush=True)
+    with contextlib.ExitStack() as files:  # every log closed once its run has ended
+        for key, cmd in cmds.items():
+            logs[key].parent.mkdir(parents=True, exist_ok=True)
+            print("$", " ".join(launcher(nproc)[1:] + cmd), f"> {logs[key]}", flush=True)
+            out = files.enter_context(open(logs[key], "w"))
+            procs[key] = subprocess.Popen(launcher(nproc) + cmd, stdout=out, stderr=subprocess.STDOUT)
+        while len(times) < len(procs):
+            time.sleep(poll)
+            for key, proc in procs.items():
+                if key not in times and proc.poll() is not None:
+                    times[key] = time.perf_counter() - start
+                    print(f"{key}: finished ({'ok' if proc.returncode == 0 else f'exit {proc.returncode}'}) after "
+                          f"{times[key]:.0f} s", flush=True)
     failed = [key for key, proc in procs.items() if proc.returncode != 0]
     if failed:
-        tails = "\n".join(f"--- {logs[k]} (last lines)\n" + "".join(open(logs[k]).readlines()[-15:]) for k in failed)
+        tails = "\n".join(f"--- {logs[k]} (last lines)\n" + "\n".join(logs[k].read_text().splitlines()[-15:])
+                          for k in failed)
         raise SystemExit(f"{tails}\ndemo: run(s) {failed} failed; their whole logs: " +
                          ", ".join(str(logs[k]) for k in failed))
     return times
