@@ -112,6 +112,24 @@ def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path], p
     return times
 
 
+def pick_toy(args: argparse.Namespace) -> int:
+    """Sets args.large (the large toy where torch sees a CUDA GPU, unless --small or --quick); returns the number of
+    students trained at once. Refuses contradicting flags before any work."""
+    if args.small and args.large:
+        raise SystemExit("--small and --large: choose one")
+    if not (args.large or args.small or args.quick):
+        import torch  # only for the choice: every run is a subprocess
+
+        args.large = torch.cuda.is_available()
+        print(f"demo: {'a CUDA GPU' if args.large else 'no CUDA GPU'} here -> the "
+              f"{'large toy on the GPU (--small: the CPU toy)' if args.large else 'CPU toy'}", flush=True)
+    jobs = args.jobs or (3 if args.large else 1)
+    if jobs > 1 and args.nproc > 1:
+        raise SystemExit(f"--jobs {jobs} with --nproc {args.nproc}: concurrent torchrun launches would share one "
+                         "rendezvous port; pass --jobs 1")
+    return jobs
+
+
 def vsa_sparsity(run_dir: Path) -> float:
     """Realised fraction of kv tiles skipped per query tile, from the run's resolved config."""
     cfg = tomllib.loads((run_dir / "config.toml").read_text())
@@ -185,18 +203,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.quick and args.large:
         raise SystemExit("--quick and --large: choose one (the quick CI pipeline runs the demo's teacher on the CPU)")
-    if args.small and args.large:
-        raise SystemExit("--small and --large: choose one")
-    if not (args.large or args.small or args.quick):
-        import torch  # only for the choice: every run is a subprocess
-
-        args.large = torch.cuda.is_available()
-        print(f"demo: {'a CUDA GPU' if args.large else 'no CUDA GPU'} here -> the "
-              f"{'large toy on the GPU (--small: the CPU toy)' if args.large else 'CPU toy'}", flush=True)
-    jobs = args.jobs or (3 if args.large else 1)
-    if jobs > 1 and args.nproc > 1:
-        raise SystemExit(f"--jobs {jobs} with --nproc {args.nproc}: concurrent torchrun launches would share one "
-                         "rendezvous port; pass --jobs 1")
+    jobs = pick_toy(args)
     name = args.name or ("quick" if args.quick else "large" if args.large else "demo")
     device = ["run.device=cuda"] if args.large else []
     teacher_extra = QUICK_TEACHER if args.quick else LARGE_TEACHER + device if args.large else []

@@ -192,6 +192,29 @@ def test_cuda_device_without_a_gpu_is_one_config_error(module):
         module.main(cfg)
 
 
+def test_demo_picks_the_large_toy_where_a_gpu_is(monkeypatch):
+    """`make demo` (no flags): the large toy with its students at once where torch sees a CUDA GPU, the CPU toy where
+    not; --small keeps the CPU toy on a GPU machine, --quick never switches; contradicting flags are refused."""
+    import argparse
+
+    demo = load_script("demo")
+
+    def pick(gpu: bool, **flags) -> tuple[bool, int]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        args = argparse.Namespace(**{"large": False, "small": False, "quick": False, "jobs": None, "nproc": 1, **flags})
+        jobs = demo.pick_toy(args)
+        return args.large, jobs
+
+    assert pick(True) == (True, 3) and pick(False) == (False, 1)
+    assert pick(True, small=True) == (False, 1) and pick(True, quick=True) == (False, 1)
+    assert pick(False, large=True, jobs=2) == (True, 2)
+    with pytest.raises(SystemExit, match="--small and --large"):
+        pick(True, small=True, large=True)
+    with pytest.raises(SystemExit, match="--jobs 3 with --nproc 2"):
+        pick(True, nproc=2)
+    assert pick(True, nproc=2, jobs=1) == (True, 1)
+
+
 def test_demo_runs_students_at_once_and_names_a_failed_one(tmp_path):
     """`demo.py --jobs N` (the GPU demo's three students at once): every run finishes even when one fails, and the
     failure names its log with the log's last lines; the runs overlap in time (measured, not assumed)."""
