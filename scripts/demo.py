@@ -115,6 +115,8 @@ def run_at_once(cmds: dict[str, list[str]], nproc: int, logs: dict[str, Path], p
 def pick_toy(args: argparse.Namespace) -> int:
     """Sets args.large (the large toy where torch sees a CUDA GPU, unless --small or --quick); returns the number of
     students trained at once. Refuses contradicting flags before any work."""
+    if args.quick and args.large:
+        raise SystemExit("--quick and --large: choose one (the quick CI pipeline runs the demo's teacher on the CPU)")
     if args.small and args.large:
         raise SystemExit("--small and --large: choose one")
     if not (args.large or args.small or args.quick):
@@ -201,8 +203,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="a toy teacher export to distill instead of training one (tests/assets/toy_teacher)")
     args = parser.parse_args(argv)
-    if args.quick and args.large:
-        raise SystemExit("--quick and --large: choose one (the quick CI pipeline runs the demo's teacher on the CPU)")
     jobs = pick_toy(args)
     name = args.name or ("quick" if args.quick else "large" if args.large else "demo")
     device = ["run.device=cuda"] if args.large else []
@@ -235,10 +235,11 @@ def main(argv: list[str]) -> int:
         t0 = time.perf_counter()
         times.update({f"distill ({key})": t for key, t in run_at_once(cmds, args.nproc, logs).items()})
         times["distill (at once)"] = time.perf_counter() - t0
-    for key, cmd in cmds.items() if jobs == 1 else ():
-        t0 = time.perf_counter()
-        run(cmd, args.nproc)
-        times[f"distill ({key})"] = time.perf_counter() - t0
+    else:
+        for key, cmd in cmds.items():
+            t0 = time.perf_counter()
+            run(cmd, args.nproc)
+            times[f"distill ({key})"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = next(iter(runs.values()))
     out_json = first / "quality.json"

@@ -210,6 +210,8 @@ def test_demo_picks_the_large_toy_where_a_gpu_is(monkeypatch):
     assert pick(False, large=True, jobs=2) == (True, 2)
     with pytest.raises(SystemExit, match="--small and --large"):
         pick(True, small=True, large=True)
+    with pytest.raises(SystemExit, match="--quick and --large"):
+        pick(True, quick=True, large=True)
     with pytest.raises(SystemExit, match="--jobs 3 with --nproc 2"):
         pick(True, nproc=2)
     assert pick(True, nproc=2, jobs=1) == (True, 1)
