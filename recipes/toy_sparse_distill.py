@@ -1,7 +1,7 @@
 """Toy sparse-distill: DMD2 distillation of the toy teacher into a 3-step student with VSA attention (CPU, minutes).
 
-The same method as the Wan sparse-distill recipes (docs/METHOD.md §1, §8), on `recipes/toy_teacher.py`'s tiny Wan DiT and the
-synthetic moving-blob latents of `data/synthetic.py`. Three networks, all initialised from the teacher export:
+The same method as the Wan sparse-distill recipes (docs/METHOD.md §1, §8), on `recipes/toy_teacher.py`'s tiny Wan DiT
+and the synthetic moving-blob latents of `data/synthetic.py`. Three networks, all initialised from the teacher export:
 student (trainable, VSA at `attn.sparsity` over 16 tiles of the (2, 16, 16) token grid, zero-initialised gate),
 teacher (frozen, dense, CFG against the zero "negative" caption in the DMD2 form cond + w·(cond − uncond)) and critic
 (trainable, dense attention + VSA's zero-initialised coarse gate with `attn.critic = "dense_gated"`, as FastVideo's
@@ -50,6 +50,7 @@ from attention.sdpa import sdpa_attention
 from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_meta
 from components.config import ConfigError, as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
 from components.health import HealthConfig, HealthGuard, reference_key
+from components.optim import init_ema, load_ema, update_ema
 from components.schedule import build_lr_scheduler
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
@@ -146,6 +147,10 @@ class RunConfig:
     eval_every: int = 0  # student-3-step evaluation every this many steps (0: only at the end)
     num_eval: int = 96  # held-out clips sampled per evaluation
     keep_ckpts: int = 3  # student exports kept in ckpt/step-NNNNNN/ (one per evaluation; ckpt/last_healthy stays)
+    # EMA of the student's weights, updated after every student step from training step ema_start on, where it starts
+    # from the live weights (FastVideo's --ema_decay / --ema_start_step); exported to <run>/student_ema; 0 = off
+    ema_decay: float = 0.0
+    ema_start: int = 0
 
 
 @dataclass
@@ -410,7 +415,8 @@ def main(cfg: RecipeConfig) -> Path:
         if cfg.lora.rank and cfg.model.student is not None:
             raise ValueError("LoRA mode starts both adapters from the teacher: leave model.student unset")
         if cfg.lora.rank and cfg.model.teacher_2 is not None:
-            raise ValueError("LoRA mode shares one frozen base: a two-expert teacher (model.teacher_2) needs lora.rank=0")
+            raise ValueError(
+                "LoRA mode shares one frozen base: a two-expert teacher (model.teacher_2) needs lora.rank=0")
     with as_config_error():
         check_experts(cfg.model)
     if cfg.model.teacher_2 is not None:
@@ -468,7 +474,7 @@ def main(cfg: RecipeConfig) -> Path:
             save_student(student, run_dir / "ckpt", 0, cfg.run.keep_ckpts)
         health.checkpoint_saved(0, run_dir / "ckpt" / "step-000000")
 
-    start, scalars = time.perf_counter(), {}
+    start, scalars, ema = time.perf_counter(), {}, {}
     for step in range(1, optim.steps + 1):
         idx = torch.randint(pool.shape[0], (optim.batch_size,), generator=g, device=device)
         x_data, context = pool[idx], pool_context[idx]
@@ -489,6 +495,10 @@ def main(cfg: RecipeConfig) -> Path:
                     g,
                 )
             )
+            if ema:
+                update_ema(ema, student, cfg.run.ema_decay)
+            elif cfg.run.ema_decay and step >= cfg.run.ema_start:
+                ema = init_ema(student)
         scalars.update(
             critic_step(
                 student, critic, critic_opt, meta, critic_meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
@@ -511,6 +521,9 @@ def main(cfg: RecipeConfig) -> Path:
         export_state_dict(export_weights(student), student.cfg, out)
     if cfg.lora.rank:  # the student adapter alone (diffusers' LoRA format + gate sidecar); a collective
         export_lora(student, run_dir / "export_lora", base_model=str(cfg.model.teacher))
+    if ema and rank == 0:  # last: the live weights are overwritten
+        load_ema(student, ema)
+        export_state_dict(export_weights(student), student.cfg, run_dir / "student_ema")
     metrics.close()
     if world > 1:
         dist.barrier()

@@ -260,3 +260,26 @@ def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     assert [ok for gate, ok in report["gates"].items() if "temporal" in gate] == [True]
     assert report["sparsity"] >= 0.5
     assert list((run_dir / "samples").glob("step-*/grid.mp4"))
+
+
+def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
+    """run.ema_decay / run.ema_start: the EMA starts from the live weights at step ema_start and then follows
+    ema <- d * ema + (1 - d) * weights after each student step, so after 3 steps (starting at 2, d = 0.25) the export
+    student_ema is 0.25 * (weights after step 2) + 0.75 * (weights after step 3), from the per-step checkpoints."""
+    from safetensors.torch import load_file
+    distill = [sys.executable, str(RECIPES / "toy_sparse_distill.py"), f"model.teacher={ROOT}/tests/assets/toy_teacher",
+               "dmd.rollout=simulate", "dmd.student_every=1", "data.num_train=8", "data.num_heldout=24",
+               "optim.steps=3", "optim.batch_size=2", "run.num_eval=2", "run.threads=1", "run.name=e",
+               "run.eval_every=1", "run.keep_ckpts=3", "health.action=off", "run.ema_decay=0.25", "run.ema_start=2"]
+    proc = subprocess.run(distill, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "outputs/toy_sparse_distill/e"
+    weights = {name: load_file(next((run_dir / name).glob("*.safetensors")))
+               for name in ("ckpt/step-000002", "ckpt/step-000003", "student", "student_ema")}
+    w2, w3, ema = weights["ckpt/step-000002"], weights["ckpt/step-000003"], weights["student_ema"]
+    assert weights["student"].keys() == ema.keys() == w3.keys()
+    moved = [k for k in w3 if not torch.equal(w2[k], w3[k])]
+    assert moved, "the student did not change in step 3: the test would not see the EMA"
+    for k in w3:
+        torch.testing.assert_close(weights["student"][k], w3[k], rtol=0, atol=0)
+        torch.testing.assert_close(ema[k], 0.25 * w2[k] + 0.75 * w3[k], rtol=1e-6, atol=1e-7)
