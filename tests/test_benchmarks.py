@@ -99,6 +99,28 @@ def test_bench_train_smoke(tmp_path):
 
 
 @pytest.mark.multiproc
+def test_bench_lora_smoke():
+    """Both LoRA variants time against the base block, and the composition table holds the properties docs/DESIGN.md
+    chose our LoRALinear for: base keys kept, adapter switches leave requires_grad alone, compile + FSDP2 == eager,
+    DCP round trip; the FP8 swap refuses our unmerged adapter instead of dropping it."""
+    out = run("benchmarks/bench_lora.py", "--smoke").splitlines()
+    timing = {label: numbers(x[len(label):]) for x in out for label in
+              ("base (no adapter)", "ours: models/lora.py LoRALinear", "peft: inject_adapter_in_model")
+              if x.startswith(label)}
+    base_eager, _, base_compiled, _ = timing["base (no adapter)"]
+    assert len(timing) == 3 and min(base_eager, base_compiled) > 0
+    for eager, eager_ratio, compiled, compiled_ratio in timing.values():  # ms and the ratio to the base block
+        assert eager_ratio == pytest.approx(eager / base_eager, abs=0.01)
+        assert compiled_ratio == pytest.approx(compiled / base_compiled, abs=0.01)
+    table = out[next(i for i, x in enumerate(out) if x.startswith("composition")) + 1:]
+    rows = {x[:40].strip(): x[41:] for x in table}  # check (40 wide), ours, peft
+    for check in ("base keys unchanged", "compile + FSDP2 fwd/bwd == eager", "DCP save/load round trip",
+                  "adapter switch keeps requires_grad", "fused rows swap keeps unmerged adapter"):
+        assert rows[check].startswith("yes"), (check, rows[check])
+    assert rows["fp8 swap keeps unmerged adapter"].startswith("no (refused up front: ValueError)")
+    assert "base_layer" in rows["base keys unchanged"]  # peft's column: the renamed base parameter
+
+
 def test_check_parallel_gpu_smoke():
     """scripts/check_parallel_gpu.py's SP checks on CPU (gloo, 2 ranks): SP=2 equals SP=1 within bf16 rounding."""
     out = run("scripts/check_parallel_gpu.py", "--cpu", "--only", "sp",
