@@ -6,6 +6,7 @@ tests/test_synthetic.py; scripts/demo.py and eval_toy.py: tests/test_toy_recipes
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -141,3 +142,15 @@ def test_gpu_acceptance_script_names_existing_files():
     assert {"benchmarks/bench_train.py", "scripts/check_parallel_gpu.py", "tools/make_tiny_data.py"} <= named
     missing = sorted(n for n in named if not (ROOT / n).is_file())
     assert not missing, missing
+
+
+@pytest.mark.parametrize("model", ["wan22_t2v_a14b", "wan22_i2v_a14b"])
+def test_check_a14b_sampling_gpu_smoke(model):
+    """The README's A14B sampling row: its RESULT line's totals follow from its own per-step times."""
+    out = run("scripts/check_a14b_sampling_gpu.py", "--smoke", "--model", model)
+    (line,) = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    r = json.loads(line.removeprefix("RESULT "))
+    assert r["model"] == model and r["latent_shape"] == [1, 4, 3, 8, 8] and r["teacher_total_steps"] == 6
+    assert r["teacher_total_s"] == pytest.approx(r["teacher_s_per_step"] * r["teacher_total_steps"], abs=0.01)
+    assert r["speedup"] == pytest.approx(r["teacher_s_per_step"] * r["teacher_total_steps"] / r["student_s"],
+                                         rel=0.05, abs=0.1)

@@ -283,3 +283,24 @@ def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
     for k in w3:
         torch.testing.assert_close(weights["student"][k], w3[k], rtol=0, atol=0)
         torch.testing.assert_close(ema[k], 0.25 * w2[k] + 0.75 * w3[k], rtol=1e-6, atol=1e-7)
+
+
+def test_ablate_toy_motion_tables_what_the_runs_logged(tmp_path):
+    """scripts/ablate_toy_motion.py (issue 25's ablations), shortened: a variant's row is its run's last validation
+    (metrics.jsonl) with motion at every validation; a second call reads the finished run instead of training again."""
+    cmd = [sys.executable, str(ROOT / "scripts/ablate_toy_motion.py"), "--steps", "4", "--eval-every", "2",
+           "--num-eval", "8", "--teacher-clips", "8", "--json", "t.json", "base"]
+    first = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = json.loads((tmp_path / "t.json").read_text())
+    assert list(table) == ["teacher-50", "student at step 0", "base"]
+    logged = [json.loads(x) for x in (tmp_path / "outputs/toy_motion_ablation/base/metrics.jsonl").read_text()
+              .splitlines()]
+    evals = {r["step"]: r for r in logged if "val/student_frechet" in r}
+    assert sorted(evals) == [2, 4]
+    assert table["base"]["frechet"] == evals[4]["val/student_frechet"]
+    assert table["base"]["motion_by_step"] == {str(s): evals[s]["val/student_motion"] for s in (2, 4)}
+    again = subprocess.run([*cmd[:-2], "t2.json", "--no-reference", "base"], cwd=tmp_path, env=ENV,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "$ " not in again.stdout, again.stderr[-3000:]
+    assert json.loads((tmp_path / "t2.json").read_text()) == {"base": table["base"]}
