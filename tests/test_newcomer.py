@@ -8,8 +8,8 @@ the negative prompt and validation prompts, checks them and prints the launch an
 2 steps from that launch command; tools/sample.py samples from the run's export. Checks: the written embeddings equal
 the tiny UMT5 run directly through transformers; a second prepare reuses every file untouched; the recipe exits 0 with
 a complete export; the mp4 has the requested frames and size. Also: a missing path is one error line naming the key
-and the prepare command (no traceback); a data-free recipe gets its text-only data from --prompts; the toy recipes
-need nothing or say what.
+and the prepare command (no traceback); a data-free recipe gets its text-only data from --prompts, a latent recipe
+refuses --prompts and caption-only data; the toy recipes need nothing or say what.
 """
 
 from __future__ import annotations
@@ -189,3 +189,20 @@ def test_data_free_recipe_and_toy_recipes(hub, checkout, capsys, tmp_path_factor
         "error: model.teacher: outputs/toy_teacher/demo/teacher does not exist; it is the toy teacher's export: run "
         "python recipes/toy_teacher.py (run.name=demo writes outputs/toy_teacher/demo/teacher)"
     )
+
+
+def test_latent_recipe_refuses_prompts_and_caption_only_data(hub, checkout, capsys):
+    """The 1.3B recipe trains on latents (its own load_data decides, tools/prepare.py asks it): --prompts is one error
+    line before any download or encoding, naming the preprocess command for data.path instead; a caption-only data.path
+    fails prepare's check with the recipe's own message, where it used to pass as "text only"."""
+    captions = checkout / "captions.txt"
+    captions.write_text("a cat\n")
+    argv = ["--recipe", RECIPE, *TINY, "--hub-dir", str(hub)]
+    error = prepare(checkout, capsys, [*argv, "--prompts", str(captions)], expect="--prompts")
+    assert "trains on latents" in error and "python tools/preprocess.py" in error and len(error.splitlines()) == 1
+    assert not (checkout / "weights").exists() and not (checkout / "datasets").exists()
+    writer = LatentParquetWriter(checkout / "datasets" / "mine", rows_per_file=2, text_only=True)
+    writer.write("clip0", "a cat", torch.randn(3, TINY_TEXT_DIM))
+    writer.close()
+    error = prepare(checkout, capsys, [*argv, "data.path=datasets/mine"], expect="error: data.path")
+    assert "vae_latent" in error and "text only" not in error

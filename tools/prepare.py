@@ -17,8 +17,11 @@ takes), and for each path the TOML names:
                           image_processor/ for Wan2.1-I2V (model.experts = 1 in an I2V recipe), the text encoder when
                           something is to be encoded
     data.path             reused if present; else the known hub dataset of that name is downloaded there, or, with
-                          --prompts FILE (data-free recipes), a text-only parquet of those captions' embeddings. An
-                          I2V recipe needs video clips: prepare prints the `tools/preprocess.py --i2v` command
+                          --prompts FILE (data-free recipes), a text-only parquet of those captions' embeddings.
+                          Whether a recipe is data-free, and the check of data.path, are the recipe's own load_data's
+                          (tried on one text-only row first: --prompts for a latent recipe fails before any
+                          download). An I2V recipe needs video clips: prepare prints the `tools/preprocess.py --i2v`
+                          command
     data.negative_prompt  reused if present; else Wan's default negative prompt (English for Wan2.1 and the A14B
                           models, Chinese for Wan2.2-TI2V; --negative-prompt to choose) through the pipeline's UMT5
     data.val_prompts      reused if present; else VALIDATION_PROMPTS (or --val-prompts FILE) -> text-only parquet
@@ -34,11 +37,14 @@ needs the toy teacher's export (the script says so).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
 import shutil
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -85,6 +91,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def recipe_argv(args: argparse.Namespace) -> list[str]:
     """The recipe arguments among ours: overlays and overrides, in their order."""
     return [x for path in args.toml for x in ("--toml", path)] + args.overrides
+
+
+def recipe_loader(name: str) -> Callable:
+    """recipes/<name>.py's own `load_data(path, latent_shape, text_dim)`: what the recipe reads is what prepare checks
+    (a copied recipe that changes its data changes prepare's check with it)."""
+    spec = importlib.util.spec_from_file_location(f"_recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.load_data
+
+
+def reads_captions_only(load_data: Callable) -> bool:
+    """Whether a recipe trains on captions alone (data-free: its load_data accepts a text-only parquet), asked of
+    the recipe's loader on one text-only row in a temporary folder: no model, no encoder."""
+    with tempfile.TemporaryDirectory() as folder:
+        writer = LatentParquetWriter(Path(folder), rows_per_file=1, text_only=True)
+        writer.write("probe", "probe", torch.zeros(1, 8))
+        writer.close()
+        try:
+            load_data(folder, (16, 1, 2, 2), 8)
+        except ConfigError:  # a latent recipe: its data.path must hold vae_latent rows
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------- downloads
@@ -135,7 +164,8 @@ def fetch_model(base: Path, parts: list[str], hub_dir: Path | None) -> None:
 
 
 def fetch_data(
-    data_path: str, prompts: Path | None, encode: TextEncoder, hub_dir: Path | None, base: Path, video: dict
+    data_path: str, prompts: Path | None, encode: TextEncoder, hub_dir: Path | None, base: Path, video: dict,
+    captions_only: bool,
 ) -> None:
     for folder in data_folders(data_path):
         repo = known_repo(folder)
@@ -148,10 +178,14 @@ def fetch_data(
             captions = read_lines(prompts, "--prompts")
             print(f"data.path: encode {len(captions)} captions of {prompts} -> {folder} (text only, data-free)")
             write_prompts(folder, captions, encode)
+        elif captions_only:
+            raise ConfigError(
+                f"data.path: {folder} does not exist and its name is no known hub dataset; this recipe trains on "
+                "captions alone: give --prompts FILE (captions, one per line)"
+            )
         else:
             raise ConfigError(
-                f"data.path: {folder} does not exist and its name is no known hub dataset; for a data-free recipe "
-                "give --prompts FILE (captions, one per line), for latents "
+                f"data.path: {folder} does not exist and its name is no known hub dataset; make its latents "
                 + preprocess_fix(base, folder, video, "CLIPS", i2v=False)
             )
 
@@ -266,21 +300,19 @@ def check_boundary(base: Path, model: dict) -> None:
         )
 
 
-def check_data(data: dict, latent_shape: tuple[int, ...], text_dim: int, val_count: int) -> list[str]:
-    """T2V data: one line per problem (empty: the recipe will accept its data); prints what it found."""
+def check_data(
+    data: dict, latent_shape: tuple[int, ...], text_dim: int, val_count: int, load_data: Callable
+) -> list[str]:
+    """T2V data: one line per problem (empty: the recipe will accept its data); prints what it found. data.path is
+    read by the recipe's own `load_data`."""
     problems = []
     try:
-        with_latents = all(any(f.rglob("*.parquet")) and has_latents(f) for f in data_folders(data["path"]))
-        dataset = LatentDataset(
-            data["path"],
-            text_only=not with_latents,
-            num_latent_t=latent_shape[1] if with_latents else None,
-            expect_latent_shape=latent_shape if with_latents else None,
-        )
-        check_first_row(dataset, text_dim)
-        kind = f"latents {tuple(latent_shape)}" if with_latents else "text only"
+        dataset = load_data(data["path"], latent_shape, text_dim)
+        kind = "text only" if dataset.text_only else f"latents {tuple(latent_shape)}"
         print(f"  data.path             {len(dataset)} rows, {kind}, captions {text_dim} wide")
-    except (DataError, OSError) as e:
+    except ConfigError as e:  # the recipe's message names data.path
+        problems.append(str(e))
+    except OSError as e:
         problems.append(f"data.path: {e}")
     try:
         contexts = load_contexts(data["val_prompts"], val_count)  # (N, 512, D): the first run.val_count rows
@@ -337,12 +369,6 @@ def check_negative(path: str, text_dim: int) -> list[str]:
     return []
 
 
-def has_latents(folder: Path) -> bool:
-    import pyarrow.parquet as pq
-
-    return "vae_latent_bytes" in pq.read_schema(next(iter(sorted(folder.rglob("*.parquet"))))).names
-
-
 # ---------------------------------------------------------------------------------------------------- recipes
 
 
@@ -360,6 +386,17 @@ def prepare_wan(table: dict, args: argparse.Namespace) -> None:
         raise ConfigError(
             "--prompts: an I2V recipe trains on video clips (latents and their first frames), not on captions alone; "
             "drop --prompts and prepare prints the tools/preprocess.py --i2v command for data.path"
+        )
+    load_data = None if i2v else recipe_loader(args.recipe)
+    captions_only = not i2v and reads_captions_only(load_data)
+    if args.prompts is not None and not i2v and not captions_only:  # before any download or encoding
+        folder = Path(data_folders(data["path"])[0])
+        repo = known_repo(folder)
+        hub = f"prepare downloads {repo[0]} there, or " if repo is not None and repo[1] == "dataset" else ""
+        raise ConfigError(
+            f"--prompts: recipes/{args.recipe}.py trains on latents of video clips (its load_data reads vae_latent "
+            f"rows), not on captions alone; drop --prompts: for data.path {hub}make it "
+            + preprocess_fix(base, folder, video, "CLIPS", i2v=False)
         )
     negative = Path(data["negative_prompt"])
     val_prompts = None if i2v else Path(data["val_prompts"])
@@ -387,7 +424,7 @@ def prepare_wan(table: dict, args: argparse.Namespace) -> None:
     z_dim = int(json.loads((base / "vae" / "config.json").read_text()).get("z_dim", 16))
     encode = TextEncoder(base, wan.text_dim, args.device)
     if not i2v:
-        fetch_data(data["path"], args.prompts, encode, args.hub_dir, base, video)
+        fetch_data(data["path"], args.prompts, encode, args.hub_dir, base, video, captions_only)
     if negative.exists():
         print(f"data.negative_prompt: reuse {negative}")
     else:
@@ -425,7 +462,7 @@ def prepare_wan(table: dict, args: argparse.Namespace) -> None:
     if i2v:
         problems += check_i2v_data(data, latent_shape, wan.text_dim, wan.image_dim, val_count)
     else:
-        problems += check_data(data, latent_shape, wan.text_dim, val_count)
+        problems += check_data(data, latent_shape, wan.text_dim, val_count, load_data)
     problems += check_negative(data["negative_prompt"], wan.text_dim)
     if problems:
         raise ConfigError("\n".join(problems))
