@@ -131,16 +131,28 @@ def test_check_parallel_gpu_smoke():
     assert all(x.endswith("ok") for x in table)
 
 
-def test_gpu_acceptance_script_names_existing_files():
-    """scripts/gpu_acceptance.sh parses, rejects an unknown layout, and every script it runs exists."""
+def test_gpu_acceptance_script_runs_the_stack_checks():
+    """scripts/gpu_acceptance.sh rejects an unknown layout and runs the GPU checks of the training stack (that they
+    exist: test_shell_scripts_parse_and_name_existing_files)."""
     script = ROOT / "scripts" / "gpu_acceptance.sh"
-    subprocess.run(["bash", "-n", str(script)], check=True)
     proc = subprocess.run(["bash", str(script), "octo"], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 2 and "usage:" in proc.stderr
     named = set(re.findall(r"\b((?:benchmarks|scripts|tools|recipes|tests/assets)/[\w./]+\.(?:py|toml))",
                            script.read_text()))
     assert {"benchmarks/bench_train.py", "scripts/check_parallel_gpu.py", "tools/make_tiny_data.py"} <= named
-    missing = sorted(n for n in named if not (ROOT / n).is_file())
+
+
+@pytest.mark.parametrize("script", sorted(str(p.relative_to(ROOT)) for p in
+                                          [*(ROOT / "scripts").glob("*.sh"), *(ROOT / "recipes/slurm").glob("*")]))
+def test_shell_scripts_parse_and_name_existing_files(script):
+    """The GPU study scripts and the Slurm launchers (run only on GPU machines) parse, and every file they run
+    exists."""
+    path = ROOT / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    named = set(re.findall(r"\b((?:benchmarks|scripts|tools|recipes|tests/assets)/[\w./]+\.(?:py|toml|sh))",
+                           path.read_text()))
+    assert named, f"{script} names no file of this repository"
+    missing = sorted(n for n in named if not (ROOT / n).exists())
     assert not missing, missing
 
 
