@@ -99,6 +99,9 @@ def recipe_loader(name: str) -> Callable:
     spec = importlib.util.spec_from_file_location(f"_recipe_{name}", ROOT / "recipes" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not callable(getattr(module, "load_data", None)):
+        raise ConfigError(f"--recipe {name}: recipes/{name}.py has no load_data(path, latent_shape, text_dim), the "
+                          "function prepare checks data.path with; keep the Wan recipes' one in a copied recipe")
     return module.load_data
 
 
