@@ -27,7 +27,7 @@ def read_run(run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234,
+def sample_rows(cfg: dict, students: dict[str, tuple[Path, str]], num: int, seed: int = 1234,
                 device: str = "cpu") -> dict[str, dict[str, float]]:
     """Sample every row for the first `num` held-out clips and score them; the networks run on `device` ("cuda": VSA
     as `vsa_masked`, the toy's head dims not being the kernels'), from the same CPU-drawn noise."""
@@ -56,11 +56,11 @@ def sample_rows(cfg: dict, students: dict[str, Path], num: int, seed: int = 1234
     rows = {"teacher-50": lambda x, ctx, g: teacher_euler(50)(x, ctx),
             "teacher-3": lambda x, ctx, g: teacher_euler(3)(x, ctx),
             "teacher-3-dmd": teacher_dmd}
-    for name, path in students.items():
+    for name, (path, export) in students.items():  # (run directory, its export: "student" or "student_ema")
         attn = read_run(path)["attn"]
         vsa = attn["student"] == "vsa"
         vsa_fn = vsa_masked if device == "cuda" else vsa_attention
-        student = load_pretrained(Path(path) / "student", attn_fn=vsa_fn if vsa else sdpa_attention).eval().to(device)
+        student = load_pretrained(Path(path) / export, attn_fn=vsa_fn if vsa else sdpa_attention).eval().to(device)
         meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], device) if vsa else None
         rows[name] = student_row(student, meta, dmd["steps"])
 
@@ -104,14 +104,23 @@ def student_label(run_cfg: dict) -> str:
     return f"student-3 ({rollout}, LoRA r{lora['rank']}{gate})"
 
 
-def student_rows(runs: list[Path]) -> dict[str, Path]:
-    """{row name: run directory}: `student_label`, and for runs that share one (a sweep over other settings) the label
-    followed by the run directory's name. Raises ValueError when a directory is given twice."""
+def student_rows(runs: list[Path], ema: bool = False) -> dict[str, tuple[Path, str]]:
+    """{row name: (run directory, export)}: `student_label`, and for runs that share one (a sweep over other settings)
+    the label followed by the run directory's name. With `ema`, each run's EMA export (student_ema/, run.ema_decay > 0)
+    gets a row of its own after the run's, "student-3 (data, EMA)". Raises ValueError when a directory is given twice
+    or, with `ema`, when no run has an EMA export."""
     labels = [student_label(read_run(r)) for r in runs]
     labels = [f"{label} [{Path(r).name}]" if labels.count(label) > 1 else label for label, r in zip(labels, runs)]
     if len(set(labels)) < len(labels):
         raise ValueError(f"two runs would be the same row: pass each run directory once (rows {labels})")
-    return dict(zip(labels, runs))
+    rows = {}
+    for label, run in zip(labels, runs):
+        rows[label] = (run, "student")
+        if ema and (Path(run) / "student_ema" / "config.json").is_file():
+            rows[label.replace(")", ", EMA)", 1)] = (run, "student_ema")
+    if ema and len(rows) == len(runs):
+        raise ValueError("--ema: no run has a student_ema/ export (train with run.ema_decay > 0)")
+    return rows
 
 
 def print_table(table: dict[str, dict[str, float]]) -> None:

@@ -146,8 +146,9 @@ def vsa_sparsity(run_dir: Path) -> float:
 
 
 def row_of(table: dict, run_dir: Path) -> tuple[str, dict]:
-    """eval_toy's row (name, scores) for one run directory: each student row names its run."""
-    return next((name, r) for name, r in table.items() if Path(r.get("run", "")).resolve() == run_dir.resolve())
+    """eval_toy's row (name, scores) of one run directory's student export: each student row names its run."""
+    return next((name, r) for name, r in table.items()
+                if Path(r.get("run", "")).resolve() == run_dir.resolve() and r.get("export", "student") == "student")
 
 
 def check_gates(table: dict, runs: dict[str, Path], sparsity: float, quick: bool) -> list[tuple[str, bool]]:

@@ -1,7 +1,7 @@
 """Quality table of the toy sparse-distill: teacher at 50 and 3 steps vs distilled 3-step students, on held-out data.
 
     python scripts/eval_toy.py outputs/toy_sparse_distill/demo outputs/toy_sparse_distill/demo_datafree [--num 192]
-        [--json quality.json]
+        [--json quality.json] [--ema]
 
 Each argument is a run directory of `recipes/toy_sparse_distill.py` (its `config.toml` names the teacher, the data,
 the student's step list and VSA sparsity; `student/` is the export). The teacher comes from the first run. Every row
@@ -16,8 +16,9 @@ far below it means frozen).
 Rows: teacher-50 (Euler + CFG, 100 network calls), teacher-3 (Euler + CFG on 3 steps, 6 calls), teacher-3-dmd
 (the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls;
 one row per run, named by its rollout mode and, for a LoRA run, its rank: `student-3 (data, LoRA r16)`; the JSON
-gives each student row its run directory under "run"), and two floors: fresh clips (a new draw of the data) and the
-same clips frozen (every frame the first).
+gives each student row its run directory under "run" and its export under "export"; with `--ema` a run trained with
+run.ema_decay > 0 also gets a row for its EMA export, `student-3 (data, EMA)`), and two floors: fresh clips (a new
+draw of the data) and the same clips frozen (every frame the first).
 """
 
 import argparse
@@ -36,16 +37,19 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--json", type=Path, help="also write the table here")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the networks run")
+    parser.add_argument("--ema", action="store_true",
+                        help="also a row for each run's EMA export (student_ema/, trained with run.ema_decay > 0)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = read_run(args.runs[0])
     try:
-        students = student_rows(args.runs)
+        students = student_rows(args.runs, ema=args.ema)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     table = sample_rows(cfg, students, args.num, device=args.device)
-    for label, r in students.items():
-        table[label]["run"] = str(r)  # scripts/demo.py finds each run's row by its directory
+    for label, (run, export) in students.items():
+        table[label]["run"] = str(run)  # scripts/demo.py finds each run's row by its directory and export
+        table[label]["export"] = export
     print_table(table)
     if args.json:
         args.json.write_text(json.dumps(table, indent=2))

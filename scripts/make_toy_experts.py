@@ -61,7 +61,7 @@ def compare(single: Path | None, experts: Path, num: int, students: list[Path]) 
                                "boundary": meta["boundary_ratio"]}
     tables = {}
     for name, model in teachers.items():
-        rows = {f"student-3 {Path(r).name}": r for r in students} if name == "two experts" else {}
+        rows = {f"student-3 {Path(r).name}": (r, "student") for r in students} if name == "two experts" else {}
         tables[name] = sample_rows({**cfg, "model": model}, rows, num)
         print(f"\n{name}: {model}")
         print_table(tables[name])

@@ -132,8 +132,9 @@ def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
     sweep.mkdir()
     (sweep / "config.toml").write_text((runs["lora"] / "config.toml").read_text())
     rows = student_rows([runs["data"], runs["lora"], sweep])
-    assert rows == {"student-3 (data)": runs["data"], "student-3 (data, LoRA r16) [lora]": runs["lora"],
-                    "student-3 (data, LoRA r16) [lora_lr2]": sweep}
+    assert rows == {"student-3 (data)": (runs["data"], "student"),
+                    "student-3 (data, LoRA r16) [lora]": (runs["lora"], "student"),
+                    "student-3 (data, LoRA r16) [lora_lr2]": (sweep, "student")}
 
     def row(frechet, acc, motion, run=None):
         return {"frechet": frechet, "cond_acc": acc, "motion": motion, **({"run": str(run)} if run else {})}
@@ -283,6 +284,19 @@ def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
     for k in w3:
         torch.testing.assert_close(weights["student"][k], w3[k], rtol=0, atol=0)
         torch.testing.assert_close(ema[k], 0.25 * w2[k] + 0.75 * w3[k], rtol=1e-6, atol=1e-7)
+    # eval_toy --ema: a row for the EMA export beside the live one; demo.py's gates read the live row
+    eval_toy, demo = load_script("eval_toy"), load_script("demo")
+    table = eval_toy.main([str(run_dir), "--num", "4", "--ema", "--threads", "1"])
+    live, averaged = table["student-3 (simulate)"], table["student-3 (simulate, EMA)"]
+    assert (live["export"], averaged["export"]) == ("student", "student_ema") and live["run"] == averaged["run"]
+    assert live["frechet"] != averaged["frechet"]  # other weights, same captions and noise
+    assert demo.row_of(table, run_dir)[0] == "student-3 (simulate)"
+    # scripts/make_toy_experts.py's comparison (its own data: the TOML's held-out set) takes the run as a student row
+    experts = load_script("make_toy_experts").compare(None, ROOT / "tests/assets/toy_experts", 4, [run_dir])
+    assert list(experts) == ["two experts"] and 0 < experts["two experts"]["student-3 e"]["frechet"] < float("inf")
+    (run_dir / "student_ema" / "config.json").unlink()
+    with pytest.raises(SystemExit, match="no run has a student_ema/ export"):
+        eval_toy.main([str(run_dir), "--num", "4", "--ema"])
 
 
 def test_ablate_toy_motion_tables_what_the_runs_logged(tmp_path):
