@@ -34,7 +34,6 @@ Hyperparameters are ours, tuned for the toy; the structure (step list 1000/757/5
 update ratio 5, grad clip 1) follows FastVideo's recipes. Copy this file and its TOML to start an experiment.
 """
 
-import os
 import shutil
 import subprocess
 import sys
@@ -48,7 +47,7 @@ import torch.distributed as dist
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_meta
-from components.config import ConfigError, as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
+from components.config import as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
 from components.health import HealthConfig, HealthGuard, reference_key
 from components.optim import init_ema, load_ema, update_ema
 from components.schedule import build_lr_scheduler
@@ -61,6 +60,7 @@ from inference.samplers import TwoExperts
 from models.lora import AdapterView, apply_lora, check_lora, export_weights, freeze_base
 from models.wan import WanModel
 from models.wan_weights import export_state_dict, load_pretrained
+from parallel.replicate import all_reduce_grads, init_replicas
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -210,33 +210,6 @@ def build_teacher(model: ModelConfig, device: str = "cpu") -> WanModel | TwoExpe
         return high
     low = build_wan(model.teacher_2, "sdpa", device).requires_grad_(False).eval()
     return TwoExperts(high, low, model.boundary * 1000).eval()
-
-
-# Copied from recipes/toy_teacher.py:init_distributed
-def init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size); with more than one rank under torchrun, a process group (gloo on CPU; on CUDA, NCCL and
-    this rank's GPU by LOCAL_RANK)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-# Copied from recipes/toy_teacher.py:all_reduce_grads
-def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
-    """Average gradients over ranks (DDP without the bucketing); a no-op on one rank."""
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for the whole model
-    dist.all_reduce(flat)
-    flat /= world
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
 
 
 # ---------------------------------------------------------------------------------------------------------- method
@@ -421,7 +394,7 @@ def main(cfg: RecipeConfig) -> Path:
         check_experts(cfg.model)
     if cfg.model.teacher_2 is not None:
         require_paths({"model.teacher_2": cfg.model.teacher_2})
-    rank, world = init_distributed(cfg.run.device)
+    rank, world = init_replicas(cfg.run.device)
     device = cfg.run.device
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_sparse_distill" / cfg.run.name

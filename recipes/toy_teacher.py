@@ -21,7 +21,6 @@ experiment.
 """
 
 import copy
-import os
 import shutil
 import subprocess
 import sys
@@ -46,6 +45,7 @@ from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split
 from losses.flow import add_noise, flow_matching_loss, shift_timestep, teacher_sample
 from models.wan import WAN_CONFIGS, WanModel, config_with
 from models.wan_weights import export_pretrained, load_pretrained
+from parallel.replicate import all_reduce_grads, init_replicas
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -149,31 +149,6 @@ def load_init(model: WanModel, path: Path) -> None:
     model.load_state_dict(init.state_dict())
 
 
-def init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size); with more than one rank under torchrun, a process group (gloo on CPU; on CUDA, NCCL and
-    this rank's GPU by LOCAL_RANK)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device = \"cuda\" but torch sees no GPU: set run.device=cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
-
-
-def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
-    """Average gradients over ranks (DDP without the bucketing); a no-op on one rank."""
-    if world == 1:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])  # one collective for the whole model
-    dist.all_reduce(flat)
-    flat /= world
-    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(part.view_as(g))
-
-
 # ---------------------------------------------------------------------------------------------------------- method
 def train_step(
     model: WanModel,
@@ -253,7 +228,7 @@ def main(cfg: RecipeConfig) -> Path:
         check_t_range(cfg.flow.t_range)
     if cfg.model.init is not None:
         require_paths({"model.init": cfg.model.init})
-    rank, world = init_distributed(cfg.run.device)
+    rank, world = init_replicas(cfg.run.device)
     torch.set_num_threads(cfg.run.threads)
     run_dir = Path("outputs") / "toy_teacher" / cfg.run.name
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
