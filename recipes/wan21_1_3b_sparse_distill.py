@@ -55,7 +55,8 @@ from parallel.ulysses import attention_for
 from parallel.wan import load_sharded, parallelize_wan
 
 
-# ---- config: one dataclass per TOML table; the TOML holds the values and their provenance ----
+# ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
+# TOML holds the values and their provenance ----
 @dataclass
 class ModelConfig:
     base: Path  # diffusers pipeline root: transformer/ (all three networks start from it) and vae/

@@ -67,7 +67,8 @@ from parallel.ulysses import attention_for
 from parallel.wan import load_sharded, parallelize_wan
 
 
-# ---- config: one dataclass per TOML table; the TOML holds the values and their provenance ----
+# ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
+# TOML holds the values and their provenance ----
 @dataclass
 class ModelConfig:
     base: Path  # diffusers I2V pipeline root: transformer/ (high noise) [+ transformer_2/ (low noise)], vae/

@@ -53,7 +53,8 @@ from parallel.ulysses import attention_for
 from parallel.wan import load_sharded, parallelize_wan
 
 
-# ---- config: one dataclass per TOML table; the TOML holds the values and their provenance ----
+# ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
+# TOML holds the values and their provenance ----
 # Copied from recipes/wan21_1_3b_sparse_distill.py:ModelConfig..build_wan
 @dataclass
 class ModelConfig:
