@@ -12,18 +12,24 @@ from losses.flow import ModelFn, add_noise, x0_from_velocity
 
 
 def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_cond_x0: torch.Tensor, real_uncond_x0: torch.Tensor,
-             guidance: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             guidance: float, per_sample: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DMD2 student loss. `x0` is the student sample (with grad); the other three are the critic's and the teacher's
     conditional / unconditional x0 predictions at the same noised point (no grad). Teacher CFG is the DMD2 form
     `real = cond + w·(cond − uncond)` (w = 0: conditional, w = −1: unconditional; standard CFG scale = w + 1).
-    The loss value is ½·mean(g²) and its gradient w.r.t. x0 is g / x0.numel(), g = (fake − real) / mean|x0 − real|."""
+    The loss value is ½·mean(g²) and its gradient w.r.t. x0 is g / x0.numel(), g = (fake − real) / mean|x0 − real|.
+    The normaliser mean|x0 − real| is taken per clip (DMD2's reference), so a batch of B clips updates the student as
+    B ranks of one clip do — FastVideo's whole-tensor scalar, which its recipes take over one clip per rank.
+    `per_sample=False` takes it over the whole batch (FastVideo's code at batch > 1): the high-noise clips of a batch,
+    whose `fake − real` is large, then scale down the update of its low-noise clips, the only ones that see fine detail
+    (the toy measures it: recipes/toy_sparse_distill.toml [dmd] normaliser)."""
     x0_32 = x0.float()
     with torch.no_grad():
         real = real_cond_x0.float() + guidance * (real_cond_x0.float() - real_uncond_x0.float())
-        denom = torch.mean(torch.abs(x0_32 - real))  # one scalar over the whole batch (docs/METHOD.md §1.5 note)
+        dims = tuple(range(1, x0.ndim)) if per_sample else tuple(range(x0.ndim))
+        denom = torch.mean(torch.abs(x0_32 - real), dim=dims, keepdim=True)
         grad = torch.nan_to_num((fake_x0.float() - real) / denom)
     loss = 0.5 * torch.mean((x0_32 - (x0_32 - grad).detach()) ** 2)
-    stats = {"dmd/denom": denom, "dmd/grad_abs_mean": grad.abs().mean()}
+    stats = {"dmd/denom": denom.mean(), "dmd/grad_abs_mean": grad.abs().mean()}
     return loss, stats
 
 

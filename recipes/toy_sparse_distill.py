@@ -110,6 +110,7 @@ class DmdConfig:
     t_max: float
     guidance: float  # teacher CFG, DMD2 form w (standard scale w + 1)
     student_every: int  # one student update per this many critic updates
+    normaliser: Literal["batch", "sample"] = "batch"  # DMD gradient's mean|x0 − real|: over the batch, or per clip
 
 
 @dataclass
@@ -246,7 +247,9 @@ def student_step(
         fake = x0_from_velocity(x_t, critic(x_t, t, context, attn_meta=critic_meta), t)
         real_cond = x0_from_velocity(x_t, teacher(x_t, t, context), t)
         real_uncond = x0_from_velocity(x_t, teacher(x_t, t, negative_context_like(context)), t)
-    loss, stats = dmd_loss(x0, fake, real_cond, real_uncond, dmd.guidance)
+    loss, stats = dmd_loss(
+        x0, fake, real_cond, real_uncond, dmd.guidance, per_sample=dmd.normaliser == "sample"
+    )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     all_reduce_grads(student, world)

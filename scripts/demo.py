@@ -57,15 +57,17 @@ QUICK_TEMPORAL = 0.9
 # keep); on the same clips a dim-128, 4-head (head dim 32), 4-layer teacher learns it (H200 probe, 2026-12-03: motion
 # 0.81 vs chance 0.43 at 4210 steps, data/synthetic.py). About 10x the CPU toy's cost per step (on 2 CPU cores its
 # data-free DMD step at batch 8 took 2.5 s), so a GPU run; data and gates are the CPU demo's.
-# Measured, `python scripts/demo.py` on one NVIDIA H200 (torch 2.11.0+cu130, 2026-12-03, 6.9 min: teacher 266 s,
-# the three students at once 135 s, table 13 s; all 240 captions; Fréchet / accuracy / motion (chance)): teacher-50
-# 0.873 / 99.6 % / 92.9 % (48.3 %), teacher-3 5.39 / 61.3 % / 36.7 %, student-3 data 2.09 / 100 % / 95.8 %, data-free
-# 1.59 / 99.6 % / 98.8 %, LoRA r8 2.24 / 99.6 % / 91.7 %: every student keeps the teacher's motion and beats
-# teacher-3 by 2.4-3.4x, but none comes within 1.1x of this near-data teacher (fresh real clips: 0.28), so the data
-# and LoRA rows' "<= 1.1 x teacher-50" gates fail here. No setting tried closes it (training length, LR, batch,
-# critic LR and update ratio, score shift, CFG, a dense student, an EMA; the seed alone moves a student 3x): README
-# Performance lists every run.
+# Measured on one NVIDIA H200 (torch 2.11.0+cu130, 2026-12-03; all 240 captions; Fréchet / accuracy / motion):
+# `python scripts/demo.py` 6.9 min in all (teacher 266 s, the three students at once 135 s, table 13 s); with the DMD
+# normaliser per clip, the student stage on the stored export of that teacher (`--teacher`, 3.4 min): teacher-50
+# 0.742 / 100 % / 93.8 %, student-3 data 1.84 / 100 % / 95.0 %, data-free 0.84 / 99.2 % / 96.7 %, LoRA r8 1.87 / 98.8 %
+# / 90.0 %: every student keeps the teacher's motion and beats teacher-3 (5.27) by 2.8-6x, but the data and LoRA
+# rows stay ~2.5x this near-data teacher (fresh real clips: 0.28), so their "<= 1.1 x teacher-50" gates fail here.
+# No setting tried closes it (training length, LR, batch, critic LR and update ratio, score shift, CFG, a dense
+# student, an EMA, a GAN term; the seed alone moves a student 3x): README Performance lists every run.
 LARGE_TEACHER = ["model.dim=128", "model.ffn_dim=256", "model.num_heads=4", "model.num_layers=4", "optim.steps=6000"]
+# Every `--large` student: the DMD normaliser per clip (recipes/toy_sparse_distill.toml [dmd] normaliser has the runs).
+LARGE_DISTILL = ["dmd.normaliser=sample"]
 # `--large`'s data-mode student: 1800 steps with cosine LR decay (student and critic, to 0.1). At the TOML's 900
 # constant steps its distance jumps between evaluations (one H200, 2026-12-03, 240 captions: 6.29 in the demo, 11.76
 # at batch 64; 96-caption validations 1.5 -> 10.2 between steps 600 and 900: the blob grows brighter and more massive
@@ -206,7 +208,7 @@ def main(argv: list[str]) -> int:
     name = args.name or ("quick" if args.quick else "large" if args.large else "demo")
     device = ["run.device=cuda"] if args.large else []
     teacher_extra = QUICK_TEACHER if args.quick else LARGE_TEACHER + device if args.large else []
-    distill_extra = QUICK_DISTILL if args.quick else device
+    distill_extra = QUICK_DISTILL if args.quick else LARGE_DISTILL + device if args.large else []
     teacher_dir = args.teacher.resolve() if args.teacher else Path("outputs/toy_teacher") / name / "teacher"
     if args.teacher and not (teacher_dir / "config.json").is_file():
         raise SystemExit(f"--teacher {args.teacher}: no config.json there; pass an export of recipes/toy_teacher.py")

@@ -9,9 +9,8 @@ rows of the draw for the whole global batch. As each recipe phase (student step,
 in order, sample i of the global batch gets the same numbers in every layout. The rollout's step index is drawn once
 per call, not per sample, so layout tests use a one-step schedule (`dmd.steps=[757]`).
 
-`per_sample_dmd_loss` is DMD2's loss with its normaliser mean|x0 − real| taken per sample instead of over the batch
-(FastVideo takes it over the local batch, which couples the samples of one batch but not those of two micro-batches
-or two ranks); with it, batch 2 is the mean of two batches of 1, as accumulation computes it.
+(The DMD normaliser is per sample in losses/dmd.py, so batch 2 is the mean of two batches of 1, as accumulation and
+two ranks compute it.)
 
     python -m torch.distributed.run --nproc_per_node 2 tests/recipe_shims.py recipes/<recipe>.py [overrides...]
 runs a recipe (any with `RecipeConfig` and `main(cfg)`: the Wan recipes, toy_teacher.py) with `LayoutFreeRandom`
@@ -30,7 +29,6 @@ from types import ModuleType
 import torch
 import torch.distributed as dist
 
-from losses.dmd import dmd_loss
 
 
 class LayoutFreeRandom:
@@ -86,15 +84,6 @@ def install_layout_free_random(recipe: ModuleType, setattr_=setattr) -> LayoutFr
     for module in (recipe, losses.dmd, losses.flow):
         setattr_(module, "torch", proxy)
     return proxy
-
-
-def per_sample_dmd_loss(x0, fake_x0, real_cond_x0, real_uncond_x0, guidance):
-    """`losses.dmd.dmd_loss` of each sample alone, averaged over the batch (loss and stats)."""
-    parts = [dmd_loss(*(t[i : i + 1] for t in (x0, fake_x0, real_cond_x0, real_uncond_x0)), guidance)
-             for i in range(x0.shape[0])]
-    loss = torch.stack([p[0] for p in parts]).mean()
-    stats = {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
-    return loss, stats
 
 
 def load_recipe(path: str | Path) -> ModuleType:

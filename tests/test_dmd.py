@@ -13,20 +13,43 @@ def make_x0s(seed=0, shape=(2, 4, 3, 5, 5)):
     return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4)]
 
 
+@pytest.mark.parametrize("per_sample", [True, False])
 @pytest.mark.parametrize("w", [0.0, 3.5, -1.0])
-def test_dmd_gradient_matches_analytic(w):
+def test_dmd_gradient_matches_analytic(w, per_sample):
     x0, fake, cond, uncond = make_x0s()
     x0.requires_grad_(True)
-    loss, stats = dmd_loss(x0, fake, cond, uncond, guidance=w)
+    loss, stats = dmd_loss(x0, fake, cond, uncond, guidance=w, per_sample=per_sample)
     loss.backward()
     real = cond + w * (cond - uncond)
-    denom = (x0.detach() - real).abs().mean()
+    # the normaliser: one per clip (the default, DMD2's), or one scalar over the whole batch (FastVideo's code)
+    err = (x0.detach() - real).abs()
+    denom = torch.stack([e.mean() for e in err]).reshape(-1, 1, 1, 1, 1) if per_sample else err.mean()
     expected = (fake - real) / denom / x0.numel()
     torch.testing.assert_close(x0.grad, expected.to(x0.grad.dtype), rtol=1e-5, atol=1e-9)
-    # value is ½·mean(g²) and the normaliser is one scalar over the whole batch
+    # value is ½·mean(g²)
     torch.testing.assert_close(loss.double(), 0.5 * (((fake - real) / denom) ** 2).mean(), rtol=1e-5, atol=0)
-    torch.testing.assert_close(stats["dmd/denom"].double(), denom, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats["dmd/denom"].double(), denom.mean(), rtol=1e-6, atol=0)
     assert loss.dtype == torch.float32
+
+
+def test_per_sample_normaliser_makes_a_batch_the_mean_of_its_clips():
+    """A batch of two == each clip's loss alone, averaged (what two ranks of one clip all-reduce); the batch-wide
+    normaliser couples them: there a clip's gradient depends on the other clip."""
+    x0, fake, cond, uncond = make_x0s(2)
+    cond = cond.clone()
+    cond[1] += 10  # the teacher far from the second clip (as at high noise): its |x0 − real| is ~10x the first's
+    x0.requires_grad_(True)
+    loss, _ = dmd_loss(x0, fake, cond, uncond, guidance=0.0)
+    (grad,) = torch.autograd.grad(loss, x0)
+    alone = []
+    for i in range(2):
+        xi = x0.detach()[i : i + 1].requires_grad_(True)
+        li, _ = dmd_loss(xi, fake[i : i + 1], cond[i : i + 1], uncond[i : i + 1], guidance=0.0)
+        alone.append(torch.autograd.grad(li / 2, xi)[0])
+    torch.testing.assert_close(grad, torch.cat(alone), rtol=1e-6, atol=0)
+    batch_loss, _ = dmd_loss(x0, fake, cond, uncond, guidance=0.0, per_sample=False)
+    (batch_grad,) = torch.autograd.grad(batch_loss, x0)
+    assert batch_grad[0].abs().mean() < 0.5 * grad[0].abs().mean()  # the far clip shrinks the other's update
 
 
 def test_cfg_form_endpoints():

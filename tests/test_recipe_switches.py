@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 from models.wan_weights import load_pretrained
 from parallel.mesh import free_port
-from tests.recipe_shims import install_layout_free_random, per_sample_dmd_loss
+from tests.recipe_shims import install_layout_free_random
 from tests.test_recipes import RECIPES, ROOT, load_recipe, logged, run, tiny_argv
 
 # Three steps (critic, student + critic, critic) at a learning rate that moves the weights, so step 3 sees both
@@ -71,10 +71,9 @@ def assert_weights_close(got: dict, expected: dict, init: dict, rtol: float, ato
 
 
 def test_grad_accum_two_micro_batches_equal_a_batch_of_two(tiny_data, tmp_path, monkeypatch):
-    """Same samples and noise (tests/recipe_shims.py), DMD normaliser per sample: accumulating two micro-batches of 1
-    must give the update of one batch of 2; fp32 differences only (batched vs single GEMMs)."""
+    """Same samples and noise (tests/recipe_shims.py), the recipe's own DMD normaliser (per sample): accumulating two
+    micro-batches of 1 must give the update of one batch of 2; fp32 differences only (batched vs single GEMMs)."""
     module = load_recipe_without_decoding(monkeypatch)
-    monkeypatch.setattr(module, "dmd_loss", per_sample_dmd_loss)
     runs = {}
     for name, accum, batch in (("accum", 2, 1), ("batch", 1, 2)):
         install_layout_free_random(module, monkeypatch.setattr)  # fresh streams for each run
@@ -161,8 +160,8 @@ def test_bf16_recipe_runs_close_to_fp32(tiny_data, tmp_path, monkeypatch):
 @pytest.mark.multiproc
 def test_hsdp_two_ranks_under_torchrun_equal_one_process(tiny_data, tmp_path, monkeypatch):
     """torchrun, 2 gloo ranks, parallel.dp_replicate = 2 (pure replication: gradients all-reduced, no sharding), batch
-    1 per rank == one process accumulating the same two samples (the DMD normaliser is per rank or micro-batch in
-    both); the same per-sample noise in both (tests/recipe_shims.py)."""
+    1 per rank == one process accumulating the same two samples (the DMD normaliser is per sample); the same
+    per-sample noise in both (tests/recipe_shims.py)."""
     module = load_recipe_without_decoding(monkeypatch)
     install_layout_free_random(module, monkeypatch.setattr)
     single = run(module, tiny_argv(tiny_data, tmp_path, "one", *THREE_STEPS, "optim.grad_accum=2"))

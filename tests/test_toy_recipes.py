@@ -292,6 +292,30 @@ def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
         eval_toy.main([str(run_dir), "--num", "4", "--ema"])
 
 
+def test_dmd_normaliser_reaches_the_student_loss(tmp_path):
+    """dmd.normaliser: the same first student step (same samples and timesteps) with the normaliser over the batch and
+    per clip: the same mean normaliser, another loss (losses/dmd.py, tests/test_dmd.py check the math). The demo's
+    override lists (the `--large` students' per-clip normaliser among them) are valid recipe config."""
+    losses = {}
+    for form in ("batch", "sample"):
+        distill = [sys.executable, str(RECIPES / "toy_sparse_distill.py"),
+                   f"model.teacher={ROOT}/tests/assets/toy_teacher", "dmd.rollout=simulate", "dmd.student_every=1",
+                   "data.num_train=8", "data.num_heldout=8", "optim.steps=1", "optim.batch_size=4",
+                   "run.num_eval=2", "run.threads=1", f"run.name={form}", "run.eval_every=0", "health.action=off",
+                   f"dmd.normaliser={form}"]
+        proc = subprocess.run(distill, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / f"outputs/toy_sparse_distill/{form}/metrics.jsonl").open()]
+        losses[form] = next(r for r in rows if "loss/dmd" in r)
+    assert losses["batch"]["dmd/denom"] == pytest.approx(losses["sample"]["dmd/denom"], rel=1e-6)
+    assert losses["batch"]["loss/dmd"] != pytest.approx(losses["sample"]["loss/dmd"], rel=1e-3)
+    demo = load_script("demo")
+    toml = RECIPES / "toy_sparse_distill.toml"
+    for extra in (demo.LARGE_DISTILL + demo.LARGE_DATA, demo.DATAFREE_EXTRA, demo.LORA_EXTRA, demo.QUICK_DISTILL):
+        load_config(toy_sparse_distill.RecipeConfig, extra, default_toml=toml)
+    assert load_config(toy_sparse_distill.RecipeConfig, demo.LARGE_DISTILL, default_toml=toml).dmd.normaliser == "sample"
+
+
 def test_ablate_toy_motion_tables_what_the_runs_logged(tmp_path):
     """scripts/ablate_toy_motion.py (issue 25's ablations), shortened: a variant's row is its run's last validation
     (metrics.jsonl) with motion at every validation; a second call reads the finished run instead of training again."""
