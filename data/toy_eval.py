@@ -126,7 +126,8 @@ def student_rows(runs: list[Path], ema: bool = False) -> dict[str, tuple[Path, s
 def print_table(table: dict[str, dict[str, float]]) -> None:
     ref, width = table["teacher-50"]["frechet"], max(22, *(len(name) + 2 for name in table))
     print(f"{'row':<{width}}{'frechet':>10}{'÷ teacher-50':>14}{'temporal':>10}{'cond acc':>10}{'motion':>9}"
-          f"{'chance':>9}")
+          f"{'chance':>9}{'texture':>9}")
     for name, r in table.items():
         print(f"{name:<{width}}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{r['temporal']:>10.3f}"
-              f"{100 * r['cond_acc']:>9.1f}%{100 * r['motion']:>8.1f}%{100 * r['motion_chance']:>8.1f}%")
+              f"{100 * r['cond_acc']:>9.1f}%{100 * r['motion']:>8.1f}%{100 * r['motion_chance']:>8.1f}%"
+              f"{r['texture']:>9.2f}")

@@ -12,7 +12,8 @@ units of the data's travel; frozen clips score ≈ 2, clips with unrelated frame
 brightness and size all decoded from the sample as the caption says), motion (the share of samples whose blob moves as
 far as the held-out clips' do; `scripts/demo.py` gates it against teacher-50) and its chance level (the same samples
 with frames shuffled between clips: what unrelated frames score; motion near it means the row's frames are unrelated,
-far below it means frozen).
+far below it means frozen), and texture (the fine detail on the blob relative to the held-out clips', 1 = the data's:
+pixel noise a few-step sampler leaves on the blob raises it, and with it the peak, mass and spread the distance reads).
 Rows: teacher-50 (Euler + CFG, 100 network calls), teacher-3 (Euler + CFG on 3 steps, 6 calls), teacher-3-dmd
 (the teacher in the student's sampler: same 3 timesteps, predict x0 and re-noise, CFG; 6 calls), student-3 (3 calls;
 one row per run, named by its rollout mode and, for a LoRA run, its rank: `student-3 (data, LoRA r16)`; the JSON

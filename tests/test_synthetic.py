@@ -98,6 +98,22 @@ def test_temporal_distance_and_chance_motion_separate_moving_unrelated_and_froze
     assert abs(scores["unrelated"]["motion"] - scores["unrelated"]["motion_chance"]) < 0.15
 
 
+def test_texture_is_one_on_data_and_adds_the_filters_share_of_pixel_noise():
+    """texture: the data's own fine detail scores 1 against held-out data; white noise of std s adds the high-pass
+    filter's energy gain (1 − 4/16)² + (36 − 16)/256 = 164/256 times s² to each clip's mean square; a blur lowers it."""
+    from data.synthetic import texture
+
+    train, heldout = make_split(SPEC, 240, 240, seed=8)
+    assert abs(evaluate_samples(train.latents, train.factors, heldout)["texture"] - 1) < 0.05
+    base = texture(train.latents).square().mean()
+    g = torch.Generator().manual_seed(0)
+    for s in (0.1, 0.3):
+        noisy = train.latents + s * torch.randn(train.latents.shape, generator=g)
+        torch.testing.assert_close(texture(noisy).square().mean(), base + 164 / 256 * s**2, rtol=0.05, atol=0)
+    smooth = F.avg_pool2d(train.latents.flatten(1, 2), 3, stride=1, padding=1).reshape(train.latents.shape)
+    assert evaluate_samples(smooth, train.factors, heldout)["texture"] < 0.9  # 0.83: a blurred Gaussian is smoother
+
+
 def test_rgb_visualisation_shape():
     frames = clips_to_rgb(make_clips(12, SPEC, 0).latents, scale=2)  # all 12 captions, bright ones among them
     assert frames.shape == (12, SPEC.frames, 2 * SPEC.height, 2 * SPEC.width, 3) and frames.dtype == torch.uint8
