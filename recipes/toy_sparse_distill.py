@@ -247,9 +247,7 @@ def student_step(
         fake = x0_from_velocity(x_t, critic(x_t, t, context, attn_meta=critic_meta), t)
         real_cond = x0_from_velocity(x_t, teacher(x_t, t, context), t)
         real_uncond = x0_from_velocity(x_t, teacher(x_t, t, negative_context_like(context)), t)
-    loss, stats = dmd_loss(
-        x0, fake, real_cond, real_uncond, dmd.guidance, per_sample=dmd.normaliser == "sample"
-    )
+    loss, stats = dmd_loss(x0, fake, real_cond, real_uncond, dmd.guidance, per_sample=dmd.normaliser == "sample")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     all_reduce_grads(student, world)

@@ -1,4 +1,4 @@
-"""The toy recipes: configs load and fail loudly, copied helpers stay identical, 2 ranks under torchrun work, and the
+"""The toy recipes: configs load and fail loudly, both share parallel/replicate.py, 2 ranks under torchrun work, and the
 shortened demo pipeline (teacher -> DMD2+VSA student -> evaluation) distils: student-3 beats the 3-step teacher."""
 
 import json
@@ -311,9 +311,9 @@ def test_dmd_normaliser_reaches_the_student_loss(tmp_path):
     assert losses["batch"]["loss/dmd"] != pytest.approx(losses["sample"]["loss/dmd"], rel=1e-3)
     demo = load_script("demo")
     toml = RECIPES / "toy_sparse_distill.toml"
-    for extra in (demo.LARGE_DISTILL + demo.LARGE_DATA, demo.DATAFREE_EXTRA, demo.LORA_EXTRA, demo.QUICK_DISTILL):
-        load_config(toy_sparse_distill.RecipeConfig, extra, default_toml=toml)
-    assert load_config(toy_sparse_distill.RecipeConfig, demo.LARGE_DISTILL, default_toml=toml).dmd.normaliser == "sample"
+    large, *_ = [load_config(toy_sparse_distill.RecipeConfig, extra, default_toml=toml) for extra in
+                 (demo.LARGE_DISTILL + demo.LARGE_DATA, demo.DATAFREE_EXTRA, demo.LORA_EXTRA, demo.QUICK_DISTILL)]
+    assert large.dmd.normaliser == "sample"
 
 
 def test_ablate_toy_motion_tables_what_the_runs_logged(tmp_path):
