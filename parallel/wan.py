@@ -5,12 +5,15 @@
     parallelize_wan(model, dims, ac_mode="full", compile=True)
     load_sharded(model, "weights/Wan2.1-T2V-1.3B-Diffusers", device)   # to_empty + buffers + streamed weights
 
+or, as every Wan recipe builds its networks, `build_wan` (one network) and `build_lora` (one LoRA base, its roles).
+
 Forward passes with bf16 compute run under `torch.autocast(device_type, torch.bfloat16)` (parallel/fsdp.py).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,13 +21,17 @@ from safetensors import safe_open
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from models.lora import has_lora, initial_value, is_adapter_param
+from attention.sdpa import sdpa_attention
+from attention.vsa import dense_gated_attention, vsa_attention
+from components.recipe_config import LoraConfig, ParallelConfig
+from models.lora import AdapterView, apply_lora, has_lora, initial_value, is_adapter_param
+from models.wan import WanConfig, WanModel
 from models.wan_weights import GATE_KEY, IGNORED_KEYS, checkpoint_files, diffusers_key_map, resolve_transformer_dir
 from parallel.ac import apply_ac
 from parallel.compile import apply_compile
 from parallel.fsdp import apply_fsdp, apply_fsdp_frozen
 from parallel.mesh import ParallelDims
-from parallel.ulysses import apply_ulysses
+from parallel.ulysses import apply_ulysses, attention_for
 
 MAX_LISTED = 10
 
@@ -148,3 +155,56 @@ def load_sharded(
                     raise RuntimeError(f"{ours}: local shard has {local.shape[0]} rows, expected [{start}, {stop})")
                 if stop > start:
                     local.copy_(f.get_slice(theirs)[start:stop])
+
+
+# ---- the recipes' networks (one copy for the five Wan recipes; a copied recipe that builds its networks another way
+# defines its own build_wan) ----
+# The recipes' attention names (attn.student, attn.critic; the teacher is "sdpa").
+ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "dense_gated": dense_gated_attention}
+
+
+def build_wan(
+    wan: WanConfig,
+    attn: str,
+    weights: Path,
+    dims: ParallelDims,
+    device: torch.device,
+    par: ParallelConfig,
+    frozen: bool,
+) -> WanModel:
+    """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
+    with torch.device("meta"):
+        # The VSA gate (student, gated critic) starts at 0 unless `weights` has one.
+        model = WanModel(replace(wan, vsa_gate=attn in ("vsa", "dense_gated")), attn_fn=ATTN[attn])
+    parallelize_wan(
+        model,
+        dims,
+        ac_mode=par.activation_checkpointing,
+        compile=par.compile,
+        frozen=frozen,
+        param_dtype=torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32,
+    )
+    load_sharded(model, weights, device)
+    return model
+
+
+def build_lora(
+    wan: WanConfig,
+    attns: dict[str, tuple[str, str]],
+    weights: Path,
+    dims: ParallelDims,
+    device: torch.device,
+    par: ParallelConfig,
+    lora: LoraConfig,
+) -> dict[str, AdapterView]:
+    """LoRA mode: ONE network built, parallelised and loaded once, with a frozen base and fresh student and critic
+    adapters; each role (name -> (adapter, attention) in `attns`) is a view of it (models/lora.py)."""
+    with torch.device("meta"):
+        base = WanModel(replace(wan, vsa_gate=any(a in ("vsa", "dense_gated") for _, a in attns.values())))
+    apply_lora(base, lora.rank, lora.alpha, lora.targets, gate=lora.gate)
+    dtype = torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32
+    parallelize_wan(base, dims, ac_mode=par.activation_checkpointing, compile=par.compile, param_dtype=dtype)
+    load_sharded(base, weights, device)
+    return {
+        role: AdapterView(base, adapter, attention_for(base, ATTN[attn])) for role, (adapter, attn) in attns.items()
+    }

@@ -27,15 +27,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from attention.sdpa import sdpa_attention
-from attention.vsa import dense_gated_attention, vsa_attention, vsa_meta
+from attention.vsa import vsa_meta
 from components.config import (
     ConfigError,
     as_config_error,
@@ -58,13 +57,12 @@ from losses.dmd import critic_loss, dmd_loss, student_rollout_data
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
 from inference.lora import export_lora
 from inference.pipeline import i2v_mask
-from models.lora import AdapterView, apply_lora, check_lora
+from models.lora import check_lora
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
 from models.wan_weights import export_random_init, read_config, resolve_expert_dirs, resolve_transformer_dir
 from parallel.checkpoint import Checkpointer, ModelState, export_student
-from parallel.mesh import ParallelDims, build_mesh, check_parallel_sizes, init_distributed
-from parallel.ulysses import attention_for
-from parallel.wan import load_sharded, parallelize_wan
+from parallel.mesh import build_mesh, check_parallel_sizes, init_distributed
+from parallel.wan import build_lora, build_wan
 
 
 # ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
@@ -134,7 +132,6 @@ class RecipeConfig:
     lora: LoraConfig
 
 
-ATTN = {"sdpa": sdpa_attention, "vsa": vsa_attention, "dense_gated": dense_gated_attention}
 EXPERTS = ("high", "low")  # transformer/ (t >= boundary), transformer_2/ (t < boundary)
 I2V_MASK = 4  # first-frame mask channels of the I2V input
 
@@ -217,47 +214,6 @@ def expert_dirs(root: Path, experts: int) -> tuple[dict[str, Path], float]:
         return {"high": folder, "low": folder}, 0.0
     high, low, boundary = resolve_expert_dirs(root)
     return {"high": high, "low": low}, boundary
-
-
-# Copied from recipes/wan21_1_3b_sparse_distill.py:build_wan..build_lora
-def build_wan(
-    wan: WanConfig,
-    attn: str,
-    weights: Path,
-    dims: ParallelDims,
-    device: torch.device,
-    par: ParallelConfig,
-    frozen: bool,
-) -> WanModel:
-    """One network: built on the meta device, parallelised, then filled shard by shard from `weights`."""
-    with torch.device("meta"):
-        # The VSA gate (student, gated critic) starts at 0 unless `weights` has one.
-        model = WanModel(replace(wan, vsa_gate=attn in ("vsa", "dense_gated")), attn_fn=ATTN[attn])
-    parallelize_wan(
-        model,
-        dims,
-        ac_mode=par.activation_checkpointing,
-        compile=par.compile,
-        frozen=frozen,
-        param_dtype=torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32,
-    )
-    load_sharded(model, weights, device)
-    return model
-
-
-def build_lora(
-    wan: WanConfig, attns: dict, weights: Path, dims: ParallelDims, device: torch.device, cfg: RecipeConfig
-) -> dict[str, AdapterView]:
-    """LoRA mode: ONE network built, parallelised and loaded once, with a frozen base and fresh student and critic
-    adapters; each role (name -> (adapter, attention) in `attns`) is a view of it (models/lora.py)."""
-    par, lora = cfg.parallel, cfg.lora
-    with torch.device("meta"):
-        base = WanModel(replace(wan, vsa_gate=any(a in ("vsa", "dense_gated") for _, a in attns.values())))
-    apply_lora(base, lora.rank, lora.alpha, lora.targets, gate=lora.gate)
-    dtype = torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32
-    parallelize_wan(base, dims, ac_mode=par.activation_checkpointing, compile=par.compile, param_dtype=dtype)
-    load_sharded(base, weights, device)
-    return {role: AdapterView(base, adapter, attention_for(base, ATTN[attn])) for role, (adapter, attn) in attns.items()}
 
 
 # ---- data ----
@@ -455,7 +411,7 @@ def main(cfg: RecipeConfig) -> Path:
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
     if cfg.lora.rank:  # one base; each view's parameters (optimizer, EMA, checkpoint) are its adapter only
         attns = {"student": ("student", cfg.attn.student), "teacher": (None, "sdpa"), "critic": ("critic", critic_attn)}
-        student, base_teacher, critic = build_lora(wan, attns, experts[m.student_init], dims, device, cfg).values()
+        student, base_teacher, critic = build_lora(wan, attns, experts[m.student_init], dims, device, cfg.parallel, cfg.lora).values()
         other = "low" if m.student_init == "high" else "high"  # the second frozen base: no adapters
         teachers = {m.student_init: base_teacher, other: base_teacher}
         if m.experts == 2:
