@@ -67,7 +67,7 @@ QUICK_TEMPORAL = 0.9
 # student's schedule, a dense student, an EMA, a GAN term): README Performance lists every run.
 LARGE_TEACHER = ["model.dim=128", "model.ffn_dim=256", "model.num_heads=4", "model.num_layers=4", "optim.steps=6000"]
 # Every `--large` student: the DMD normaliser per clip (recipes/toy_sparse_distill.toml [dmd] normaliser has the runs)
-# and FastVideo's 64 clips per step (every recipe's world x micro-batch at one clip per rank; the TOML's 16 is the CPU
+# and FastVideo's 64 clips per step (its 1.3B and 5B distill scripts: 64 ranks of one clip; the TOML's 16 is the CPU
 # toy's budget). One H200, one teacher export, 240 captions, 2026-12-04, 16 -> 64 clips, seeds 0 / 1 / 2: data-free
 # 600 steps 1.13 / 2.12 / 3.34 -> 1.27 / 1.77 / 1.41 (mean 2.20 -> 1.48: the seed moves it 0.5 instead of 2.2), data
 # 1800 decayed 1.88 / 1.69 -> 1.60 / 1.40, LoRA r8 1500 (seed 0) 2.54 -> 2.44; the `--teacher` demo 3.4 -> 4.2 min.
