@@ -271,14 +271,22 @@ def texture(latents: torch.Tensor) -> torch.Tensor:
     over the pixels whose blurred luminance exceeds 1. A real clip's smooth Gaussian scores only its own curvature; a
     sampler that leaves pixel-scale noise on the blob scores higher (white noise of std s adds 0.64·s² to the square:
     the high-pass filter's energy gain, 164/256)."""
-    lum = latents[:, 3].float()  # (N, T, H, W)
-    n, t, h, w = lum.shape
-    kernel = torch.tensor([1.0, 2.0, 1.0])
-    kernel = (kernel[:, None] * kernel[None, :] / 16).reshape(1, 1, 3, 3)
-    flat = lum.reshape(n * t, 1, h, w)
-    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(flat, (1, 1, 1, 1), mode="replicate"), kernel)
-    fine, on_blob = (flat - blur).reshape(n, -1), (blur > 1.0).reshape(n, -1)
+    lum = latents[:, 3:4].float()  # (N, 1, T, H, W)
+    blur = binomial_blur(lum)
+    fine, on_blob = (lum - blur).flatten(1), (blur > 1.0).flatten(1)
     return ((fine.square() * on_blob).sum(1) / on_blob.sum(1).clamp(min=1)).sqrt()
+
+
+def binomial_blur(latents: torch.Tensor) -> torch.Tensor:
+    """Every frame of every channel of (N, C, T, H, W) blurred by the 3×3 binomial kernel [1 2 1]ᵀ[1 2 1] / 16, edges
+    replicated; fp32, same shape. `x − binomial_blur(x)` is the fine detail `texture` and scripts/probe_toy_noise.py
+    read: zero on a constant frame, 164/256 of white noise's energy."""
+    n, c, t, h, w = latents.shape
+    kernel = torch.tensor([1.0, 2.0, 1.0], device=latents.device)
+    kernel = (kernel[:, None] * kernel[None, :] / 16).reshape(1, 1, 3, 3)
+    flat = latents.float().reshape(n * c * t, 1, h, w)
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(flat, (1, 1, 1, 1), mode="replicate"), kernel)
+    return blur.reshape(n, c, t, h, w)
 
 
 def evaluate_samples(samples: torch.Tensor, factors: torch.Tensor, heldout: ToyClips) -> dict[str, float]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_masked, vsa_meta
+from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_meta
 from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split
 from inference.samplers import TwoExperts
 from losses.flow import few_step_sample, teacher_sample
@@ -41,11 +41,7 @@ def sample_rows(cfg: dict, students: dict[str, tuple[Path, str]], num: int, seed
     w = dmd["guidance"]  # DMD2 form; standard CFG scale w + 1
 
     def teacher_euler(num_steps):
-        def run(x, ctx):
-            cond = lambda x, t: teacher(x, t, ctx)
-            uncond = lambda x, t: teacher(x, t, torch.zeros_like(ctx))
-            return teacher_sample(cond, uncond, x, num_steps, dmd["shift"], w + 1)
-        return run
+        return lambda x, ctx: teacher_cfg_sample(teacher, ctx, x, num_steps, dmd["shift"], w)
 
     def teacher_dmd(x, ctx, g):
         def cfg_fn(x, t):
@@ -57,11 +53,7 @@ def sample_rows(cfg: dict, students: dict[str, tuple[Path, str]], num: int, seed
             "teacher-3": lambda x, ctx, g: teacher_euler(3)(x, ctx),
             "teacher-3-dmd": teacher_dmd}
     for name, (path, export) in students.items():  # (run directory, its export: "student" or "student_ema")
-        attn = read_run(path)["attn"]
-        vsa = attn["student"] == "vsa"
-        vsa_fn = vsa_masked if device == "cuda" else vsa_attention
-        student = load_pretrained(Path(path) / export, attn_fn=vsa_fn if vsa else sdpa_attention).eval().to(device)
-        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], device) if vsa else None
+        student, meta = load_student(path, noise.shape, export, device)
         rows[name] = student_row(student, meta, dmd["steps"])
 
     table = {}
@@ -85,6 +77,43 @@ def load_teacher(model: dict):
     # the recipe's own dispatch (inference/samplers.py), so that the table scores the teacher it distilled
     low = load_pretrained(model["teacher_2"], attn_fn=sdpa_attention).eval()
     return TwoExperts(teacher, low, model["boundary"] * 1000).eval()
+
+
+def load_student(run_dir: Path, shape, export: str = "student", device: str = "cpu"):
+    """A run's student export (`student` or `student_ema`) with its attention, and its VSA metadata (None when dense)
+    for clips of `shape` (N, C, T, H, W). On CUDA VSA is `vsa_masked`: the toy's head dims are not the kernels'."""
+    attn = read_run(run_dir)["attn"]
+    vsa = attn["student"] == "vsa"
+    vsa_fn = vsa_masked if device == "cuda" else vsa_attention
+    student = load_pretrained(Path(run_dir) / export, attn_fn=vsa_fn if vsa else sdpa_attention).eval().to(device)
+    return student, vsa_meta(student.token_grid(shape), attn["sparsity"], device) if vsa else None
+
+
+def load_critic(run_dir: Path, shape, device: str = "cpu"):
+    """A run's final critic (critic/, written since 2026-12-04) and its metadata: with attn.critic = "dense_gated" the
+    coarse branch's tiles at sparsity 0, as the recipe builds it."""
+    path = critic_export(run_dir)
+    gated = read_run(run_dir)["attn"]["critic"] == "dense_gated"
+    critic = load_pretrained(path, attn_fn=dense_gated_attention if gated else sdpa_attention).eval().to(device)
+    return critic, vsa_meta(critic.token_grid(shape), 0.0, device) if gated else None
+
+
+def critic_export(run_dir: Path) -> Path:
+    """<run>/critic, or FileNotFoundError naming it and the fix."""
+    path = Path(run_dir) / "critic"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} not found: the run predates the critic export; rerun "
+                                "recipes/toy_sparse_distill.py (it writes <run>/critic at the end)")
+    return path
+
+
+def teacher_cfg_sample(teacher, context: torch.Tensor, noise: torch.Tensor, num_steps: int, shift: float,
+                       guidance: float) -> torch.Tensor:
+    """The teacher's many-step Euler samples from `noise`, CFG against the toy's all-zero negative caption; `guidance`
+    in the DMD2 form w (the recipes' dmd.guidance; standard scale w + 1)."""
+    negative = torch.zeros_like(context)
+    return teacher_sample(lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise, num_steps,
+                          shift, guidance + 1)
 
 
 def student_row(student, meta, steps):

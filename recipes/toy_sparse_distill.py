@@ -491,8 +491,9 @@ def main(cfg: RecipeConfig) -> Path:
             evaluate(step, student, teacher, meta, heldout, cfg, run_dir, health, metrics, rank)
 
     out = run_dir / "student"
-    if rank == 0:
+    if rank == 0:  # and the final critic, for scripts/probe_toy_noise.py (LoRA: adapters merged)
         export_state_dict(export_weights(student), student.cfg, out)
+        export_state_dict(export_weights(critic), critic.cfg, run_dir / "critic")
     if cfg.lora.rank:  # the student adapter alone (diffusers' LoRA format + gate sidecar); a collective
         export_lora(student, run_dir / "export_lora", base_model=str(cfg.model.teacher))
     if ema and rank == 0:  # last: the live weights are overwritten

@@ -272,6 +272,11 @@ def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
                for name in ("ckpt/step-000002", "ckpt/step-000003", "student", "student_ema")}
     w2, w3, ema = weights["ckpt/step-000002"], weights["ckpt/step-000003"], weights["student_ema"]
     assert weights["student"].keys() == ema.keys() == w3.keys()
+    # the final critic is exported too (scripts/probe_toy_noise.py): trained, with the gated critic's VSA gate
+    critic, teacher = (load_file(next(d.glob("*.safetensors")))
+                       for d in (run_dir / "critic", ROOT / "tests/assets/toy_teacher"))
+    assert set(critic) > set(teacher) and any("gate" in k for k in set(critic) - set(teacher))
+    assert any(not torch.equal(critic[k], teacher[k]) for k in teacher)
     moved = [k for k in w3 if not torch.equal(w2[k], w3[k])]
     assert moved, "the student did not change in step 3: the test would not see the EMA"
     for k in w3:
