@@ -116,6 +116,25 @@ def teacher_cfg_sample(teacher, context: torch.Tensor, noise: torch.Tensor, num_
                           shift, guidance + 1)
 
 
+@torch.no_grad()
+def sample_student(student, meta, context: torch.Tensor, shape, steps, seed: int) -> torch.Tensor:
+    """The student's few-step samples (returned on the CPU) of `context` (on the run's device) from CPU-drawn noise, so
+    that a CPU and a CUDA run validate on the same noise; the re-noising draws come from a generator on the device."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(tuple(shape), generator=g).to(context.device)
+    if context.device.type != "cpu":  # few_step_sample draws its fresh noise on the samples' device
+        g = torch.Generator(context.device).manual_seed(seed)
+    return few_step_sample(lambda x, t: student(x, t, context, attn_meta=meta), noise, steps, g).cpu()
+
+
+@torch.no_grad()
+def sample_teacher(teacher, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float,
+                   seed: int) -> torch.Tensor:
+    """`teacher_cfg_sample` (returned on the CPU) from the same CPU-drawn noise as `sample_student`'s."""
+    noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(context.device)
+    return teacher_cfg_sample(teacher, context, noise, num_steps, shift, guidance).cpu()
+
+
 def student_row(student, meta, steps):
     """The student's own 3-step sampler (docs/METHOD.md §5.2): conditional only, no CFG."""
     def run(x, ctx, g):

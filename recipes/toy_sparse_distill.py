@@ -53,8 +53,9 @@ from components.optim import init_ema, load_ema, update_ema
 from components.schedule import build_lr_scheduler
 from components.metrics import MetricsLogger, write_video
 from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
+from data.toy_eval import sample_student, sample_teacher
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
-from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
 from inference.lora import export_lora
 from inference.samplers import TwoExperts
 from models.lora import AdapterView, apply_lora, check_lora, export_weights, freeze_base
@@ -293,27 +294,6 @@ def negative_context_like(context: torch.Tensor) -> torch.Tensor:
 
 
 # -------------------------------------------------------------------------------------------------------- validate
-@torch.no_grad()
-def sample_student(student: WanModel, meta, context: torch.Tensor, shape, steps, seed: int) -> torch.Tensor:
-    """The student's 3-step samples (on the CPU) of `context` (on the run's device), from CPU-drawn noise."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(tuple(shape), generator=g).to(context.device)
-    if context.device.type != "cpu":  # few_step_sample draws its fresh noise on the samples' device
-        g = torch.Generator(context.device).manual_seed(seed)
-    return few_step_sample(lambda x, t: student(x, t, context, attn_meta=meta), noise, steps, g).cpu()
-
-
-@torch.no_grad()
-def sample_teacher(
-    teacher: WanModel, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float, seed: int
-) -> torch.Tensor:
-    noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(context.device)
-    negative = negative_context_like(context)
-    return teacher_sample(
-        lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise, num_steps, shift, guidance + 1
-    ).cpu()  # DMD2 w -> standard CFG scale
-
-
 def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, step: int, grid: bool):
     """Student 3-step distance to held-out data and conditioning accuracy, and the samples; with `grid`, also the mp4
     data | teacher-50-step | teacher-3-step | student-3-step for 8 held-out captions."""
@@ -425,12 +405,9 @@ def main(cfg: RecipeConfig) -> Path:
     meta = vsa_meta(tokens, cfg.attn.sparsity, device) if cfg.attn.student == "vsa" else None
     critic_meta = vsa_meta(tokens, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
     optim = cfg.optim
-    student_opt = torch.optim.AdamW(
-        student.parameters(), lr=optim.student_lr, betas=optim.betas, weight_decay=optim.weight_decay
-    )
-    critic_opt = torch.optim.AdamW(
-        critic.parameters(), lr=optim.critic_lr, betas=optim.betas, weight_decay=optim.weight_decay
-    )
+    student_opt, critic_opt = (torch.optim.AdamW(net.parameters(), lr, betas=optim.betas,
+                                                 weight_decay=optim.weight_decay)
+                               for net, lr in ((student, optim.student_lr), (critic, optim.critic_lr)))
     scheds = [build_lr_scheduler(opt, kind, 0, optim.steps, optim.min_lr_ratio)
               for opt, kind in ((student_opt, optim.scheduler), (critic_opt, optim.critic_scheduler))]
     g = torch.Generator(device).manual_seed(cfg.run.seed + 1000 * rank)  # per-rank batches, noise and timesteps
@@ -453,31 +430,14 @@ def main(cfg: RecipeConfig) -> Path:
         idx = torch.randint(pool.shape[0], (optim.batch_size,), generator=g, device=device)
         x_data, context = pool[idx], pool_context[idx]
         if step % cfg.dmd.student_every == 0:
-            scalars.update(
-                student_step(
-                    student,
-                    score_teacher,
-                    critic,
-                    student_opt,
-                    meta,
-                    critic_meta,
-                    x_data,
-                    context,
-                    cfg.dmd,
-                    optim.grad_clip,
-                    world,
-                    g,
-                )
-            )
+            scalars.update(student_step(student, score_teacher, critic, student_opt, meta, critic_meta, x_data,
+                                        context, cfg.dmd, optim.grad_clip, world, g))
             if ema:
                 update_ema(ema, student, cfg.run.ema_decay)
             elif cfg.run.ema_decay and step >= cfg.run.ema_start:
                 ema = init_ema(student)
-        scalars.update(
-            critic_step(
-                student, critic, critic_opt, meta, critic_meta, x_data, context, cfg.dmd, optim.grad_clip, world, g
-            )
-        )
+        scalars.update(critic_step(student, critic, critic_opt, meta, critic_meta, x_data, context, cfg.dmd,
+                                   optim.grad_clip, world, g))
         for sched in scheds:
             sched.step()
         if step % cfg.run.log_every == 0 or step == optim.steps:

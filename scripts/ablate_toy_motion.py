@@ -53,7 +53,8 @@ import torch
 
 from attention.sdpa import sdpa_attention
 from data.synthetic import ToySpec, evaluate_samples, make_split
-from losses.flow import add_noise, few_step_sample, teacher_sample, x0_from_velocity
+from data.toy_eval import sample_student, sample_teacher
+from losses.flow import add_noise, x0_from_velocity
 from models.wan_weights import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,17 +124,9 @@ def reference_rows(teacher_path: Path, num_eval: int, device: str = "cpu") -> di
     ctx, factors = heldout.context[:num_eval].to(device), heldout.factors[:num_eval]
     seed = cfg["run"]["seed"] + 7
     teacher = load_pretrained(teacher_path, attn_fn=sdpa_attention).eval().to(device)
-
-    def noise() -> tuple[torch.Tensor, torch.Generator]:  # the recipe's sample_student: CPU noise, device generator
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(tuple(heldout.latents[:num_eval].shape), generator=g).to(device)
-        return x, g if device == "cpu" else torch.Generator(device).manual_seed(seed)
-
-    x, _ = noise()
-    t50 = teacher_sample(lambda x, t: teacher(x, t, ctx), lambda x, t: teacher(x, t, torch.zeros_like(ctx)), x, 50,
-                         dmd["shift"], dmd["guidance"] + 1).cpu()
-    x, g = noise()
-    init = few_step_sample(lambda x, t: teacher(x, t, ctx), x, dmd["steps"], g).cpu()
+    shape = heldout.latents[:num_eval].shape
+    t50 = sample_teacher(teacher, ctx, shape, 50, dmd["shift"], dmd["guidance"], seed)
+    init = sample_student(teacher, None, ctx, shape, dmd["steps"], seed)  # the student before training
     return {"teacher-50": evaluate_samples(t50, factors, heldout),
             "student at step 0": evaluate_samples(init, factors, heldout)}
 
