@@ -5,7 +5,8 @@
     parallelize_wan(model, dims, ac_mode="full", compile=True)
     load_sharded(model, "weights/Wan2.1-T2V-1.3B-Diffusers", device)   # to_empty + buffers + streamed weights
 
-or, as every Wan recipe builds its networks, `build_wan` (one network) and `build_lora` (one LoRA base, its roles).
+or, as every Wan recipe builds its networks, `build_wan` (one network) and `build_lora` (one LoRA base, its roles);
+`export_pipelines` writes a finished run's student as diffusers pipelines.
 
 Forward passes with bf16 compute run under `torch.autocast(device_type, torch.bfloat16)` (parallel/fsdp.py).
 """
@@ -23,11 +24,15 @@ from torch.distributed.tensor import DTensor, Shard
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import dense_gated_attention, vsa_attention
+from components.optim import load_ema
 from components.recipe_config import LoraConfig, ParallelConfig
+from components.run_dir import link_pipeline_parts
+from inference.lora import export_lora
 from models.lora import AdapterView, apply_lora, has_lora, initial_value, is_adapter_param
 from models.wan import WanConfig, WanModel
 from models.wan_weights import GATE_KEY, IGNORED_KEYS, checkpoint_files, diffusers_key_map, resolve_transformer_dir
 from parallel.ac import apply_ac
+from parallel.checkpoint import export_student
 from parallel.compile import apply_compile
 from parallel.fsdp import apply_fsdp, apply_fsdp_frozen
 from parallel.mesh import ParallelDims
@@ -208,3 +213,21 @@ def build_lora(
     return {
         role: AdapterView(base, adapter, attention_for(base, ATTN[attn])) for role, (adapter, attn) in attns.items()
     }
+
+
+def export_pipelines(student: nn.Module, run_dir: Path, base: Path, ema: dict, lora_base: Path | None,
+                     main_process: bool) -> None:
+    """The end of a Wan run (a collective): <run>/export, the student as a diffusers pipeline (its transformer — LoRA:
+    merged into the base — beside links to `base`'s frozen parts: tools/sample.py --model <run>/export); with
+    `lora_base` also the student adapter alone in <run>/export_lora (diffusers' LoRA format + gate sidecar,
+    inference/lora.py); with an EMA also <run>/export_ema. The EMA is loaded into the student last: its live weights
+    are overwritten."""
+    export_student(student, run_dir / "export" / "transformer")
+    if lora_base is not None:
+        export_lora(student, run_dir / "export_lora", base_model=str(lora_base))
+    if ema:
+        load_ema(student, ema)
+        export_student(student, run_dir / "export_ema" / "transformer")
+    if main_process:  # model_index.json (A14B: with boundary_ratio), VAE and text encoder link to the base pipeline's
+        for export in ("export", "export_ema") if ema else ("export",):
+            link_pipeline_parts(base, run_dir / export)

@@ -33,22 +33,21 @@ from components.config import (
 )
 from components.health import HealthConfig, HealthGuard, reference_key
 from components.metrics import MetricsLogger, reduce_for_log, step_scalars
-from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_ema, load_ema, update_ema
+from components.optim import NonfiniteGuard, ShardedAdamW, apply_update, init_ema, update_ema
 from components.recipe_config import AttnConfig, LoraConfig, OptimConfig, ParallelConfig, VideoConfig
-from components.run_dir import link_pipeline_parts, save_samples, write_run_files
+from components.run_dir import save_samples, write_run_files
 from components.schedule import build_lr_scheduler, sparsity_at
 from data.dataset import LatentDataset, check_first_row, load_contexts, load_negative_context
 from data.encode import compute_latent_shape, latent_stats_from_config, load_vae
 from data.loader import make_loader
 from losses.dmd import critic_loss, dmd_loss, student_rollout_simulate
 from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
-from inference.lora import export_lora
 from models.lora import check_lora
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
 from models.wan_weights import export_random_init, read_config
-from parallel.checkpoint import Checkpointer, ModelState, export_student
+from parallel.checkpoint import Checkpointer, ModelState
 from parallel.mesh import build_mesh, check_parallel_sizes, init_distributed
-from parallel.wan import build_lora, build_wan
+from parallel.wan import build_lora, build_wan, export_pipelines
 
 
 # ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
@@ -277,17 +276,8 @@ def main(cfg: RecipeConfig) -> Path:
         "ema": ema,
     }
     start = ckpt.load(state) or 0
-    loader = iter(
-        make_loader(
-            dataset,
-            cfg.data.batch_size,
-            dims.dp_rank,
-            dims.dp_size,
-            cfg.run.seed,
-            start_step=start * o.grad_accum,
-            num_workers=cfg.data.num_workers,
-        )
-    )
+    loader = iter(make_loader(dataset, cfg.data.batch_size, dims.dp_rank, dims.dp_size, cfg.run.seed,
+                              start_step=start * o.grad_accum, num_workers=cfg.data.num_workers))
     # ---- loop ----
     amp = torch.autocast(device.type, torch.bfloat16, enabled=cfg.parallel.mixed_precision == "bf16")
     gen = torch.Generator(device)
@@ -330,15 +320,8 @@ def main(cfg: RecipeConfig) -> Path:
         step_s, last = time.perf_counter() - t0, step == cfg.run.max_steps
         if step % cfg.run.log_every == 0 or last:
             logs = reduce_for_log(logs, ("loss/", "dmd/"))
-            metrics.log(
-                step,
-                {
-                    **logs,
-                    "attn/vsa_sparsity": rho if meta else 0.0,
-                    "train/nonfinite": guard.total,
-                    **step_scalars(step_s, data_s, tokens_per_step, device),
-                },
-            )
+            metrics.log(step, {**logs, "attn/vsa_sparsity": rho if meta else 0.0, "train/nonfinite": guard.total,
+                               **step_scalars(step_s, data_s, tokens_per_step, device)})
             health.check_losses(step, logs)  # raises UnhealthyRun when losses or grad norms diverge
         if step % cfg.run.val_every == 0 or last:
             t0, video = time.perf_counter(), None
@@ -354,15 +337,7 @@ def main(cfg: RecipeConfig) -> Path:
             health.checkpoint_saved(step, ckpt.path(step))  # <run>/ckpt/last_healthy once a validation vouches for it
     # ---- save: the student (and its EMA) as diffusers pipelines: tools/sample.py --model <run>/export ----
     ckpt.wait()
-    export_student(student, run_dir / "export" / "transformer")  # LoRA: merged into the base
-    if cfg.lora.rank:  # the student adapter alone: diffusers' LoRA format + gate sidecar (inference/lora.py)
-        export_lora(student, run_dir / "export_lora", base_model=str(weights))
-    if ema:
-        load_ema(student, ema)
-        export_student(student, run_dir / "export_ema" / "transformer")
-    if rank == 0:  # the frozen parts are links to the base pipeline's
-        for export in ("export", "export_ema") if ema else ("export",):
-            link_pipeline_parts(cfg.model.base, run_dir / export)
+    export_pipelines(student, run_dir, cfg.model.base, ema, weights if cfg.lora.rank else None, rank == 0)
     metrics.close()
     torch.distributed.destroy_process_group()
     return run_dir
