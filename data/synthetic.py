@@ -160,11 +160,19 @@ def teacher_clips(teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], 
         ctx = context[i:i + chunk]
         noise = torch.randn((ctx.shape[0], *clip_shape), generator=torch.Generator().manual_seed(seed + i))
         noise = noise.to(ctx.device)  # CPU draws: the same clips' noise on any device
-        negative = torch.zeros_like(ctx)
-        parts.append(teacher_sample(lambda x, t: teacher(x, t, ctx), lambda x, t: teacher(x, t, negative), noise,
-                                    num_steps, shift, guidance))
+        parts.append(teacher_cfg_sample(teacher, ctx, noise, num_steps, shift, guidance))
         print(f"teacher data: {i + ctx.shape[0]}/{n} clips, {time.perf_counter() - start:.0f} s", flush=True)
     return torch.cat(parts)
+
+
+def teacher_cfg_sample(teacher: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                       context: torch.Tensor, noise: torch.Tensor, num_steps: int, shift: float,
+                       guidance: float) -> torch.Tensor:
+    """`num_steps`-step Euler samples of `teacher(x, t, context)` from `noise`, standard CFG `guidance` (the recipes'
+    DMD2 w + 1) against the toy's negative caption, all zeros (`negative_context`)."""
+    negative = torch.zeros_like(context)
+    return teacher_sample(lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise, num_steps,
+                          shift, guidance)
 
 
 def make_split(spec: ToySpec, num_train: int, num_heldout: int, seed: int) -> tuple[ToyClips, ToyClips]:

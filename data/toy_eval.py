@@ -11,9 +11,9 @@ import torch
 
 from attention.sdpa import sdpa_attention
 from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_meta
-from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split
+from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split, teacher_cfg_sample
 from inference.samplers import TwoExperts
-from losses.flow import few_step_sample, teacher_sample
+from losses.flow import few_step_sample
 from models.wan_weights import load_pretrained
 
 CHUNK = 48  # clips per network call
@@ -41,7 +41,7 @@ def sample_rows(cfg: dict, students: dict[str, tuple[Path, str]], num: int, seed
     w = dmd["guidance"]  # DMD2 form; standard CFG scale w + 1
 
     def teacher_euler(num_steps):
-        return lambda x, ctx: teacher_cfg_sample(teacher, ctx, x, num_steps, dmd["shift"], w)
+        return lambda x, ctx: teacher_cfg_sample(teacher, ctx, x, num_steps, dmd["shift"], w + 1)
 
     def teacher_dmd(x, ctx, g):
         def cfg_fn(x, t):
@@ -107,15 +107,6 @@ def critic_export(run_dir: Path) -> Path:
     return path
 
 
-def teacher_cfg_sample(teacher, context: torch.Tensor, noise: torch.Tensor, num_steps: int, shift: float,
-                       guidance: float) -> torch.Tensor:
-    """The teacher's many-step Euler samples from `noise`, CFG against the toy's all-zero negative caption; `guidance`
-    in the DMD2 form w (the recipes' dmd.guidance; standard scale w + 1)."""
-    negative = torch.zeros_like(context)
-    return teacher_sample(lambda x, t: teacher(x, t, context), lambda x, t: teacher(x, t, negative), noise, num_steps,
-                          shift, guidance + 1)
-
-
 @torch.no_grad()
 def sample_student(student, meta, context: torch.Tensor, shape, steps, seed: int) -> torch.Tensor:
     """The student's few-step samples (returned on the CPU) of `context` (on the run's device) from CPU-drawn noise, so
@@ -124,15 +115,16 @@ def sample_student(student, meta, context: torch.Tensor, shape, steps, seed: int
     noise = torch.randn(tuple(shape), generator=g).to(context.device)
     if context.device.type != "cpu":  # few_step_sample draws its fresh noise on the samples' device
         g = torch.Generator(context.device).manual_seed(seed)
-    return few_step_sample(lambda x, t: student(x, t, context, attn_meta=meta), noise, steps, g).cpu()
+    return student_row(student, meta, steps)(noise, context, g).cpu()
 
 
 @torch.no_grad()
 def sample_teacher(teacher, context: torch.Tensor, shape, num_steps: int, shift: float, guidance: float,
                    seed: int) -> torch.Tensor:
-    """`teacher_cfg_sample` (returned on the CPU) from the same CPU-drawn noise as `sample_student`'s."""
+    """data/synthetic.py `teacher_cfg_sample` (returned on the CPU; `guidance` in the DMD2 form w, standard scale
+    w + 1) from the same CPU-drawn noise as `sample_student`'s."""
     noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed)).to(context.device)
-    return teacher_cfg_sample(teacher, context, noise, num_steps, shift, guidance).cpu()
+    return teacher_cfg_sample(teacher, context, noise, num_steps, shift, guidance + 1).cpu()
 
 
 def student_row(student, meta, steps):

@@ -42,8 +42,8 @@ from attention.sdpa import sdpa_attention
 from attention.vsa import vsa_attention, vsa_meta
 from components.health import HealthConfig, HealthGuard
 from components.metrics import MetricsLogger
-from data.synthetic import ToySpec, evaluate_samples, make_split
-from losses.flow import few_step_sample, teacher_sample
+from data.synthetic import ToySpec, evaluate_samples, make_split, teacher_cfg_sample
+from data.toy_eval import CHUNK, student_row
 from models.wan_weights import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +51,6 @@ RECIPE = ROOT / "recipes" / "toy_sparse_distill.py"
 FRECHET_GATE, ACCURACY_GATE = 1.1, 0.9  # student-3 Fréchet <= 1.1 x teacher-50; conditioning accuracy >= 90 %
 # The smoke form: the CI test's tiny data and short runs; the gates are printed but not required.
 SMOKE = ["data.num_train=64", "data.num_heldout=96", "data.source=clips", "optim.batch_size=4", "health.teacher_steps=8"]
-CHUNK = 48  # clips per network call, as scripts/eval_toy.py
 
 
 def collapse_overrides(name: str, healthy_cfg: dict) -> list[str]:
@@ -158,17 +157,14 @@ def evaluate_exports(cfg: dict, exports: dict[str, Path], num: int, seed: int = 
     teacher = load_pretrained(cfg["model"]["teacher"], attn_fn=sdpa_attention).eval()
 
     def teacher_50(x, ctx, g):
-        cond = lambda x, t: teacher(x, t, ctx)
-        uncond = lambda x, t: teacher(x, t, torch.zeros_like(ctx))
-        return teacher_sample(cond, uncond, x, 50, dmd["shift"], dmd["guidance"] + 1)  # DMD2 w -> CFG scale w + 1
+        return teacher_cfg_sample(teacher, ctx, x, 50, dmd["shift"], dmd["guidance"] + 1)  # DMD2 w -> CFG scale w + 1
 
     rows = {"teacher-50": teacher_50}
     for name, path in exports.items():
         vsa = attn["student"] == "vsa"
         student = load_pretrained(path, attn_fn=vsa_attention if vsa else sdpa_attention).eval()
         meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if vsa else None
-        rows[name] = lambda x, ctx, g, s=student, m=meta: few_step_sample(
-            lambda x, t: s(x, t, ctx, attn_meta=m), x, dmd["steps"], g)
+        rows[name] = student_row(student, meta, dmd["steps"])
     table = {}
     for name, fn in rows.items():
         t0 = time.perf_counter()

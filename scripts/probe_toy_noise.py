@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from data.synthetic import ToySpec, binomial_blur, make_split
-from data.toy_eval import (CHUNK, critic_export, load_critic, load_student, load_teacher, read_run, student_row,
-                           teacher_cfg_sample)
+from data.synthetic import ToySpec, binomial_blur, make_split, teacher_cfg_sample
+from data.toy_eval import CHUNK, critic_export, load_critic, load_student, load_teacher, read_run, student_row
 from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
 
 BANDS = ((0, 100), (100, 300), (300, 600), (600, 1001))  # score timesteps t
@@ -89,9 +88,10 @@ def probe(run: Path, num: int, draws: int, device: str) -> dict:
 
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1234)).to(device)
     g = torch.Generator(device).manual_seed(1235)
+    student_3 = student_row(student, meta, dmd["steps"])
     samples = {
-        "student-3": chunked(lambda x, c: student_row(student, meta, dmd["steps"])(x, c, g), noise, context),
-        "teacher-50": chunked(lambda x, c: teacher_cfg_sample(teacher, c, x, 50, dmd["shift"], w), noise, context),
+        "student-3": chunked(lambda x, c: student_3(x, c, g), noise, context),
+        "teacher-50": chunked(lambda x, c: teacher_cfg_sample(teacher, c, x, 50, dmd["shift"], w + 1), noise, context),
     }
     detail = {"data": rms(fine_detail(heldout.latents[:num])), **{k: rms(fine_detail(x)) for k, x in samples.items()}}
     push = {}
