@@ -4,11 +4,12 @@ Networks enter as callables `fn(x_t, t) -> velocity` with the conditioning alrea
 any model, attention backend or parallel layout. The caller chooses grad / no-grad around each call.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
-from losses.flow import ModelFn, add_noise, x0_from_velocity
+from losses.flow import EXPERTS, ModelFn, add_noise, x0_from_velocity
 
 
 def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_cond_x0: torch.Tensor, real_uncond_x0: torch.Tensor,
@@ -31,6 +32,34 @@ def dmd_loss(x0: torch.Tensor, fake_x0: torch.Tensor, real_cond_x0: torch.Tensor
     loss = 0.5 * torch.mean((x0_32 - (x0_32 - grad).detach()) ** 2)
     stats = {"dmd/denom": denom.mean(), "dmd/grad_abs_mean": grad.abs().mean()}
     return loss, stats
+
+
+@torch.no_grad()
+def expert_real_score(velocity: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                      boundary: float, guidance: dict[str, float], x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A two-expert teacher's CFG x0 (DMD2 form, real = cond + w·(cond − uncond), w per expert) of each row by the
+    expert of its score timestep: "high" for t >= boundary, "low" below. `velocity(expert, idx, x, t)` runs that
+    expert on rows `idx` as one batch of 2n (x and t are those rows twice: with the caption, then with the negative
+    prompt) and returns its velocity. Returns fp32, x_t's shape.
+
+    Every rank calls an expert that any rank needs (FSDP's all-gathers are collectives); a rank with no rows for it
+    runs it on row 0 and drops the result."""
+    rows = {"high": t >= boundary, "low": t < boundary}  # (B,) each
+    need = torch.stack([rows[e].any() for e in EXPERTS]).int()
+    if dist.is_initialized():
+        dist.all_reduce(need, op=dist.ReduceOp.MAX)
+    real = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
+    for expert, needed in zip(EXPERTS, need.tolist()):
+        if not needed:
+            continue
+        idx = rows[expert].nonzero()[:, 0]  # (n,)
+        keep = len(idx) > 0
+        idx = idx if keep else torch.zeros(1, dtype=torch.long, device=t.device)
+        x, tt = torch.cat([x_t[idx]] * 2), torch.cat([t[idx]] * 2)  # (2n, ...)
+        cond, uncond = x0_from_velocity(x, velocity(expert, idx, x, tt), tt).float().chunk(2)
+        if keep:
+            real[idx] = cond + guidance[expert] * (cond - uncond)
+    return real
 
 
 def critic_loss(critic_v: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:

@@ -99,3 +99,25 @@ def teacher_sample(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, noise: torc
             v = v_uncond + guidance * (v - v_uncond)
         x = scheduler.step(v, step, x).prev_sample
     return x
+
+
+EXPERTS = ("high", "low")  # Wan2.2-A14B: transformer/ for t >= boundary, transformer_2/ below
+
+
+def expert_of(t: float, boundary: float) -> str:
+    return "high" if t >= boundary else "low"
+
+
+def expert_teacher_sample(velocity: Callable[[str, torch.Tensor, torch.Tensor, bool], torch.Tensor],
+                          boundary: float, guidance: dict[str, float], noise: torch.Tensor, num_steps: int,
+                          shift: float) -> torch.Tensor:
+    """`teacher_sample` for a two-expert teacher: each step's expert and CFG scale by its t (one t per step), as
+    diffusers' Wan pipelines switch. `velocity(expert, x, t, negative)` is that expert's velocity with the caption
+    (negative False) or the negative prompt; `guidance` in the DMD2 form (standard CFG w + 1) per expert."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        expert = expert_of(float(t[0]), boundary)
+        cond, uncond = velocity(expert, x, t, False), velocity(expert, x, t, True)
+        return uncond + (guidance[expert] + 1) * (cond - uncond)
+
+    return teacher_sample(guided, guided, noise, num_steps, shift, 1.0)  # guidance 1: `guided` is already guided

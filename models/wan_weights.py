@@ -204,6 +204,56 @@ def export_random_init(cfg: WanConfig, out_dir: str | os.PathLike, seed: int) ->
     return out
 
 
+def export_random_experts(cfg: WanConfig, root: str | os.PathLike, boundary_ratio: float, seed: int,
+                          pipeline_class: str, experts: int = 2) -> Path:
+    """A pipeline root of `experts` seeded random transformers (transformer/ from `seed`, transformer_2/ from `seed`
+    + 1) and, with two, their boundary_ratio in model_index.json, as `expert_dirs` reads it: the two-expert recipes'
+    model.preset. Existing expert folders are kept (a resumed run reuses its initial weights)."""
+    root = Path(root)
+    for i, sub in enumerate(("transformer", "transformer_2")[:experts]):
+        export_random_init(cfg, root / sub, seed + i)
+    index = {"_class_name": pipeline_class, **({"boundary_ratio": boundary_ratio} if experts == 2 else {})}
+    (root / "model_index.json").write_text(json.dumps(index))
+    return root
+
+
+def expert_dirs(root: str | os.PathLike, experts: int = 2) -> tuple[dict[str, Path], float]:
+    """({"high": transformer/, "low": transformer_2/}, boundary t) of a two-expert pipeline root
+    (`resolve_expert_dirs`); one expert (Wan2.1-I2V-14B): its one folder for both, boundary 0 (every t is "high")."""
+    if experts == 1:
+        folder = resolve_transformer_dir(root)
+        return {"high": folder, "low": folder}, 0.0
+    high, low, boundary = resolve_expert_dirs(root)
+    return {"high": high, "low": low}, boundary
+
+
+def expert_config(base: str | os.PathLike, boundary_ratio: float, experts: int = 2) -> WanConfig:
+    """The architecture of an expert recipe's model.base, checked from its config files alone (before any weights
+    load): two experts (Wan2.2-A14B) share one architecture and model_index.json's boundary_ratio equals the recipe's
+    `boundary_ratio`; one expert (Wan2.1-I2V-14B) is not a two-expert folder. ValueError names what to fix."""
+    base = Path(base)
+    if experts == 1:
+        if (base / "transformer_2").exists():
+            raise ValueError(f"{base} has transformer_2/ (a two-expert Wan2.2-A14B folder) but model.experts=1; set "
+                             "model.experts=2 and model.boundary_ratio")
+        try:
+            return WanConfig.from_diffusers(read_config(resolve_transformer_dir(base)))
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+    try:
+        high, low, boundary = resolve_expert_dirs(base)
+    except FileNotFoundError as e:
+        raise ValueError(f"a one-expert folder given to a two-expert recipe: {e}") from None
+    if boundary != boundary_ratio * 1000:
+        raise ValueError(f"model.boundary_ratio={boundary_ratio} but {base}/model_index.json sets boundary_ratio "
+                         f"{boundary / 1000:g}; set model.boundary_ratio={boundary / 1000:g}")
+    wan, wan_2 = (WanConfig.from_diffusers(read_config(d)) for d in (high, low))
+    if wan != wan_2:
+        raise ValueError(f"transformer/ and transformer_2/ differ ({wan} vs {wan_2}); the two experts of a "
+                         "Wan2.2-A14B folder share one architecture")
+    return wan
+
+
 def export_state_dict(
     state_dict: dict[str, torch.Tensor],
     cfg: WanConfig,

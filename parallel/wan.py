@@ -215,6 +215,31 @@ def build_lora(
     }
 
 
+def build_expert_roles(wan: WanConfig, experts: dict[str, Path], init: dict[str, str], attn: dict[str, str],
+                       dims: ParallelDims, device: torch.device, parallel: ParallelConfig, lora: LoraConfig
+                       ) -> tuple[nn.Module, dict[str, nn.Module], nn.Module]:
+    """(student, {"high": teacher, "low": teacher}, critic) of an expert family (`experts` from
+    models/wan_weights.py expert_dirs; one expert: both keys name one folder and share one teacher). Student and
+    critic start from the experts init["student"] / init["critic"] with attention attn["student"] / attn["critic"];
+    the teachers are frozen dense ones. LoRA: init["student"]'s expert is the one frozen base of student, critic and
+    that expert's teacher (adapters off); the other expert is a second frozen base."""
+    first = init["student"]
+    if lora.rank:  # each view's parameters (optimizer, EMA, checkpoint) are its adapter only
+        roles = {"student": ("student", attn["student"]), "teacher": (None, "sdpa"),
+                 "critic": ("critic", attn["critic"])}
+        student, base, critic = build_lora(wan, roles, experts[first], dims, device, parallel, lora).values()
+        teachers = {first: base}
+    else:
+        student = build_wan(wan, attn["student"], experts[first], dims, device, parallel, frozen=False)
+        teachers = {}
+    for name, folder in experts.items():  # "high", then "low"
+        built = [teachers[k] for k in teachers if experts[k] == folder]
+        teachers[name] = built[0] if built else build_wan(wan, "sdpa", folder, dims, device, parallel, frozen=True)
+    if not lora.rank:
+        critic = build_wan(wan, attn["critic"], experts[init["critic"]], dims, device, parallel, frozen=False)
+    return student, {name: teachers[name] for name in experts}, critic
+
+
 def export_pipelines(student: nn.Module, run_dir: Path, base: Path, ema: dict, lora_base: Path | None,
                      main_process: bool) -> None:
     """The end of a Wan run (a collective): <run>/export, the student as a diffusers pipeline (its transformer — LoRA:

@@ -22,7 +22,6 @@ i2v_A14B (boundary_ratio 0.9, guidance 3.5 / 3.5 in standard CFG, 81×480×832).
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
-import json
 import math
 import os
 import sys
@@ -32,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from attention.vsa import vsa_meta
 from components.config import (
@@ -53,15 +51,15 @@ from components.schedule import build_lr_scheduler, sparsity_at
 from data.dataset import LatentDataset, check_first_row, load_negative_context
 from data.encode import compute_latent_shape, latent_stats_from_config, load_vae, normalize_latents
 from data.loader import collate, make_loader
-from losses.dmd import critic_loss, dmd_loss, student_rollout_data
-from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from losses.dmd import critic_loss, dmd_loss, expert_real_score, student_rollout_data
+from losses.flow import add_noise, expert_teacher_sample, few_step_sample, sample_score_timesteps, x0_from_velocity
 from inference.pipeline import i2v_mask
 from models.lora import check_lora
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
-from models.wan_weights import export_random_init, read_config, resolve_expert_dirs, resolve_transformer_dir
+from models.wan_weights import expert_config, expert_dirs, export_random_experts
 from parallel.checkpoint import Checkpointer, ModelState
 from parallel.mesh import build_mesh, check_parallel_sizes, init_distributed
-from parallel.wan import build_lora, build_wan, export_pipelines
+from parallel.wan import build_expert_roles, export_pipelines
 
 
 # ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
@@ -131,7 +129,6 @@ class RecipeConfig:
     lora: LoraConfig
 
 
-EXPERTS = ("high", "low")  # transformer/ (t >= boundary), transformer_2/ (t < boundary)
 I2V_MASK = 4  # first-frame mask channels of the I2V input
 
 
@@ -154,30 +151,8 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
                           "expert's) and model.student_init = model.critic_init = \"high\" (its transformer/)")
     if m.preset is not None and m.preset not in WAN_CONFIGS:
         raise ConfigError(f"model.preset={m.preset!r}; choose one of {sorted(WAN_CONFIGS)}")
-    if m.preset:
-        wan = WAN_CONFIGS[m.preset]
-    elif m.experts == 1:
-        if (m.base / "transformer_2").exists():
-            raise ConfigError(f"model.base: {m.base} has transformer_2/ (a two-expert Wan2.2-A14B folder) but "
-                              "model.experts=1; set model.experts=2 and model.boundary_ratio")
-        with as_config_error("model.base"):
-            try:
-                wan = WanConfig.from_diffusers(read_config(resolve_transformer_dir(m.base)))
-            except FileNotFoundError as e:
-                raise ConfigError(f"model.base: {e}") from None
-    else:
-        try:
-            high, low, boundary = resolve_expert_dirs(m.base)
-        except FileNotFoundError as e:
-            raise ConfigError(f"model.base: a one-expert folder given to a two-expert recipe (model.experts=1 is "
-                              f"for Wan2.1-I2V-14B only): {e}") from None
-        if boundary != m.boundary_ratio * 1000:
-            raise ConfigError(f"model.boundary_ratio={m.boundary_ratio} but {m.base}/model_index.json sets "
-                              f"boundary_ratio {boundary / 1000:g}; set model.boundary_ratio={boundary / 1000:g}")
-        wan, wan_2 = (WanConfig.from_diffusers(read_config(d)) for d in (high, low))
-        if wan != wan_2:
-            raise ConfigError(f"model.base: transformer/ and transformer_2/ differ ({wan} vs {wan_2}); the two "
-                              "experts of a Wan2.2-A14B folder share one architecture")
+    with as_config_error("model.base"):  # the experts' configs and the boundary, from the files alone
+        wan = WAN_CONFIGS[m.preset] if m.preset else expert_config(m.base, m.boundary_ratio, m.experts)
     if wan.in_channels != 2 * wan.out_channels + I2V_MASK:
         raise ConfigError(f"model: in_channels={wan.in_channels} is not 2 · out_channels + {I2V_MASK} = "
                           f"{2 * wan.out_channels + I2V_MASK}: not an I2V model (a T2V one: "
@@ -194,25 +169,6 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
     with as_config_error("video"):
         v = cfg.video
         return wan, compute_latent_shape(wan.out_channels, v.num_frames, v.height, v.width, v.vae_stride)
-
-
-def write_random_experts(wan: WanConfig, root: Path, boundary_ratio: float, seed: int, experts: int) -> Path:
-    """model.preset: a pipeline root of seeded random experts (different seeds; one expert: transformer/ alone) and
-    the boundary. Existing expert folders are kept (a resumed run reuses its initial weights)."""
-    for i, sub in enumerate(("transformer", "transformer_2")[:experts]):
-        export_random_init(wan, root / sub, seed + i)
-    index = {"_class_name": "WanImageToVideoPipeline", **({"boundary_ratio": boundary_ratio} if experts == 2 else {})}
-    (root / "model_index.json").write_text(json.dumps(index))
-    return root
-
-
-def expert_dirs(root: Path, experts: int) -> tuple[dict[str, Path], float]:
-    """({"high": transformer/, "low": transformer_2/}, boundary t); one expert: both its folder, boundary 0."""
-    if experts == 1:
-        folder = resolve_transformer_dir(root)
-        return {"high": folder, "low": folder}, 0.0
-    high, low, boundary = resolve_expert_dirs(root)
-    return {"high": high, "low": low}, boundary
 
 
 # ---- data ----
@@ -268,32 +224,19 @@ def real_score(
     negative: torch.Tensor,
 ) -> torch.Tensor:
     """The teacher's CFG x0 (DMD2 form, per expert scale) of each row by the expert of its score timestep: "high" for
-    t >= boundary, "low" below. Each expert runs only on its rows, conditional and negative prompt as one batch of 2n
-    (both with the row's image conditioning). Returns fp32 (B, C, T, H, W)."""
-    rows = {"high": t >= boundary, "low": t < boundary}  # (B,) each
-    # Every rank calls an expert that any rank needs (FSDP's all-gathers are collectives); a rank with no rows for it
-    # runs it on one row and drops the result.
-    need = torch.stack([rows[e].any() for e in EXPERTS]).int()
-    if dist.is_initialized():
-        dist.all_reduce(need, op=dist.ReduceOp.MAX)
-    real = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
-    for expert, needed in zip(EXPERTS, need.tolist()):
-        if not needed:
-            continue
-        idx = rows[expert].nonzero()[:, 0]  # (n,)
-        keep = len(idx) > 0
-        idx = idx if keep else torch.zeros(1, dtype=torch.long, device=t.device)
+    t >= boundary, "low" below (losses/dmd.py expert_real_score), both prompts with the row's image conditioning.
+    Returns fp32 (B, C, T, H, W)."""
+
+    def velocity(expert: str, idx: torch.Tensor, x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         ctx = batch["context"][idx]
         two = {  # (2n, ...): the conditional rows, then the same rows with the negative prompt
             "context": torch.cat([ctx, negative.expand_as(ctx)]),
             "condition": torch.cat([batch["condition"][idx]] * 2),
             "image_context": None if batch["image_context"] is None else torch.cat([batch["image_context"][idx]] * 2),
         }
-        x, tt = torch.cat([x_t[idx]] * 2), torch.cat([t[idx]] * 2)
-        cond, uncond = x0_from_velocity(x, forward(teachers[expert], x, tt, two), tt).float().chunk(2)
-        if keep:
-            real[idx] = cond + guidance[expert] * (cond - uncond)
-    return real
+        return forward(teachers[expert], x, tt, two)
+
+    return expert_real_score(velocity, boundary, guidance, x_t, t)
 
 
 def student_step(
@@ -373,15 +316,9 @@ def teacher_reference(
     gen = torch.Generator(val["context"].device).manual_seed(cfg.run.seed)
     noise = torch.randn((len(val["context"]), *shape), generator=gen, device=val["context"].device)
     unconditional = {**val, "context": negative.expand_as(val["context"])}
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # t: one value for the whole batch
-        expert = "high" if float(t[0]) >= boundary else "low"
-        w = cfg.dmd.guidance if expert == "high" else cfg.dmd.guidance_2
-        cond, uncond = forward(teachers[expert], x, t, val), forward(teachers[expert], x, t, unconditional)
-        return uncond + (w + 1) * (cond - uncond)
-
-    # guidance 1: teacher_sample takes `guided` as the (already guided) velocity
-    return teacher_sample(guided, guided, noise, cfg.health.teacher_steps, cfg.health.teacher_shift, 1.0)
+    velocity = lambda e, x, t, neg: forward(teachers[e], x, t, unconditional if neg else val)  # noqa: E731
+    guidance, h = {"high": cfg.dmd.guidance, "low": cfg.dmd.guidance_2}, cfg.health
+    return expert_teacher_sample(velocity, boundary, guidance, noise, h.teacher_steps, h.teacher_shift)
 
 
 def main(cfg: RecipeConfig) -> Path:
@@ -404,23 +341,13 @@ def main(cfg: RecipeConfig) -> Path:
     m = cfg.model
     weights = run_dir / "random_init" if m.preset else m.base  # preset: seeded random experts
     if m.preset and rank == 0:
-        write_random_experts(wan, weights, m.boundary_ratio, cfg.run.seed, m.experts)
+        export_random_experts(wan, weights, m.boundary_ratio, cfg.run.seed, "WanImageToVideoPipeline", m.experts)
     torch.distributed.barrier()  # the weights exist before any rank reads them
     experts, boundary = expert_dirs(weights, m.experts)
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
-    if cfg.lora.rank:  # one base; each view's parameters (optimizer, EMA, checkpoint) are its adapter only
-        attns = {"student": ("student", cfg.attn.student), "teacher": (None, "sdpa"), "critic": ("critic", critic_attn)}
-        student, base_teacher, critic = build_lora(wan, attns, experts[m.student_init], dims, device, cfg.parallel, cfg.lora).values()
-        other = "low" if m.student_init == "high" else "high"  # the second frozen base: no adapters
-        teachers = {m.student_init: base_teacher, other: base_teacher}
-        if m.experts == 2:
-            teachers[other] = build_wan(wan, "sdpa", experts[other], dims, device, cfg.parallel, frozen=True)
-    else:
-        student = build_wan(wan, cfg.attn.student, experts[m.student_init], dims, device, cfg.parallel, frozen=False)
-        teachers = {e: build_wan(wan, "sdpa", experts[e], dims, device, cfg.parallel, frozen=True)
-                    for e in EXPERTS[: m.experts]}
-        teachers.setdefault("low", teachers["high"])  # one expert (boundary 0): only "high" is ever called
-        critic = build_wan(wan, critic_attn, experts[m.critic_init], dims, device, cfg.parallel, frozen=False)
+    student, teachers, critic = build_expert_roles(  # one expert: its teacher under both keys
+        wan, experts, {"student": m.student_init, "critic": m.critic_init},
+        {"student": cfg.attn.student, "critic": critic_attn}, dims, device, cfg.parallel, cfg.lora)
     grid = student.token_grid((1, wan.in_channels, *latent_shape[1:]))  # the I2V input's token grid
     critic_meta = vsa_meta(grid, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----

@@ -29,7 +29,6 @@ A base folder without transformer_2/ or boundary_ratio (a one-expert folder) is 
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
-import json
 import math
 import os
 import sys
@@ -39,7 +38,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from attention.vsa import vsa_meta
 from components.config import (
@@ -60,14 +58,14 @@ from components.schedule import build_lr_scheduler, sparsity_at
 from data.dataset import LatentDataset, check_first_row, load_contexts, load_negative_context
 from data.encode import compute_latent_shape, latent_stats_from_config, load_vae, normalize_latents
 from data.loader import make_loader
-from losses.dmd import critic_loss, dmd_loss, student_rollout_data
-from losses.flow import add_noise, few_step_sample, sample_score_timesteps, teacher_sample, x0_from_velocity
+from losses.dmd import critic_loss, dmd_loss, expert_real_score, student_rollout_data
+from losses.flow import add_noise, expert_teacher_sample, few_step_sample, sample_score_timesteps, x0_from_velocity
 from models.lora import check_lora
 from models.wan import WAN_CONFIGS, WanConfig, WanModel
-from models.wan_weights import export_random_init, read_config, resolve_expert_dirs
+from models.wan_weights import expert_config, expert_dirs, export_random_experts
 from parallel.checkpoint import Checkpointer, ModelState
 from parallel.mesh import build_mesh, check_parallel_sizes, init_distributed
-from parallel.wan import build_lora, build_wan, export_pipelines
+from parallel.wan import build_expert_roles, export_pipelines
 
 
 # ---- config: one dataclass per TOML table (attn, video, optim, parallel, lora: components/recipe_config.py); the
@@ -135,9 +133,6 @@ class RecipeConfig:
     lora: LoraConfig
 
 
-EXPERTS = ("high", "low")  # transformer/ (t >= boundary), transformer_2/ (t < boundary)
-
-
 def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[int, ...]]:
     """Everything checkable without building a model; returns (model config, latent shape (C, T, H, W))."""
     require_paths(
@@ -153,20 +148,8 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
         raise ConfigError(f"model.boundary_ratio={m.boundary_ratio} must be in (0, 1) (Wan2.2-T2V-A14B: 0.875)")
     if m.preset is not None and m.preset not in WAN_CONFIGS:
         raise ConfigError(f"model.preset={m.preset!r}; choose one of {sorted(WAN_CONFIGS)}")
-    if m.preset:
-        wan = WAN_CONFIGS[m.preset]
-    else:
-        try:
-            high, low, boundary = resolve_expert_dirs(m.base)
-        except FileNotFoundError as e:
-            raise ConfigError(f"model.base: a one-expert folder given to a two-expert recipe: {e}") from None
-        if boundary != m.boundary_ratio * 1000:
-            raise ConfigError(f"model.boundary_ratio={m.boundary_ratio} but {m.base}/model_index.json sets "
-                              f"boundary_ratio {boundary / 1000:g}; set model.boundary_ratio={boundary / 1000:g}")
-        wan, wan_2 = (WanConfig.from_diffusers(read_config(d)) for d in (high, low))
-        if wan != wan_2:
-            raise ConfigError(f"model.base: transformer/ and transformer_2/ differ ({wan} vs {wan_2}); the two "
-                              "experts of a Wan2.2-A14B folder share one architecture")
+    with as_config_error("model.base"):  # both experts' configs and the boundary, from the files alone
+        wan = WAN_CONFIGS[m.preset] if m.preset else expert_config(m.base, m.boundary_ratio)
     if cfg.lora.rank and m.critic_init != m.student_init:
         raise ConfigError(f"model.critic_init={m.critic_init!r} != model.student_init={m.student_init!r}: with LoRA "
                           "student and critic are adapters on one frozen base expert; set them equal")
@@ -179,15 +162,6 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
     with as_config_error("video"):
         v = cfg.video
         return wan, compute_latent_shape(wan.in_channels, v.num_frames, v.height, v.width, v.vae_stride)
-
-
-def write_random_experts(wan: WanConfig, root: Path, boundary_ratio: float, seed: int) -> Path:
-    """model.preset: a pipeline root of two seeded random experts (different seeds) and the boundary, as
-    resolve_expert_dirs reads it. Existing expert folders are kept (a resumed run reuses its initial weights)."""
-    for i, sub in enumerate(("transformer", "transformer_2")):
-        export_random_init(wan, root / sub, seed + i)
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline", "boundary_ratio": boundary_ratio}))
-    return root
 
 
 # ---- data ----
@@ -223,27 +197,13 @@ def real_score(
     negative: torch.Tensor,
 ) -> torch.Tensor:
     """The teacher's CFG x0 (DMD2 form, per expert scale) of each row by the expert of its score timestep: "high" for
-    t >= boundary, "low" below. Each expert runs only on its rows, conditional and negative prompt as one batch of 2n.
-    Returns fp32 (B, C, T, H, W)."""
-    rows = {"high": t >= boundary, "low": t < boundary}  # (B,) each
-    # Every rank calls an expert that any rank needs (FSDP's all-gathers are collectives); a rank with no rows for it
-    # runs it on one row and drops the result.
-    need = torch.stack([rows[e].any() for e in EXPERTS]).int()
-    if dist.is_initialized():
-        dist.all_reduce(need, op=dist.ReduceOp.MAX)
-    real = torch.zeros(x_t.shape, dtype=torch.float32, device=x_t.device)
-    for expert, needed in zip(EXPERTS, need.tolist()):
-        if not needed:
-            continue
-        idx = rows[expert].nonzero()[:, 0]  # (n,)
-        keep = len(idx) > 0
-        idx = idx if keep else torch.zeros(1, dtype=torch.long, device=t.device)
-        x, tt, ctx = torch.cat([x_t[idx]] * 2), torch.cat([t[idx]] * 2), context[idx]  # (2n, ...)
-        v = teachers[expert](x, tt, torch.cat([ctx, negative.expand_as(ctx)]))
-        cond, uncond = x0_from_velocity(x, v, tt).float().chunk(2)
-        if keep:
-            real[idx] = cond + guidance[expert] * (cond - uncond)
-    return real
+    t >= boundary, "low" below (losses/dmd.py expert_real_score). Returns fp32 (B, C, T, H, W)."""
+
+    def velocity(expert: str, idx: torch.Tensor, x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        ctx = context[idx]
+        return teachers[expert](x, tt, torch.cat([ctx, negative.expand_as(ctx)]))
+
+    return expert_real_score(velocity, boundary, guidance, x_t, t)
 
 
 def student_step(
@@ -322,15 +282,10 @@ def teacher_reference(
     expert and its scale by the step's t, as diffusers' WanPipeline switches), validate's noise."""
     gen = torch.Generator(contexts.device).manual_seed(cfg.run.seed)
     noise = torch.randn((len(contexts), *shape), generator=gen, device=contexts.device)
-
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # t: one value for the whole batch
-        expert = "high" if float(t[0]) >= boundary else "low"
-        w = cfg.dmd.guidance if expert == "high" else cfg.dmd.guidance_2
-        cond, uncond = teachers[expert](x, t, contexts), teachers[expert](x, t, negative.expand_as(contexts))
-        return uncond + (w + 1) * (cond - uncond)
-
-    # guidance 1: teacher_sample takes `guided` as the (already guided) velocity
-    return teacher_sample(guided, guided, noise, cfg.health.teacher_steps, cfg.health.teacher_shift, 1.0)
+    negatives = negative.expand_as(contexts)
+    velocity = lambda e, x, t, neg: teachers[e](x, t, negatives if neg else contexts)  # noqa: E731
+    guidance, h = {"high": cfg.dmd.guidance, "low": cfg.dmd.guidance_2}, cfg.health
+    return expert_teacher_sample(velocity, boundary, guidance, noise, h.teacher_steps, h.teacher_shift)
 
 
 def main(cfg: RecipeConfig) -> Path:
@@ -351,22 +306,14 @@ def main(cfg: RecipeConfig) -> Path:
     # ---- models: student (VSA + gate) and critic (dense [+ gate]) from one expert each, two frozen dense teachers ----
     weights = run_dir / "random_init" if cfg.model.preset else cfg.model.base  # preset: two seeded random experts
     if cfg.model.preset and rank == 0:
-        write_random_experts(wan, weights, cfg.model.boundary_ratio, cfg.run.seed)
+        export_random_experts(wan, weights, cfg.model.boundary_ratio, cfg.run.seed, "WanPipeline")
     torch.distributed.barrier()  # the weights exist before any rank reads them
-    high, low, boundary = resolve_expert_dirs(weights)
-    experts = {"high": high, "low": low}
+    experts, boundary = expert_dirs(weights)
     m = cfg.model
     critic_attn = "dense_gated" if cfg.attn.critic == "dense_gated" else "sdpa"
-    if cfg.lora.rank:  # one base; each view's parameters (optimizer, EMA, checkpoint) are its adapter only
-        attns = {"student": ("student", cfg.attn.student), "teacher": (None, "sdpa"), "critic": ("critic", critic_attn)}
-        student, base_teacher, critic = build_lora(wan, attns, experts[m.student_init], dims, device, cfg.parallel, cfg.lora).values()
-        other = "low" if m.student_init == "high" else "high"  # the second frozen base: no adapters
-        teachers = {m.student_init: base_teacher, other: build_wan(wan, "sdpa", experts[other], dims, device,
-                                                                   cfg.parallel, frozen=True)}
-    else:
-        student = build_wan(wan, cfg.attn.student, experts[m.student_init], dims, device, cfg.parallel, frozen=False)
-        teachers = {e: build_wan(wan, "sdpa", experts[e], dims, device, cfg.parallel, frozen=True) for e in EXPERTS}
-        critic = build_wan(wan, critic_attn, experts[m.critic_init], dims, device, cfg.parallel, frozen=False)
+    student, teachers, critic = build_expert_roles(
+        wan, experts, {"student": m.student_init, "critic": m.critic_init},
+        {"student": cfg.attn.student, "critic": critic_attn}, dims, device, cfg.parallel, cfg.lora)
     grid = student.token_grid((1, *latent_shape))
     critic_meta = vsa_meta(grid, 0.0, device) if critic_attn == "dense_gated" else None  # its tiles, for the gate
     # ---- optimizers: AdamW each; both LR schedules step every step (critic steps), as the reference does ----

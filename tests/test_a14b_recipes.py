@@ -190,7 +190,7 @@ def one_expert_folder(root: Path) -> Path:
 ])
 def test_errors_before_any_model(case, message, tiny_data, two_experts, tmp_path, monkeypatch):
     module = load_recipe()
-    for builder in ("build_wan", "build_lora", "write_random_experts"):
+    for builder in ("build_expert_roles", "export_random_experts"):
         monkeypatch.setattr(module, builder, lambda *a, **k: pytest.fail("a model was built"))
     base, extra = two_experts, []
     if case == "one_expert":
@@ -346,7 +346,7 @@ def test_i2v_train_resume_export(variant, i2v_data, tmp_path, monkeypatch):
 ])
 def test_i2v_errors_before_any_model(case, message, i2v_data, two_experts, tmp_path, monkeypatch):
     module = load_path(ROOT / "recipes" / f"{I2V}.py")
-    for builder in ("build_wan", "build_lora", "write_random_experts"):
+    for builder in ("build_expert_roles", "export_random_experts"):
         monkeypatch.setattr(module, builder, lambda *a, **k: pytest.fail("a model was built"))
     overlay, extra = [], []
     if case == "one_expert":

@@ -4,8 +4,8 @@ point-mass data distribution whose exact velocity field is known in closed form.
 import pytest
 import torch
 
-from losses.flow import (add_noise, few_step_sample, flow_matching_loss, sample_score_timesteps, shift_timestep,
-                         sigma_of, teacher_sample, x0_from_velocity)
+from losses.flow import (add_noise, expert_teacher_sample, few_step_sample, flow_matching_loss, sample_score_timesteps,
+                         shift_timestep, sigma_of, teacher_sample, x0_from_velocity)
 
 
 def test_add_noise_then_x0_from_true_velocity_round_trips():
@@ -68,6 +68,26 @@ def test_teacher_sample_reaches_point_mass_and_applies_standard_cfg(num_steps, s
     # standard CFG of two point-mass flows is the point-mass flow at uncond + w (cond − uncond)
     out = teacher_sample(cond, uncond, noise, num_steps, shift, guidance=3.0)
     torch.testing.assert_close(out, (c_uncond + 3.0 * (c_cond - c_uncond)).expand_as(out), atol=1e-4, rtol=0)
+
+
+def test_expert_teacher_sample_switches_by_each_steps_t():
+    # Two experts, each a pair of point-mass flows (caption / negative prompt) with its own DMD2-form scale w: every
+    # step calls the expert of its t (both prompts), and the chain ends at the last expert's standard-CFG point
+    # uncond + (w + 1)(cond − uncond) (exact: Euler on a point-mass flow stays on its straight path).
+    g = torch.Generator().manual_seed(4)
+    points = {(e, neg): torch.randn(1, 4, 2, 4, 4, generator=g) for e in ("high", "low") for neg in (False, True)}
+    noise, boundary, w, calls = torch.randn(2, 4, 2, 4, 4, generator=g), 875.0, {"high": 2.0, "low": 1.0}, []
+
+    def velocity(expert, x, t, negative):
+        calls.append((expert, float(t[0]), negative))
+        return point_mass_velocity(points[expert, negative])(x, t)
+
+    out = expert_teacher_sample(velocity, boundary, w, noise, 20, 5.0)
+    assert {e for e, _, _ in calls} == {"high", "low"} and len(calls) == 40
+    assert all(e == ("high" if t >= boundary else "low") for e, t, _ in calls)
+    assert [neg for _, _, neg in calls] == [False, True] * 20
+    low = points["low", True] + 2.0 * (points["low", False] - points["low", True])
+    torch.testing.assert_close(out, low.expand_as(out), atol=1e-4, rtol=0)
 
 
 def test_few_step_sample_renoises_between_steps():
