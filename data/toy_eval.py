@@ -68,15 +68,16 @@ def sample_rows(cfg: dict, students: dict[str, tuple[Path, str]], num: int, seed
     return table
 
 
-def load_teacher(model: dict):
-    """The run's frozen teacher: one network, or with model.teacher_2 two experts switching at model.boundary (the
-    high-noise model.teacher for t >= boundary · 1000, as the recipe's real score and teacher data)."""
-    teacher = load_pretrained(model["teacher"], attn_fn=sdpa_attention).eval()
+def load_teacher(model: dict, device: str = "cpu"):
+    """A toy run's frozen dense teacher from its [model] table: one network, or with model.teacher_2 two experts
+    switching at model.boundary (the high-noise model.teacher for t >= boundary · 1000; inference/samplers.py
+    TwoExperts). recipes/toy_sparse_distill.py builds its teacher here, so the table scores the teacher it distilled."""
+    def dense(path) -> torch.nn.Module:
+        return load_pretrained(path, attn_fn=sdpa_attention, vsa_gate=False).requires_grad_(False).eval().to(device)
+
     if model.get("teacher_2") is None:
-        return teacher
-    # the recipe's own dispatch (inference/samplers.py), so that the table scores the teacher it distilled
-    low = load_pretrained(model["teacher_2"], attn_fn=sdpa_attention).eval()
-    return TwoExperts(teacher, low, model["boundary"] * 1000).eval()
+        return dense(model["teacher"])
+    return TwoExperts(dense(model["teacher"]), dense(model["teacher_2"]), model["boundary"] * 1000).eval()
 
 
 def load_student(run_dir: Path, shape, export: str = "student", device: str = "cpu"):

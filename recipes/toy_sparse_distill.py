@@ -35,10 +35,9 @@ update ratio 5, grad clip 1) follows FastVideo's recipes. Copy this file and its
 """
 
 import shutil
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -50,14 +49,15 @@ from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_
 from components.config import as_config_error, dump_toml, exit_on_config_error, load_config, require_paths
 from components.health import HealthConfig, HealthGuard, reference_key
 from components.optim import init_ema, load_ema, update_ema
-from components.schedule import build_lr_scheduler
 from components.metrics import MetricsLogger, write_video
-from data.synthetic import AMPLITUDE, ToySpec, clips_to_rgb, evaluate_samples, make_split, teacher_clips
-from data.toy_eval import sample_student, sample_teacher
+from components.recipe_config import LoraConfig
+from components.run_dir import write_run_files
+from components.schedule import build_lr_scheduler
+from data.synthetic import ToySpec, clip_grid, evaluate_samples, make_split, teacher_clips, toy_pixels
+from data.toy_eval import load_teacher, sample_student, sample_teacher
 from losses.dmd import critic_loss, dmd_loss, student_rollout_data, student_rollout_simulate
 from losses.flow import add_noise, sample_score_timesteps, x0_from_velocity
 from inference.lora import export_lora
-from inference.samplers import TwoExperts
 from models.lora import AdapterView, apply_lora, check_lora, export_weights, freeze_base
 from models.wan import WanModel
 from models.wan_weights import export_state_dict, load_pretrained
@@ -130,14 +130,6 @@ class OptimConfig:
 
 
 @dataclass
-class LoraConfig:
-    rank: int  # 0 = full fine-tune (three networks); > 0: one frozen base, student and critic adapters (models/lora.py)
-    alpha: float  # adapter scale alpha / rank
-    targets: list[str]  # linears with adapters: "self_attn", "cross_attn", "ffn"
-    gate: Literal["lora", "full"]  # the VSA gate per adapter: low-rank (rank above) or a full (dim, dim) delta
-
-
-@dataclass
 class RunConfig:
     name: str  # outputs/toy_sparse_distill/<name>/
     seed: int
@@ -203,15 +195,6 @@ def check_experts(model: ModelConfig) -> None:
         raise ValueError(f"model.boundary {model.boundary} is a ratio of the 1000 timesteps: set it in (0, 1)")
     if model.teacher_2 is None and "low" in (model.init, model.real_score):
         raise ValueError("model.init / model.real_score = \"low\" need a low-noise expert: set model.teacher_2")
-
-
-def build_teacher(model: ModelConfig, device: str = "cpu") -> WanModel | TwoExperts:
-    """The frozen dense teacher: one network, or the two experts switching at model.boundary."""
-    high = build_wan(model.teacher, "sdpa", device).requires_grad_(False).eval()
-    if model.teacher_2 is None:
-        return high
-    low = build_wan(model.teacher_2, "sdpa", device).requires_grad_(False).eval()
-    return TwoExperts(high, low, model.boundary * 1000).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------- method
@@ -310,8 +293,7 @@ def validate(student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, 
         teacher_50 = sample_teacher(teacher, ctx[:k], shape_k, 50, cfg.dmd.shift, cfg.dmd.guidance, seed)
         teacher_3 = sample_teacher(teacher, ctx[:k], shape_k, 3, cfg.dmd.shift, cfg.dmd.guidance, seed)
         rows = [heldout.latents[:k], teacher_50, teacher_3, student_x0[:k]]
-        frames = [torch.cat(list(clips_to_rgb(r)), dim=2) for r in rows]  # each (T, H', k·W', 3)
-        write_video(run_dir / "samples" / f"step-{step:06d}" / "grid.mp4", torch.cat(frames, dim=1), fps=2)
+        write_video(run_dir / "samples" / f"step-{step:06d}" / "grid.mp4", clip_grid(rows), fps=2)
     return out, student_x0
 
 
@@ -325,7 +307,7 @@ def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: Re
     settings = [*teacher_settings, str(cfg.model.student), cfg.dmd.steps, cfg.attn.student, cfg.attn.sparsity]
 
     def save(x0: torch.Tensor, tag: str) -> torch.Tensor:
-        frames = torch.cat(list(clips_to_rgb(x0[:8])), dim=2)  # (T, H', 8·W', 3)
+        frames = clip_grid([x0[:8]])  # (T, H', 8·W', 3)
         write_video(run_dir / "samples" / tag / "grid.mp4", frames, fps=2)
         metrics.video(f"{tag}/grid", 0, frames, fps=2)
         return toy_pixels(x0)
@@ -333,11 +315,6 @@ def prepare_health(health: HealthGuard, student, teacher, meta, heldout, cfg: Re
     teacher_x0 = lambda: sample_teacher(teacher, ctx, shape, h.teacher_steps, h.teacher_shift, cfg.dmd.guidance, seed)  # noqa: E731
     make = lambda: (teacher_x0(), sample_student(student, meta, ctx, shape, cfg.dmd.steps, seed))  # noqa: E731
     health.prepare(reference_key(cfg.model.teacher, [ctx], {"settings": settings}), make, save)
-
-
-def toy_pixels(latents: torch.Tensor) -> torch.Tensor:
-    """The toy's pixels (N, 3, T, H, W) in [-1, 1]: the colour channels as clips_to_rgb shows them, unclamped."""
-    return latents[:, :3] / AMPLITUDE * 2 - 1
 
 
 def evaluate(step: int, student, teacher, meta, heldout, cfg: RecipeConfig, run_dir: Path, health, metrics, rank):
@@ -383,10 +360,7 @@ def main(cfg: RecipeConfig) -> Path:
     health = HealthGuard(cfg.health, run_dir, metrics, main_process=rank == 0, resume=False)  # a relaunch starts over
     if rank == 0:
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)  # the previous launch's checkpoints and last_healthy
-        (run_dir / "config.toml").write_text(dump_toml(cfg))
-        shutil.copy(__file__, run_dir / Path(__file__).name)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        (run_dir / "env.txt").write_text(f"git {sha}\ntorch {torch.__version__}\nworld {world}\n{' '.join(sys.argv)}\n")
+        write_run_files(run_dir, dump_toml(cfg), Path(__file__))
 
     spec = ToySpec(frames=cfg.data.frames, height=cfg.data.height, width=cfg.data.width)
     train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)
@@ -396,7 +370,7 @@ def main(cfg: RecipeConfig) -> Path:
     else:
         init = cfg.model.teacher_2 if cfg.model.init == "low" else cfg.model.teacher
         student = build_wan(cfg.model.student or init, cfg.attn.student, device)
-        teacher = build_teacher(cfg.model, device)
+        teacher = load_teacher(asdict(cfg.model), device)  # one network, or two experts switching at boundary
         critic = build_wan(init, critic_attn, device)
     # the network behind the DMD real score: the teacher, or one expert for the "ignore the switch" control
     score_teacher = teacher if cfg.model.real_score == "switch" or cfg.model.teacher_2 is None else getattr(

@@ -21,8 +21,6 @@ experiment.
 """
 
 import copy
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,7 +39,8 @@ from components.config import (
     require_paths,
 )
 from components.metrics import MetricsLogger, write_video
-from data.synthetic import ToySpec, clips_to_rgb, evaluate_samples, make_split
+from components.run_dir import write_run_files
+from data.synthetic import ToySpec, clip_grid, evaluate_samples, make_split
 from losses.flow import add_noise, flow_matching_loss, shift_timestep, teacher_sample
 from models.wan import WAN_CONFIGS, WanModel, config_with
 from models.wan_weights import export_pretrained, load_pretrained
@@ -217,8 +216,7 @@ def validate(model: WanModel, heldout, cfg: RecipeConfig, run_dir: Path, metrics
     scores = evaluate_samples(samples, heldout.factors[:n], heldout)
     metrics.log(step, {f"val/{key}": value for key, value in scores.items()})  # frechet, cond_acc, motion
     k = min(8, n)
-    rows = [clips_to_rgb(heldout.latents[:k]), clips_to_rgb(samples[:k])]  # each (k, T, H', W', 3)
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # (T, 2·H', k·W', 3)
+    grid = clip_grid([heldout.latents[:k], samples[:k]])  # (T, 2·H', k·W', 3)
     write_video(run_dir / "samples" / f"step-{step:06d}" / "data_teacher.mp4", grid, fps=2)
 
 
@@ -233,10 +231,7 @@ def main(cfg: RecipeConfig) -> Path:
     run_dir = Path("outputs") / "toy_teacher" / cfg.run.name
     metrics = MetricsLogger(run_dir, enabled=rank == 0, stdout_every=cfg.run.log_every)
     if rank == 0:
-        (run_dir / "config.toml").write_text(dump_toml(cfg))
-        shutil.copy(__file__, run_dir / Path(__file__).name)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        (run_dir / "env.txt").write_text(f"git {sha}\ntorch {torch.__version__}\nworld {world}\n{' '.join(sys.argv)}\n")
+        write_run_files(run_dir, dump_toml(cfg), Path(__file__))
 
     spec = toy_spec(cfg.data)
     train, heldout = make_split(spec, cfg.data.num_train, cfg.data.num_heldout, cfg.data.seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from components.config import ConfigError, load_config
-from inference.samplers import expert
+from inference.samplers import TwoExperts, expert
 from losses.flow import shift_timestep, teacher_sample
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def inputs(n: int, seed: int = 0):
 @torch.no_grad()
 def test_each_sample_goes_to_the_expert_of_its_timestep(pair):
     high, low = pair
-    teacher = toy_sparse_distill.TwoExperts(high, low, BOUNDARY)
+    teacher = TwoExperts(high, low, BOUNDARY)
     x, ctx = inputs(5)
     t = torch.tensor([999.0, 875.0, 874.9, 20.0, 500.0])  # the boundary itself belongs to the high-noise expert
     out = teacher(x, t, ctx)
@@ -69,7 +69,7 @@ def test_fifty_step_cfg_sampler_switches_expert_at_the_boundary(pair):
     high, low = pair
     x, ctx = inputs(2, seed=1)
     shape, shift, w, seed = tuple(x.shape), 3.0, 0.5, 7
-    got = toy_sparse_distill.sample_teacher(toy_sparse_distill.TwoExperts(high, low, BOUNDARY), ctx, shape, 50, shift,
+    got = toy_sparse_distill.sample_teacher(TwoExperts(high, low, BOUNDARY), ctx, shape, 50, shift,
                                             w, seed)
     seen = []
 

@@ -79,7 +79,7 @@ def test_teacher_two_ranks_equal_one_rank_with_the_doubled_batch(tmp_path):
     rows = {name: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for name, d in
             (("two", two), ("one", one))}
     assert [row["step"] for row in rows["two"] if "loss/flow" in row] == [1, 2, 3]  # rank 0 logs, once per step
-    assert "world 2" in (two / "env.txt").read_text()
+    assert "world_size: 2" in (two / "env.txt").read_text()
     norms = {name: [row["grad_norm/teacher"] for row in r if "grad_norm/teacher" in row] for name, r in rows.items()}
     assert norms["two"] == pytest.approx(norms["one"], rel=1e-5)
     got, expected = load_pretrained(two / "teacher").state_dict(), load_pretrained(one / "teacher").state_dict()
