@@ -227,10 +227,12 @@ def expert_dirs(root: str | os.PathLike, experts: int = 2) -> tuple[dict[str, Pa
     return {"high": high, "low": low}, boundary
 
 
-def expert_config(base: str | os.PathLike, boundary_ratio: float, experts: int = 2) -> WanConfig:
+def expert_config(base: str | os.PathLike, boundary_ratio: float, experts: int = 2, one_expert_hint: str = ""
+                  ) -> WanConfig:
     """The architecture of an expert recipe's model.base, checked from its config files alone (before any weights
     load): two experts (Wan2.2-A14B) share one architecture and model_index.json's boundary_ratio equals the recipe's
-    `boundary_ratio`; one expert (Wan2.1-I2V-14B) is not a two-expert folder. ValueError names what to fix."""
+    `boundary_ratio`; one expert (Wan2.1-I2V-14B) is not a two-expert folder. ValueError names what to fix
+    (`one_expert_hint`: the recipe's way to run a one-expert folder, added to that error)."""
     base = Path(base)
     if experts == 1:
         if (base / "transformer_2").exists():
@@ -243,7 +245,7 @@ def expert_config(base: str | os.PathLike, boundary_ratio: float, experts: int =
     try:
         high, low, boundary = resolve_expert_dirs(base)
     except FileNotFoundError as e:
-        raise ValueError(f"a one-expert folder given to a two-expert recipe: {e}") from None
+        raise ValueError(f"a one-expert folder given to a two-expert recipe{one_expert_hint}: {e}") from None
     if boundary != boundary_ratio * 1000:
         raise ValueError(f"model.boundary_ratio={boundary_ratio} but {base}/model_index.json sets boundary_ratio "
                          f"{boundary / 1000:g}; set model.boundary_ratio={boundary / 1000:g}")

@@ -340,7 +340,8 @@ def test_i2v_train_resume_export(variant, i2v_data, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("one_expert", "a one-expert folder given to a two-expert recipe"),
+    ("one_expert", r"a one-expert folder given to a two-expert recipe \(Wan2\.1-I2V-14B: --toml \S+/recipes/"
+                   r"wan22_a14b_i2v_sparse_distill\.wan21_i2v_14b\.toml\)"),
     ("two_as_one", r"has transformer_2/ .* but model\.experts=1"),
     ("t2v_model", r"in_channels=4 is not 2 · out_channels \+ 4 = 12"),
 ])
