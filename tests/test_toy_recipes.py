@@ -240,7 +240,7 @@ def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     265 s)."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--quick", "--strict", "--threads", "1",
                            "--teacher", str(ROOT / "tests/assets/toy_teacher")], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True, timeout=1200)  # ~5 min alone; margin for a loaded CPU
+                          capture_output=True, text=True, timeout=1200)  # 9 min alone (2026-12-04); margin: loaded CPU
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "outputs/toy_sparse_distill/quick_datafree"
     report = json.loads((run_dir / "demo.json").read_text())
