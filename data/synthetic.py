@@ -328,7 +328,6 @@ def clips_to_rgb(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:
     return (rgb.permute(0, 2, 3, 4, 1) * 255).round().to(torch.uint8)  # (N, T, H', W', 3)
 
 
-
 def clip_grid(rows: list[torch.Tensor], scale: int = 4) -> torch.Tensor:
     """Rows of k clips (k, C, T, H, W) each as one uint8 video (T, rows·H', k·W', 3), a row's clips side by side."""
     return torch.cat([torch.cat(list(clips_to_rgb(r, scale)), dim=2) for r in rows], dim=1)
@@ -338,6 +337,7 @@ def toy_pixels(latents: torch.Tensor) -> torch.Tensor:
     """The toy's pixels (N, 3, T, H, W) in [-1, 1]: the colour channels as clips_to_rgb shows them, unclamped (what
     the training-health statistics read, components/health.py)."""
     return latents[:, :3] / AMPLITUDE * 2 - 1
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The direction variant (the toy's first design; scripts/probe_toy_factors.py --factor direction).

@@ -104,10 +104,6 @@ def teacher_sample(model_fn_cond: ModelFn, model_fn_uncond: ModelFn, noise: torc
 EXPERTS = ("high", "low")  # Wan2.2-A14B: transformer/ for t >= boundary, transformer_2/ below
 
 
-def expert_of(t: float, boundary: float) -> str:
-    return "high" if t >= boundary else "low"
-
-
 def expert_teacher_sample(velocity: Callable[[str, torch.Tensor, torch.Tensor, bool], torch.Tensor],
                           boundary: float, guidance: dict[str, float], noise: torch.Tensor, num_steps: int,
                           shift: float) -> torch.Tensor:
@@ -116,7 +112,7 @@ def expert_teacher_sample(velocity: Callable[[str, torch.Tensor, torch.Tensor, b
     (negative False) or the negative prompt; `guidance` in the DMD2 form (standard CFG w + 1) per expert."""
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        expert = expert_of(float(t[0]), boundary)
+        expert = "high" if float(t[0]) >= boundary else "low"  # one t per step
         cond, uncond = velocity(expert, x, t, False), velocity(expert, x, t, True)
         return uncond + (guidance[expert] + 1) * (cond - uncond)
 

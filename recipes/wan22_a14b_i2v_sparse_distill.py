@@ -152,8 +152,9 @@ def check_config(cfg: RecipeConfig, world_size: int) -> tuple[WanConfig, tuple[i
     if m.preset is not None and m.preset not in WAN_CONFIGS:
         raise ConfigError(f"model.preset={m.preset!r}; choose one of {sorted(WAN_CONFIGS)}")
     with as_config_error("model.base"):  # the experts' configs and the boundary, from the files alone
+        wan21 = Path(__file__).with_suffix(".wan21_i2v_14b.toml")  # the one-expert overlay, named in the error
         wan = WAN_CONFIGS[m.preset] if m.preset else expert_config(
-            m.base, m.boundary_ratio, m.experts, f" (Wan2.1-I2V-14B: --toml {Path(__file__).with_suffix('.wan21_i2v_14b.toml')})")
+            m.base, m.boundary_ratio, m.experts, f" (Wan2.1-I2V-14B: --toml {wan21})")
     if wan.in_channels != 2 * wan.out_channels + I2V_MASK:
         raise ConfigError(f"model: in_channels={wan.in_channels} is not 2 · out_channels + {I2V_MASK} = "
                           f"{2 * wan.out_channels + I2V_MASK}: not an I2V model (a T2V one: "

@@ -43,7 +43,7 @@ from attention.vsa import vsa_attention, vsa_meta
 from components.health import HealthConfig, HealthGuard
 from components.metrics import MetricsLogger
 from data.synthetic import ToySpec, evaluate_samples, make_split, teacher_cfg_sample
-from data.toy_eval import CHUNK, student_row
+from data.toy_eval import CHUNK, load_teacher, student_row
 from models.wan_weights import load_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +154,7 @@ def evaluate_exports(cfg: dict, exports: dict[str, Path], num: int, seed: int = 
     num = min(num, heldout.latents.shape[0])
     context, factors = heldout.context[:num], heldout.factors[:num]
     noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
-    teacher = load_pretrained(cfg["model"]["teacher"], attn_fn=sdpa_attention).eval()
+    teacher = load_teacher(cfg["model"])  # as the recipe built it
 
     def teacher_50(x, ctx, g):
         return teacher_cfg_sample(teacher, ctx, x, 50, dmd["shift"], dmd["guidance"] + 1)  # DMD2 w -> CFG scale w + 1
