@@ -1,9 +1,12 @@
 """The toy's quality table (scripts/eval_toy.py is its CLI): each toy_sparse_distill run's student, its frozen teacher
 at 50 and 3 steps, and fresh / frozen real clips, scored on the held-out captions (data/synthetic.py
-`evaluate_samples`). Shared by scripts/eval_toy.py and scripts/make_toy_experts.py."""
+`evaluate_samples`). Shared by scripts/eval_toy.py and scripts/make_toy_experts.py; recipes/toy_sparse_distill.py
+checks its [model] table, builds its teacher and writes its student checkpoints here, so what the table loads is what
+the recipe built and saved."""
 
 from __future__ import annotations
 
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -14,7 +17,8 @@ from attention.vsa import dense_gated_attention, vsa_attention, vsa_masked, vsa_
 from data.synthetic import ToySpec, evaluate_samples, make_clips, make_split, teacher_cfg_sample
 from inference.samplers import TwoExperts
 from losses.flow import few_step_sample
-from models.wan_weights import load_pretrained
+from models.lora import export_weights
+from models.wan_weights import export_state_dict, load_pretrained
 
 CHUNK = 48  # clips per network call
 
@@ -68,6 +72,24 @@ def sample_rows(cfg: dict, students: dict[str, tuple[Path, str]], num: int, seed
     return table
 
 
+def check_model(model: dict, lora_rank: int) -> None:
+    """A toy run's [model] table, before any network is built: the two-expert keys go together, only a two-expert
+    teacher has a low-noise expert to start from or score with, and LoRA's one frozen base is the one teacher.
+    ValueError names the key and the fix."""
+    two = model.get("teacher_2") is not None
+    if two != (model.get("boundary") is not None):
+        raise ValueError("model.teacher_2 and model.boundary go together: set both (e.g. model.boundary=0.875) or "
+                         "neither")
+    if two and not 0 < model["boundary"] < 1:
+        raise ValueError(f"model.boundary {model['boundary']} is a ratio of the 1000 timesteps: set it in (0, 1)")
+    if not two and "low" in (model.get("init"), model.get("real_score")):
+        raise ValueError("model.init / model.real_score = \"low\" need a low-noise expert: set model.teacher_2")
+    if lora_rank and model.get("student") is not None:
+        raise ValueError("LoRA mode starts both adapters from the teacher: leave model.student unset")
+    if lora_rank and two:
+        raise ValueError("LoRA mode shares one frozen base: a two-expert teacher (model.teacher_2) needs lora.rank=0")
+
+
 def load_teacher(model: dict, device: str = "cpu"):
     """A toy run's frozen dense teacher from its [model] table: one network, or with model.teacher_2 two experts
     switching at model.boundary (the high-noise model.teacher for t >= boundary · 1000; inference/samplers.py
@@ -88,6 +110,15 @@ def load_student(run_dir: Path, shape, export: str = "student", device: str = "c
     vsa_fn = vsa_masked if device == "cuda" else vsa_attention
     student = load_pretrained(Path(run_dir) / export, attn_fn=vsa_fn if vsa else sdpa_attention).eval().to(device)
     return student, vsa_meta(student.token_grid(shape), attn["sparsity"], device) if vsa else None
+
+
+def save_student(student, ckpt_dir: Path, step: int, keep: int) -> Path:
+    """A toy run's checkpoint: the student export (LoRA: merged) in ckpt/step-NNNNNN/; keeps the newest `keep`."""
+    out = Path(ckpt_dir) / f"step-{step:06d}"
+    export_state_dict(export_weights(student), student.cfg, out)
+    for old in sorted(Path(ckpt_dir).glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return out
 
 
 def load_critic(run_dir: Path, shape, device: str = "cpu"):

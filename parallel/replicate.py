@@ -35,3 +35,22 @@ def all_reduce_grads(model: torch.nn.Module, world: int) -> None:
     flat /= world
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+def step_replicated(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, max_norm: float,
+                    world: int) -> torch.Tensor:
+    """One update of a replicated model: backward, average gradients over ranks, clip, step. Returns the gradient norm
+    before clipping (detached)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    all_reduce_grads(model, world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    return grad_norm.detach()
+
+
+def destroy_replicas(world: int) -> None:
+    """End of a run: wait for every rank (rank 0 may still be exporting), then drop the process group."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()

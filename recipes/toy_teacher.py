@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from components.config import (
     ConfigError,
@@ -44,7 +43,7 @@ from data.synthetic import ToySpec, clip_grid, evaluate_samples, make_split
 from losses.flow import add_noise, flow_matching_loss, shift_timestep, teacher_sample
 from models.wan import WAN_CONFIGS, WanModel, config_with
 from models.wan_weights import export_pretrained, load_pretrained
-from parallel.replicate import all_reduce_grads, init_replicas
+from parallel.replicate import destroy_replicas, init_replicas, step_replicated
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -171,12 +170,8 @@ def train_step(
     drop = torch.rand(batch, generator=generator, device=device) < flow.caption_dropout
     context = torch.where(drop[:, None, None], torch.zeros_like(context), context)  # negative caption = zeros
     loss = flow_matching_loss(model(add_noise(x0, noise, t), t, context), noise, x0)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    all_reduce_grads(model, world)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    return {"loss/flow": loss.detach(), "grad_norm/teacher": grad_norm.detach()}
+    grad_norm = step_replicated(model, opt, loss, grad_clip, world)  # backward, average over ranks, clip, step
+    return {"loss/flow": loss.detach(), "grad_norm/teacher": grad_norm}
 
 
 @torch.no_grad()
@@ -260,9 +255,7 @@ def main(cfg: RecipeConfig) -> Path:
         export_pretrained(ema, out)
         validate(ema, heldout, cfg, run_dir, metrics, cfg.optim.steps)
     metrics.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    destroy_replicas(world)
     return out
 
 

@@ -22,6 +22,8 @@ i2v_A14B (boundary_ratio 0.9, guidance 3.5 / 3.5 in standard CFG, 81×480×832).
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
+# Past STYLE's 350 lines: the T2V A14B method plus the I2V input (first-frame condition, CLIP tokens, 1 or 2 experts).
+
 import math
 import os
 import sys

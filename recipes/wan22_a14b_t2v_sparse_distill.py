@@ -29,6 +29,8 @@ A base folder without transformer_2/ or boundary_ratio (a one-expert folder) is 
 Relaunching a `run.name` resumes. To start an experiment, copy this file and its TOML under a new name.
 """
 
+# Past STYLE's 350 lines: the 1.3B method plus two experts' checks, real score and health reference (rest: packages).
+
 import math
 import os
 import sys

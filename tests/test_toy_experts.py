@@ -117,8 +117,11 @@ def test_t_range_draws_training_timesteps_inside_it():
     (["model.boundary=0.875"], "model.teacher_2"),
     (["model.init=low"], "model.teacher_2"),
     (["model.teacher_2=x", "model.boundary=875"], r"in \(0, 1\)"),
+    # LoRA's one frozen base is the one teacher: no other start, no second expert (data/toy_eval.py check_model)
+    (["lora.rank=8", "model.student=tests/assets/toy_teacher"], "leave model.student unset"),
+    (["lora.rank=8", "model.teacher_2=x", "model.boundary=0.875"], "needs lora.rank=0"),
 ])
-def test_half_set_expert_keys_fail_before_any_work(override, match):
+def test_bad_model_keys_fail_before_any_work(override, match):
     cfg = load_config(toy_sparse_distill.RecipeConfig, ["model.teacher=tests/assets/toy_teacher", *override],
                       default_toml=RECIPES / "toy_sparse_distill.toml")
     with pytest.raises(ConfigError, match=match):

@@ -45,12 +45,14 @@ def test_distill_toml_meets_the_issue():
 
 
 def test_toy_recipes_share_the_replica_helpers():
-    """Both toy recipes average gradients with parallel/replicate.py's one copy (once a marked copy in each)."""
+    """Both toy recipes update and average gradients with parallel/replicate.py's one copy (once a marked copy in
+    each; the 2-rank runs below check the averaging against one rank)."""
     from parallel import replicate
 
     for module in (toy_teacher, toy_sparse_distill):
         assert module.init_replicas is replicate.init_replicas
-        assert module.all_reduce_grads is replicate.all_reduce_grads
+        assert module.step_replicated is replicate.step_replicated
+        assert module.destroy_replicas is replicate.destroy_replicas
 
 
 def teacher_run(tmp_path: Path, name: str, ranks: int, batch: int) -> Path:
