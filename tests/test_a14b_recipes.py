@@ -21,18 +21,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from components.config import ConfigError, load_config
 from models.wan import WAN_CONFIGS
 from models.wan_weights import export_random_init, load_pretrained
 from tests.recipe_shims import load_recipe as load_path
+from tests.test_recipes import kill_and_relaunch, logged, losses
 from tests.tiny_pipeline import build_tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "assets" / "tiny.toml"
 NAME = "wan22_a14b_t2v_sparse_distill"
-LOSSES = ("loss/critic", "loss/dmd", "grad_norm/critic", "grad_norm/student", "dmd/denom")
 
 
 def load_recipe():
@@ -60,18 +59,6 @@ def argv(data: Path, base: Path, out: Path, name: str, *extra: str) -> list[str]
 
 def run(module, args: list[str]) -> Path:
     return module.main(load_config(module.RecipeConfig, args, default_toml=ROOT / "recipes" / f"{NAME}.toml"))
-
-
-def logged(run_dir: Path) -> dict[int, dict]:
-    merged: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        merged.setdefault(row["step"], {}).update(row)
-    return merged
-
-
-def losses(row: dict) -> dict:
-    return {k: row[k] for k in LOSSES if k in row}
 
 
 def cfg_x0(model, x, t, context, negative, w):
@@ -138,21 +125,8 @@ def test_train_resume_export(lora, tiny_data, two_experts, tmp_path, monkeypatch
     assert all(torch.isfinite(torch.tensor(list(losses(r).values()))).all() for r in rows.values())
 
     # Killed during step 3 (after the step-2 checkpoint), relaunched: steps 3-4 equal the uninterrupted run.
-    critic_step, calls = module.critic_step, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return critic_step(*args, **kwargs)
-
-    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
     args = argv(tiny_data, two_experts, tmp_path, "killed", *extra)
-    with pytest.raises(KeyboardInterrupt):
-        run(module, args)
-    dist.destroy_process_group()
-    monkeypatch.setattr(module, "critic_step", critic_step)
-    resumed_dir = run(module, args)
+    resumed_dir = kill_and_relaunch(monkeypatch, module, lambda: run(module, args))
     lines = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines if "loss/critic" in row] == [1, 2, 3, 4]
     resumed = logged(resumed_dir)
@@ -316,21 +290,8 @@ def test_i2v_train_resume_export(variant, i2v_data, tmp_path, monkeypatch):
     assert "loss/dmd" in rows[2] and "loss/dmd" in rows[4]
     assert all(torch.isfinite(torch.tensor(list(losses(r).values()))).all() for r in rows.values())
 
-    critic_step, calls = module.critic_step, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return critic_step(*args, **kwargs)
-
-    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
     args = [*overlay, *i2v_argv(i2v_data, base, tmp_path, "killed", *extra)]
-    with pytest.raises(KeyboardInterrupt):
-        run_i2v(module, args)
-    dist.destroy_process_group()
-    monkeypatch.setattr(module, "critic_step", critic_step)
-    resumed = logged(run_i2v(module, args))
+    resumed = logged(kill_and_relaunch(monkeypatch, module, lambda: run_i2v(module, args)))
     for step in (1, 2, 3, 4):
         assert losses(resumed[step]) == pytest.approx(losses(rows[step]), rel=1e-6, abs=1e-9), step
     exported = WanTransformer3DModel.from_pretrained(full / "export" / "transformer")

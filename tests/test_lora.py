@@ -15,7 +15,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
@@ -37,7 +36,7 @@ from models.wan import WAN_CONFIGS, WanModel, config_with
 from models.wan_weights import export_pretrained
 from parallel.ac import apply_ac
 from tests.multiproc import run_multiproc
-from tests.test_recipes import load_recipe, logged, losses, run, tiny_argv
+from tests.test_recipes import kill_and_relaunch, load_recipe, logged, losses, run, tiny_argv
 
 CFG = config_with(WAN_CONFIGS["tiny"], vsa_gate=True)
 ALL = list(TARGETS)
@@ -263,21 +262,8 @@ def test_recipe_trains_only_adapters_keeps_base_and_resumes(tiny_data, tmp_path,
     assert (full / "export_lora" / "pytorch_lora_weights.safetensors").is_file()
 
     # Killed during step 3 (after the step-2 checkpoint) and relaunched: steps 3-4 equal the uninterrupted run.
-    critic_step, calls = module.critic_step, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return critic_step(*args, **kwargs)
-
-    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
     argv = tiny_argv(tiny_data, tmp_path, "killed", *steps4)
-    with pytest.raises(KeyboardInterrupt):
-        run(module, argv)
-    dist.destroy_process_group()
-    monkeypatch.setattr(module, "critic_step", critic_step)
-    resumed = logged(run(module, argv))
+    resumed = logged(kill_and_relaunch(monkeypatch, module, lambda: run(module, argv)))
     for step in (1, 2, 3, 4):
         assert losses(resumed[step]) == losses(rows[step]), step  # bit-exact on the tiny CPU config
 

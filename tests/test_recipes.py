@@ -14,6 +14,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,25 @@ def losses(row: dict) -> dict:
     return {k: row[k] for k in LOSSES if k in row}
 
 
+def kill_and_relaunch(monkeypatch, module, launch: Callable[[], Path]) -> Path:
+    """`launch()` killed during step 3, after the step-2 checkpoint (the recipe's critic_step raises on its third
+    call), then launched again as it is; returns the relaunch's run directory."""
+    critic_step, calls = module.critic_step, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return critic_step(*args, **kwargs)
+
+    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        launch()
+    dist.destroy_process_group()  # the killed launch's; the relaunch starts its own
+    monkeypatch.setattr(module, "critic_step", critic_step)
+    return launch()
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monkeypatch):
     module = load_recipe(name)
@@ -98,21 +118,8 @@ def test_run_dir_and_resume_equals_uninterrupted(name, tiny_data, tmp_path, monk
     assert exported.config.num_layers == 2 and exported.config.in_channels == 4
 
     # Same config, killed during step 3 (after the step-2 checkpoint), relaunched: steps 3-4 equal the full run.
-    critic_step, calls = module.critic_step, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated kill")
-        return critic_step(*args, **kwargs)
-
-    monkeypatch.setattr(module, "critic_step", crash_at_step_3)
     argv = tiny_argv(tiny_data, tmp_path, "killed", *steps4)
-    with pytest.raises(KeyboardInterrupt):
-        run(module, argv)
-    dist.destroy_process_group()
-    monkeypatch.setattr(module, "critic_step", critic_step)
-    resumed_dir = run(module, argv)
+    resumed_dir = kill_and_relaunch(monkeypatch, module, lambda: run(module, argv))
     lines = [json.loads(line) for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     launches = [row["step"] for row in lines if "loss/critic" in row]  # training rows (validation logs its own)
     assert launches == [1, 2, 3, 4]  # the relaunch started at step 3, not from scratch
