@@ -12,9 +12,9 @@
    0: the critic never updates, so nothing pulls the DMD gradient back towards the student's own distribution), or
    `guidance_50` (dmd.guidance = 50). Each must exit non-zero with UnhealthyRun naming a statistic, at most
    `health.patience` validations after the first one whose toy metrics fail the gates.
-3. every run's `ckpt/last_healthy` (and the healthy run's final student) evaluated as scripts/eval_toy.py does (same
-   held-out captions, noise seed and sampler; `--num` >= 96 clips) against the toy's gates: student-3 Fréchet
-   <= 1.1 x teacher-50, conditioning accuracy >= 90 %.
+3. every run's `ckpt/last_healthy` (and the healthy run's final student) evaluated by scripts/eval_toy.py's code
+   (data/toy_eval.py sample_rows: same held-out captions, noise seed and sampler; `--num` >= 96 clips) against the
+   toy's gates: student-3 Fréchet <= 1.1 x teacher-50, conditioning accuracy >= 90 %.
 Also the guard's cost: time/health_s / time/val_s at the healthy run's validations (issue 20 budget: <= 5 %).
 
 The per-validation gates use the validation's own numbers (96 captions, the recipe's noise) against the teacher-50
@@ -38,13 +38,10 @@ from pathlib import Path
 
 import torch
 
-from attention.sdpa import sdpa_attention
-from attention.vsa import vsa_attention, vsa_meta
 from components.health import HealthConfig, HealthGuard
 from components.metrics import MetricsLogger
-from data.synthetic import ToySpec, evaluate_samples, make_split, teacher_cfg_sample
-from data.toy_eval import CHUNK, load_teacher, student_row
-from models.wan_weights import load_pretrained
+from data.synthetic import ToySpec, evaluate_samples, make_split
+from data.toy_eval import sample_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "toy_sparse_distill.py"
@@ -143,38 +140,6 @@ def validation_rows(run: dict, heldout, teacher50_frechet: float) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------------------------ evaluation
-@torch.no_grad()
-def evaluate_exports(cfg: dict, exports: dict[str, Path], num: int, seed: int = 1234) -> dict[str, dict]:
-    """scripts/eval_toy.py's teacher-50 and student-3 rows for student exports: the first `num` held-out captions, the
-    same noise (seed 1234), sampler and chunking, scored with data/synthetic.py's evaluate_samples."""
-    data, dmd, attn = cfg["data"], cfg["dmd"], cfg["attn"]
-    spec = ToySpec(frames=data["frames"], height=data["height"], width=data["width"])
-    _, heldout = make_split(spec, data["num_train"], data["num_heldout"], data["seed"])
-    num = min(num, heldout.latents.shape[0])
-    context, factors = heldout.context[:num], heldout.factors[:num]
-    noise = torch.randn(heldout.latents[:num].shape, generator=torch.Generator().manual_seed(seed))
-    teacher = load_teacher(cfg["model"])  # as the recipe built it
-
-    def teacher_50(x, ctx, g):
-        return teacher_cfg_sample(teacher, ctx, x, 50, dmd["shift"], dmd["guidance"] + 1)  # DMD2 w -> CFG scale w + 1
-
-    rows = {"teacher-50": teacher_50}
-    for name, path in exports.items():
-        vsa = attn["student"] == "vsa"
-        student = load_pretrained(path, attn_fn=vsa_attention if vsa else sdpa_attention).eval()
-        meta = vsa_meta(student.token_grid(noise.shape), attn["sparsity"], "cpu") if vsa else None
-        rows[name] = student_row(student, meta, dmd["steps"])
-    table = {}
-    for name, fn in rows.items():
-        t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(seed + 1)
-        chunks = [fn(noise[i:i + CHUNK], context[i:i + CHUNK], g) for i in range(0, num, CHUNK)]
-        table[name] = {**evaluate_samples(torch.cat(chunks), factors, heldout), "num": num}
-        print(f"  evaluated {name} on {num} clips in {time.perf_counter() - t0:.0f} s", flush=True)
-    return table
-
-
 # ------------------------------------------------------------------------------------------------------------ table
 def fmt_verdict(row: dict, tripped: bool) -> str:
     text = "in range" if not row["out"] else "OUT: " + ", ".join(row["out"])
@@ -243,11 +208,12 @@ def main(argv: list[str]) -> int:
         run["last_healthy"] = link.resolve() if link.is_symlink() else None
 
     print("\nevaluating the last_healthy students (scripts/eval_toy.py's rows)", flush=True)
-    exports = {"healthy: final student": healthy["run_dir"] / "student"}
+    students = {"healthy: final student": (healthy["run_dir"], "student")}  # {row: (run, its export)}
     for run in runs:
         if run["last_healthy"] is not None:
-            exports[f"{run['name']}: last_healthy = {run['last_healthy'].name}"] = run["last_healthy"]
-    evals = evaluate_exports(healthy_cfg, exports, args.num)
+            export = run["last_healthy"].relative_to(run["run_dir"].resolve())  # ckpt/healthy/step-NNNNNN
+            students[f"{run['name']}: last_healthy = {run['last_healthy'].name}"] = (run["run_dir"], str(export))
+    evals = sample_rows(healthy_cfg, students, args.num)  # and eval_toy's other rows, not gated here
     t50_eval = evals["teacher-50"]["frechet"]
 
     # ---- the table
@@ -276,9 +242,8 @@ def main(argv: list[str]) -> int:
         print("-" * width)
     print(f"last_healthy evaluation ({args.num} held-out clips, eval_toy.py's noise and sampler): teacher-50 "
           f"Fréchet {t50_eval:.3f}, accuracy {100 * evals['teacher-50']['cond_acc']:.1f} %")
-    for name, r in evals.items():
-        if name == "teacher-50":
-            continue
+    for name in students:
+        r = evals[name]
         ok = r["frechet"] <= FRECHET_GATE * t50_eval and r["cond_acc"] >= ACCURACY_GATE
         print(f"  {name:<42} Fréchet {r['frechet']:>7.3f} ({r['frechet'] / t50_eval:.2f} x t-50)  accuracy "
               f"{100 * r['cond_acc']:5.1f} %  gates {'pass' if ok else 'FAIL'}")
