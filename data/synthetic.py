@@ -234,6 +234,14 @@ def clip_features(latents: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def clip_feature_groups(frames: int) -> dict[str, list[int]]:
+    """Columns of `clip_features` by what they describe: where the blob is and goes (centroids, velocity), its shape
+    (spread, peak, mass per frame) and its colour (per-channel mass). `evaluate_samples` scores each group alone."""
+    T = frames
+    return {"position": [*range(2 * T), 5 * T + 3, 5 * T + 4], "shape": list(range(2 * T, 5 * T)),
+            "colour": list(range(5 * T, 5 * T + 3))}
+
+
 def temporal_features(latents: torch.Tensor, travel: float) -> torch.Tensor:
     """Frame-to-frame change of the blob, (N, 6·(T − 1)): per consecutive pair the centroid step (dy, dx) and its
     length in units of `travel`, and the relative change (b − a) / (a + b) of spread, peak and mass. All zero for a
@@ -264,6 +272,13 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor, standardis
     sqrt_b = evec_b @ torch.diag(eval_b.clamp(min=0).sqrt()) @ evec_b.T
     cross = torch.linalg.eigvalsh(sqrt_b @ cov_a @ sqrt_b).clamp(min=0).sqrt().sum()
     return float((mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross)
+
+
+def frechet_mean_term(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """The mean term |μ_a − μ_b|² of `frechet_distance` (standardised by the reference): the rest of the distance is
+    the covariance term, a sampler's spread of the features being too wide, too narrow or wrongly correlated."""
+    mu_ref, std_ref = reference.double().mean(0), reference.double().std(0) + 1e-6
+    return float(((features.double().mean(0) - mu_ref) / std_ref).square().sum())
 
 
 def shuffle_frames(latents: torch.Tensor) -> torch.Tensor:
@@ -307,18 +322,30 @@ def evaluate_samples(samples: torch.Tensor, factors: torch.Tensor, heldout: ToyC
                  independent frames score. motion ≈ motion_chance means the frames are unrelated; below it, the blob
                  moves less than two independently placed blobs would (frozen).
     texture      the samples' fine detail on the blob (`texture`) relative to the held-out clips': 1 is the data's;
-                 pixel noise left on the blob raises it (and with it the peak, mass and spread the distance reads)."""
+                 pixel noise left on the blob raises it (and with it the peak, mass and spread the distance reads).
+    frechet_mean the distance's mean term (`frechet_mean_term`); frechet − frechet_mean is its covariance term
+    frechet_blur the distance with samples and held-out clips both blurred by `binomial_blur`: what is left of
+                 `frechet` once pixel-scale noise is gone (fresh clips score the same either way)
+    frechet_position, frechet_shape, frechet_colour
+                 the distance on one `clip_feature_groups` group alone: where the gap lies"""
     travel = float(displacement(heldout.latents).median())
+    feats, ref = clip_features(samples), clip_features(heldout.latents)
+    groups = {f"frechet_{name}": frechet_distance(feats[:, cols], ref[:, cols])
+              for name, cols in clip_feature_groups(samples.shape[2]).items()}
     accuracy = (decode_factors(samples) == factors).all(dim=1).double().mean()  # exact: 108/120 is 0.9
     temporal = temporal_features(samples, travel), temporal_features(heldout.latents, travel)
 
     def motion(x: torch.Tensor) -> float:
         return float(motion_coherence(x, travel).float().mean())
 
-    return {"frechet": frechet_distance(clip_features(samples), clip_features(heldout.latents)),
+    return {"frechet": frechet_distance(feats, ref),
             "temporal": frechet_distance(*temporal, standardise=False),
             "cond_acc": float(accuracy), "motion": motion(samples), "motion_chance": motion(shuffle_frames(samples)),
-            "texture": float(texture(samples).mean() / texture(heldout.latents).mean())}
+            "texture": float(texture(samples).mean() / texture(heldout.latents).mean()),
+            "frechet_mean": frechet_mean_term(feats, ref),
+            "frechet_blur": frechet_distance(clip_features(binomial_blur(samples)),
+                                             clip_features(binomial_blur(heldout.latents))),
+            **groups}
 
 
 def clips_to_rgb(latents: torch.Tensor, scale: int = 4) -> torch.Tensor:

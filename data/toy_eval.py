@@ -203,3 +203,17 @@ def print_table(table: dict[str, dict[str, float]]) -> None:
         print(f"{name:<{width}}{r['frechet']:>10.3f}{r['frechet'] / ref:>14.2f}{r['temporal']:>10.3f}"
               f"{100 * r['cond_acc']:>9.1f}%{100 * r['motion']:>8.1f}%{100 * r['motion_chance']:>8.1f}%"
               f"{r['texture']:>9.2f}")
+
+
+def print_detail(table: dict[str, dict[str, float]]) -> None:
+    """Where each row's distance lies: its mean and covariance terms, the distance once pixel noise is blurred away
+    (÷ teacher-50's, blurred alike), and the distance on each feature group alone (data/synthetic.py
+    `evaluate_samples`)."""
+    ref_blur = table["teacher-50"]["frechet_blur"]
+    width = max(22, *(len(name) + 2 for name in table))
+    print(f"{'row':<{width}}{'frechet':>10}{'mean':>8}{'cov':>8}{'blurred':>10}{'÷ t-50':>8}{'position':>10}"
+          f"{'shape':>8}{'colour':>8}")
+    for name, r in table.items():
+        print(f"{name:<{width}}{r['frechet']:>10.3f}{r['frechet_mean']:>8.3f}{r['frechet'] - r['frechet_mean']:>8.3f}"
+              f"{r['frechet_blur']:>10.3f}{r['frechet_blur'] / ref_blur:>8.2f}{r['frechet_position']:>10.3f}"
+              f"{r['frechet_shape']:>8.3f}{r['frechet_colour']:>8.3f}")

@@ -1,7 +1,7 @@
 """Quality table of the toy sparse-distill: teacher at 50 and 3 steps vs distilled 3-step students, on held-out data.
 
     python scripts/eval_toy.py outputs/toy_sparse_distill/demo outputs/toy_sparse_distill/demo_datafree [--num 192]
-        [--json quality.json] [--ema]
+        [--json quality.json] [--ema] [--detail]
 
 Each argument is a run directory of `recipes/toy_sparse_distill.py` (its `config.toml` names the teacher, the data,
 the student's step list and VSA sparsity; `student/` is the export). The teacher comes from the first run. Every row
@@ -20,6 +20,10 @@ one row per run, named by its rollout mode and, for a LoRA run, its rank: `stude
 gives each student row its run directory under "run" and its export under "export"; with `--ema` a run trained with
 run.ema_decay > 0 also gets a row for its EMA export, `student-3 (data, EMA)`), and two floors: fresh clips (a new
 draw of the data) and the same clips frozen (every frame the first).
+
+`--detail` prints where each distance lies (the JSON always has it): its mean and covariance terms, the distance with
+samples and held-out clips both blurred (pixel noise gone; ÷ teacher-50's, blurred alike), and the distance on each
+feature group alone: position (centroids, velocity), shape (spread, peak, mass per frame), colour (channel mass).
 """
 
 import argparse
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from data.toy_eval import print_table, read_run, sample_rows, student_rows
+from data.toy_eval import print_detail, print_table, read_run, sample_rows, student_rows
 
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -38,6 +42,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--json", type=Path, help="also write the table here")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the networks run")
+    parser.add_argument("--detail", action="store_true",
+                        help="also where each distance lies: mean / covariance terms, blurred, per feature group")
     parser.add_argument("--ema", action="store_true",
                         help="also a row for each run's EMA export (student_ema/, trained with run.ema_decay > 0)")
     args = parser.parse_args(argv)
@@ -52,6 +58,9 @@ def main(argv: list[str]) -> dict:
         table[label]["run"] = str(run)  # scripts/demo.py finds each run's row by its directory and export
         table[label]["export"] = export
     print_table(table)
+    if args.detail:
+        print()
+        print_detail(table)
     if args.json:
         args.json.write_text(json.dumps(table, indent=2))
     return table

@@ -1,7 +1,9 @@
 """Where the toy students' pixel noise comes from (issue 25), for runs of recipes/toy_sparse_distill.py.
 
 On the GPU toy the students land at ~2x their teacher-50's Fréchet distance with ~1.5x its fine detail on the blob
-(`scripts/eval_toy.py`'s texture column): pixel-scale noise. Two measurements per run, on the held-out captions, from
+(`scripts/eval_toy.py`'s texture column): pixel-scale noise. (Not what keeps their distance above teacher-50's, it
+turned out: blurred, the students stay 1.4-2.1x it, the gap being the blobs' shape; `scripts/eval_toy.py --detail`,
+README Performance "Where the distance lies".) Two measurements per run, on the held-out captions, from
 the run's student/ and critic/ exports and its teacher ("fine detail" = x − its 3×3 binomial blur, every channel):
 
 1. Does the DMD gradient see the noise? For the student's 3-step samples x0, with the recipe's own score timesteps (per

@@ -3,9 +3,10 @@
 import torch
 import torch.nn.functional as F
 
-from data.synthetic import (DIRECTIONS, ToySpec, all_factors, clip_features, clips_to_rgb, decode_factors,
-                            encode_captions, evaluate_samples, frechet_distance, make_clips, make_split,
-                            motion_coherence, negative_context, num_captions, shuffle_frames, temporal_features)
+from data.synthetic import (DIRECTIONS, ToySpec, all_factors, clip_feature_groups, clip_features, clips_to_rgb,
+                            decode_factors, encode_captions, evaluate_samples, frechet_distance, frechet_mean_term,
+                            make_clips, make_split, motion_coherence, negative_context, num_captions, shuffle_frames,
+                            temporal_features)
 
 SPEC = ToySpec()
 
@@ -148,3 +149,26 @@ def test_factor_probe_script_runs_both_variants():
         assert all(0 <= a <= 1 for a in rows[0]["accuracy"]) and rows[0]["frechet"] >= 0
         assert 0 <= rows[0]["motion_chance"] <= 1 and rows[0]["temporal"] >= 0  # issue 25's motion columns
         assert rows[0]["dirs"] == (1 if extra else 4)
+
+
+def test_distance_parts_locate_a_known_error():
+    """`evaluate_samples`' parts name the error put in: pixel noise goes away when blurred, a brightness change is a
+    shape error, a moved blob a position error, and a shifted feature mean is the mean term."""
+    train, heldout = make_split(SPEC, 256, 256, seed=9)
+    fresh = evaluate_samples(train.latents, train.factors, heldout)
+    assert abs(fresh["frechet_blur"] - fresh["frechet"]) < 0.1 * fresh["frechet"]  # smooth clips: blur changes little
+    noise = 0.3 * torch.randn(train.latents.shape, generator=torch.Generator().manual_seed(10))
+    noisy = evaluate_samples(train.latents + noise, train.factors, heldout)
+    assert noisy["frechet"] > 5 * fresh["frechet"] and noisy["frechet_blur"] < 0.3 * noisy["frechet"]
+    dim = evaluate_samples(0.8 * train.latents, train.factors, heldout)
+    assert dim["frechet_shape"] > 100 * fresh["frechet_shape"]
+    assert dim["frechet_position"] < 2 * fresh["frechet_position"]
+    moved = evaluate_samples(train.latents.roll(3, dims=4), train.factors, heldout)  # 3 px right, inside the frame
+    assert moved["frechet_position"] > 5 * fresh["frechet_position"]
+    assert moved["frechet_shape"] < 0.1 * moved["frechet_position"]
+    assert sum(map(len, clip_feature_groups(SPEC.frames).values())) == 5 * SPEC.frames + 5
+    g = torch.Generator().manual_seed(11)
+    ref = torch.randn(100_000, 3, generator=g)
+    x = torch.randn(100_000, 3, generator=g) * 2 + torch.tensor([1.0, 0.0, 0.0])
+    assert abs(frechet_mean_term(x, ref) - 1.0) < 0.05  # |Δμ|² only; the total is 1 + 3·(2 − 1)² = 4
+    assert abs(frechet_distance(x, ref) - 4.0) < 0.1

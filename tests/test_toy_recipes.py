@@ -149,6 +149,14 @@ def test_lora_run_gets_its_own_row_and_the_data_rows_gates(tmp_path):
     table[labels["lora"]]["cond_acc"] = 0.892  # the rank-8 run of 2026-12-02
     gates = dict(demo.check_gates(table, runs, 0.5, False))
     assert not gates["student-3 (data, LoRA r16) conditioning accuracy >= 90 %"]
+    # --large's note under a failed "1.1 x teacher-50" gate reads the distance's parts (the H200 run of 2026-12-05)
+    table["teacher-50"].update(frechet=0.969, frechet_shape=0.586, frechet_blur=0.917)
+    table[labels["data"]].update(frechet=2.020, frechet_shape=1.455, frechet_blur=1.880)
+    table["data (fresh clips)"] = row(0.278, 1.0, 1.0)
+    assert demo.teacher_gap(table, runs).startswith(
+        "this teacher-50 (0.97) is near the data (fresh clips 0.28); the data row's distance lies in its blobs' shape "
+        "(spread, peak and mass alone: 1.46 vs teacher-50's 0.59), not in pixel noise (both blurred: 2.05 x "
+        "teacher-50).")
 
 
 @pytest.mark.slow
@@ -258,7 +266,7 @@ def test_quick_demo_student_beats_three_step_teacher(tmp_path):
     assert list((run_dir / "samples").glob("step-*/grid.mp4"))
 
 
-def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
+def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path, capsys):
     """run.ema_decay / run.ema_start: the EMA starts from the live weights at step ema_start and then follows
     ema <- d * ema + (1 - d) * weights after each student step, so after 3 steps (starting at 2, d = 0.25) the export
     student_ema is 0.25 * (weights after step 2) + 0.75 * (weights after step 3), from the per-step checkpoints."""
@@ -286,7 +294,10 @@ def test_student_ema_starts_at_ema_start_and_is_exported(tmp_path):
         torch.testing.assert_close(ema[k], 0.25 * w2[k] + 0.75 * w3[k], rtol=1e-6, atol=1e-7)
     # eval_toy --ema: a row for the EMA export beside the live one; demo.py's gates read the live row
     eval_toy, demo = load_script("eval_toy"), load_script("demo")
-    table = eval_toy.main([str(run_dir), "--num", "4", "--ema", "--threads", "1"])
+    table = eval_toy.main([str(run_dir), "--num", "4", "--ema", "--threads", "1", "--detail"])
+    detail = capsys.readouterr().out.split("\n\n")[-1].splitlines()  # --detail: the second table, a line per row
+    assert detail[0].split() == ["row", "frechet", "mean", "cov", "blurred", "÷", "t-50", "position", "shape", "colour"]
+    assert len(detail) == len(table) + 1 and all(0 <= r["frechet_mean"] <= r["frechet"] for r in table.values())
     live, averaged = table["student-3 (simulate)"], table["student-3 (simulate, EMA)"]
     assert (live["export"], averaged["export"]) == ("student", "student_ema") and live["run"] == averaged["run"]
     assert live["frechet"] != averaged["frechet"]  # other weights, same captions and noise
