@@ -260,11 +260,7 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor, standardis
     """Fréchet distance between Gaussian fits of two feature sets, after standardising both with the reference's
     mean and std (so every feature counts in units of its spread in real data). `standardise=False` keeps the
     features' own units (for features that are constant in the data, such as the temporal ones' speed)."""
-    mu_ref, std_ref = reference.double().mean(0), reference.double().std(0) + 1e-6
-    if not standardise:
-        mu_ref, std_ref = torch.zeros_like(mu_ref), torch.ones_like(std_ref)
-    a = (features.double() - mu_ref) / std_ref
-    b = (reference.double() - mu_ref) / std_ref
+    a, b = _standardised(features, reference, standardise)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     # tr sqrt(A B) = tr sqrt(B^½ A B^½), symmetric PSD -> eigenvalues
@@ -277,8 +273,18 @@ def frechet_distance(features: torch.Tensor, reference: torch.Tensor, standardis
 def frechet_mean_term(features: torch.Tensor, reference: torch.Tensor) -> float:
     """The mean term |μ_a − μ_b|² of `frechet_distance` (standardised by the reference): the rest of the distance is
     the covariance term, a sampler's spread of the features being too wide, too narrow or wrongly correlated."""
+    a, b = _standardised(features, reference)
+    return float((a.mean(0) - b.mean(0)).square().sum())
+
+
+def _standardised(features: torch.Tensor, reference: torch.Tensor,
+                  standardise: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets in float64, in units of the reference's spread around its mean (as they are: `standardise`
+    False)."""
+    if not standardise:
+        return features.double(), reference.double()
     mu_ref, std_ref = reference.double().mean(0), reference.double().std(0) + 1e-6
-    return float(((features.double().mean(0) - mu_ref) / std_ref).square().sum())
+    return (features.double() - mu_ref) / std_ref, (reference.double() - mu_ref) / std_ref
 
 
 def shuffle_frames(latents: torch.Tensor) -> torch.Tensor:
